@@ -1,0 +1,24 @@
+//! Guests: the [`Guest`] trait a live-migration engine drives, and its backends.
+//!
+//! A guest is memory (4 KiB pages), a dirty log, vCPUs that can be paused,
+//! resumed and throttled, device state that can be saved and restored, and a
+//! digest that lets two guests be compared. [`SimGuest`] is a simulated guest
+//! with real memory and real vCPU threads writing into it; it also runs a small
+//! append service whose state lives in guest memory, so tests can prove that no
+//! acknowledged write is lost across a move.
+
+pub mod dirty;
+pub mod guest;
+pub mod local;
+pub mod memory;
+pub mod service;
+pub mod sim;
+pub mod state;
+pub mod workload;
+
+pub use dirty::DirtyBitmap;
+pub use guest::{Guest, GuestError, GuestResult, MemoryDigest, PAGE_SIZE};
+pub use service::{ServiceError, SERVICE_PAGES};
+pub use sim::{SimGuest, SimGuestConfig};
+pub use state::{DeviceState, NicState, VcpuState, DEVICE_STATE_VERSION};
+pub use workload::{Pattern, Workload};
