@@ -1,5 +1,19 @@
 //! Actors: Node, Vm and MigrationJob actors (actix) that drive live migration,
 //! and the pure decision logic they consult (convergence policy, estimates).
+//!
+//! - [`node`]: a node's shared state — the guests it hosts, and the target side
+//!   of the migration exchange (an RPC service).
+//! - [`job`]: the source side of one migration, start to switchover.
+//! - [`actors`]: the actix actors that own and drive the above.
+//! - [`protocol`]: the source↔target control messages, in one file.
+//! - [`switch`]: the virtual switch clients reach VMs through.
+//! - [`policy`], [`estimate`]: pure decisions — when to stop iterating, how long
+//!   a move will take.
 
+pub mod actors;
 pub mod estimate;
+pub mod job;
+pub mod node;
 pub mod policy;
+pub mod protocol;
+pub mod switch;

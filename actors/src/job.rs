@@ -1,0 +1,479 @@
+//! The source side of a live migration: prechecks, the record in the store,
+//! pre-copy rounds over the page stream under the convergence policy, the
+//! blackout, and the switchover commit.
+//!
+//! The rule that keeps a VM from running twice: only the source proposes the
+//! switchover, so until it has sent that proposal it may always resume its
+//! guest; once sent, it resumes only if the store says the migration was
+//! aborted, and it waits (paused) for as long as the store cannot tell it.
+
+use crate::node::{lock, now_ms, NodeShared, Role};
+use crate::policy::{ConvergenceConfig, ConvergencePolicy, Decision, RoundStats};
+use crate::protocol::{self, Reply, Request};
+use ferry_cluster::command::CommandError;
+use ferry_cluster::model::{MigrationOutcome, MigrationPhase, MigrationTrigger};
+use ferry_cluster::{ClusterError, Command, NodeId, Response};
+use ferry_transport::{PageStreamSender, PAGE_SIZE};
+use ferry_vmm::guest::is_zero as is_zero_page;
+use ferry_vmm::{DirtyBitmap, Guest};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Pages read from the guest and queued on the stream at a time (256 KiB).
+const RUN_PAGES: u64 = 64;
+/// Deadline of each control call to the target.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request to move a VM.
+#[derive(Debug, Clone)]
+pub struct MoveRequest {
+    pub vm: String,
+    pub target: NodeId,
+    pub trigger: MigrationTrigger,
+    /// Compare memory and device-state digests of source and target in the
+    /// blackout (a full memory hash on each side: tests turn it on).
+    pub verify: bool,
+    pub policy: ConvergenceConfig,
+}
+
+impl MoveRequest {
+    pub fn new(vm: impl Into<String>, target: NodeId) -> Self {
+        MoveRequest {
+            vm: vm.into(),
+            target,
+            trigger: MigrationTrigger::User,
+            verify: false,
+            policy: ConvergenceConfig::default(),
+        }
+    }
+}
+
+/// Where a migration is, for progress displays.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Phase {
+    Prechecks,
+    Preparing,
+    Copying,
+    Blackout,
+    SwitchingOver,
+    Completed,
+    Aborted,
+}
+
+/// A progress event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    pub migration: u64,
+    pub vm: String,
+    pub phase: Phase,
+    pub round: u32,
+    pub bytes_sent: u64,
+    pub remaining_pages: u64,
+    /// Pages per second dirtied during the last round.
+    pub dirty_rate: f64,
+    /// Bytes per second the stream delivered in the last round.
+    pub bandwidth: f64,
+    pub expected_downtime: Duration,
+    pub throttle: f64,
+}
+
+/// One round as the report shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub pages_dirtied: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub throttle: f64,
+}
+
+/// What a completed migration did.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    pub migration: u64,
+    pub vm: String,
+    pub source: NodeId,
+    pub target: NodeId,
+    pub rounds: Vec<RoundReport>,
+    pub final_pages: u64,
+    pub bytes: u64,
+    pub total: Duration,
+    /// From the source's pause to the target's resume, as the source saw it.
+    pub blackout: Duration,
+    pub epoch: u64,
+}
+
+/// Why a migration did not complete. Every variant but `OutcomeUnknown` means
+/// the VM runs on the source.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MigrationError {
+    #[error("refused before anything was copied: {0}")]
+    Refused(String),
+    #[error("aborted, the VM runs on the source: {0}")]
+    Aborted(String),
+    #[error("cancelled by the user; the VM runs on the source")]
+    Cancelled,
+}
+
+/// A job's cancel switch.
+#[derive(Clone, Default)]
+pub struct JobHandle {
+    pub cancel: Arc<AtomicBool>,
+}
+
+struct Job {
+    node: Arc<NodeShared>,
+    req: MoveRequest,
+    handle: JobHandle,
+    migration: u64,
+    epoch: u64,
+    guest: Arc<dyn Guest>,
+    target_rpc: Vec<std::net::SocketAddr>,
+}
+
+/// Runs the source side of a migration to its end.
+pub async fn run(node: Arc<NodeShared>, req: MoveRequest, handle: JobHandle) -> Result<MigrationReport, MigrationError> {
+    let started = Instant::now();
+    // Prechecks that need this node's view; the store re-checks the rest.
+    let guest = node.guest(&req.vm).ok_or_else(|| MigrationError::Refused(format!("VM {} does not run on node {}", req.vm, node.id)))?;
+    let peer = node
+        .directory
+        .get(req.target)
+        .ok_or_else(|| MigrationError::Refused(format!("node {} is not in this node's directory", req.target)))?;
+    if peer.migration.is_empty() {
+        return Err(MigrationError::Refused(format!("no migration network reaches node {}", req.target)));
+    }
+    ConvergencePolicy::new(req.policy.clone(), guest.page_count() * PAGE_SIZE as u64)
+        .map_err(|e| MigrationError::Refused(e.to_string()))?;
+    let begun = node
+        .cluster
+        .write(Command::BeginMigration {
+            vm: req.vm.clone(),
+            source: node.id,
+            target: req.target,
+            trigger: req.trigger,
+            at_ms: now_ms(),
+        })
+        .await;
+    let (migration, epoch) = match begun {
+        Ok(Response::MigrationBegun { id, epoch }) => (id, epoch),
+        Ok(other) => return Err(MigrationError::Refused(format!("unexpected answer {other:?}"))),
+        Err(e) => return Err(MigrationError::Refused(e.to_string())),
+    };
+    let job = Job { node, req, handle, migration, epoch, guest, target_rpc: peer.rpc };
+    job.progress(Phase::Preparing, 0, 0, 0, None, 0.0);
+    let sender = match job.prepare(&peer.migration).await {
+        Ok(s) => s,
+        Err(reason) => return Err(job.abort(reason, false).await),
+    };
+    match job.precopy_and_switch(sender, started).await {
+        Ok(report) => Ok(report),
+        Err(Failure::BeforeCommit { reason, paused }) => Err(job.abort(reason, paused).await),
+        Err(Failure::Cancelled { paused }) => {
+            let _ = job.abort("cancelled by the user".into(), paused).await;
+            Err(MigrationError::Cancelled)
+        }
+    }
+}
+
+enum Failure {
+    BeforeCommit { reason: String, paused: bool },
+    Cancelled { paused: bool },
+}
+
+impl Job {
+    fn progress(&self, phase: Phase, round: u32, bytes_sent: u64, remaining: u64, policy: Option<&ConvergencePolicy>, throttle: f64) {
+        let _ = self.node.events.send(Progress {
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            phase,
+            round,
+            bytes_sent,
+            remaining_pages: remaining,
+            dirty_rate: policy.and_then(|p| p.dirty_rate()).unwrap_or(0.0),
+            bandwidth: policy.and_then(|p| p.bandwidth()).unwrap_or(0.0),
+            expected_downtime: policy.map(|p| p.expected_downtime()).unwrap_or_default(),
+            throttle,
+        });
+    }
+
+    async fn call(&self, request: &Request) -> Result<Reply, String> {
+        let bytes = self
+            .node
+            .rpc
+            .call(self.req.target, &self.target_rpc, protocol::SERVICE, ferry_transport::encode(request), CONTROL_TIMEOUT)
+            .await
+            .map_err(|e| format!("target unreachable: {e}"))?;
+        ferry_transport::decode::<Reply>(&bytes).map_err(|e| format!("malformed reply from the target: {e}"))
+    }
+
+    async fn prepare(&self, paths: &[std::net::SocketAddr]) -> Result<PageStreamSender, String> {
+        let spec = lock(&self.node.vms)
+            .get(&self.req.vm)
+            .map(|h| h.spec.clone())
+            .ok_or_else(|| format!("VM {} vanished from this node", self.req.vm))?;
+        let request = Request::Prepare {
+            version: protocol::PROTOCOL_VERSION,
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            epoch: self.epoch,
+            spec,
+        };
+        // The target checks the migration against its own replica, which may
+        // trail the commit by a heartbeat: retry that refusal briefly.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match self.call(&request).await? {
+                Reply::Prepared => break,
+                Reply::Refused { reason } if reason.contains("not (yet)") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Reply::Refused { reason } => return Err(format!("target refused: {reason}")),
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        self.record_phase(MigrationPhase::TargetReady);
+        self.node
+            .rpc
+            .open_page_stream(self.req.target, paths, self.migration)
+            .await
+            .map_err(|e| format!("page stream: {e}"))
+    }
+
+    /// Records a phase in the store without waiting: progress bookkeeping must
+    /// not slow the copy down, and losing one record is harmless.
+    fn record_phase(&self, phase: MigrationPhase) {
+        let cluster = self.node.cluster.clone();
+        let migration = self.migration;
+        tokio::spawn(async move {
+            let _ = cluster.write(Command::RecordMigrationPhase { migration, phase, at_ms: now_ms() }).await;
+        });
+    }
+
+    fn cancelled(&self) -> bool {
+        self.handle.cancel.load(Ordering::Acquire)
+    }
+
+    /// Sends the pages marked in `pages`; returns (pages sent, zero pages, bytes).
+    async fn send_round(&self, sender: &PageStreamSender, round: u32, pages: &DirtyBitmap) -> Result<(u64, u64, u64), Failure> {
+        let (mut sent, mut zero, mut bytes) = (0, 0, 0);
+        let paused = self.guest.is_paused();
+        let fail = |reason: String| Failure::BeforeCommit { reason, paused };
+        for (first, count) in pages.runs(RUN_PAGES) {
+            if self.cancelled() {
+                return Err(Failure::Cancelled { paused });
+            }
+            let mut buf = vec![0u8; count as usize * PAGE_SIZE];
+            self.guest.read_pages(first, &mut buf).map_err(|e| fail(e.to_string()))?;
+            // Split the run into stretches of zero and non-zero pages.
+            let mut at = 0u64;
+            while at < count {
+                let zero_here = is_zero_page(&buf[at as usize * PAGE_SIZE..][..PAGE_SIZE]);
+                let mut end = at + 1;
+                while end < count && is_zero_page(&buf[end as usize * PAGE_SIZE..][..PAGE_SIZE]) == zero_here {
+                    end += 1;
+                }
+                if zero_here {
+                    zero += end - at;
+                    // A fresh target is zero already; later rounds must clear
+                    // pages that held data before.
+                    if round > 0 {
+                        sender.send_zero(round, first + at, end - at).await.map_err(|e| fail(e.to_string()))?;
+                    }
+                } else {
+                    let slice = buf[at as usize * PAGE_SIZE..end as usize * PAGE_SIZE].to_vec();
+                    bytes += slice.len() as u64;
+                    sender
+                        .send_bytes(round, first + at, slice.into())
+                        .await
+                        .map_err(|e| fail(e.to_string()))?;
+                    sent += end - at;
+                }
+                at = end;
+            }
+        }
+        sender.barrier(round).await.map_err(|e| fail(e.to_string()))?;
+        Ok((sent, zero, bytes))
+    }
+
+    async fn precopy_and_switch(&self, sender: PageStreamSender, started: Instant) -> Result<MigrationReport, Failure> {
+        let memory = self.guest.page_count() * PAGE_SIZE as u64;
+        let mut policy = ConvergencePolicy::new(self.req.policy.clone(), memory)
+            .map_err(|e| Failure::BeforeCommit { reason: e.to_string(), paused: false })?;
+        let mut pages = DirtyBitmap::new(self.guest.page_count());
+        let mut rounds = Vec::new();
+        let mut throttle = 0.0;
+        let mut total_bytes = 0;
+        let not_paused = |e: ferry_vmm::GuestError| Failure::BeforeCommit { reason: e.to_string(), paused: false };
+
+        self.guest.start_dirty_log().map_err(not_paused)?;
+        self.guest.nonzero_candidates(&mut pages).map_err(not_paused)?;
+        let mut round = 0u32;
+        let expected_downtime = loop {
+            self.record_phase(MigrationPhase::Copying { round });
+            let t = Instant::now();
+            let (sent, zero, bytes) = self.send_round(&sender, round, &pages).await?;
+            let elapsed = t.elapsed();
+            total_bytes += bytes;
+            self.guest.fetch_and_clear_dirty(&mut pages).map_err(not_paused)?;
+            let dirtied = pages.count();
+            rounds.push(RoundReport { round, pages_sent: sent, zero_pages: zero, pages_dirtied: dirtied, bytes, elapsed, throttle });
+            let decision = policy.decide(RoundStats { round, pages_sent: sent + zero, pages_dirtied: dirtied, bytes_sent: bytes, elapsed, throttle });
+            self.progress(Phase::Copying, round, total_bytes, dirtied, Some(&policy), throttle);
+            match decision {
+                Decision::AnotherRound => {}
+                Decision::Throttle { share } => {
+                    throttle = share;
+                    self.guest.set_throttle(share).map_err(not_paused)?;
+                }
+                Decision::StopAndCopy { expected_downtime, .. } => break expected_downtime,
+                Decision::GiveUp { reason } => {
+                    let _ = self.guest.set_throttle(0.0);
+                    return Err(Failure::BeforeCommit { reason: format!("did not converge: {reason}"), paused: false });
+                }
+            }
+            round += 1;
+        };
+
+        // Blackout.
+        self.progress(Phase::Blackout, round, total_bytes, pages.count(), Some(&policy), throttle);
+        let blackout = Instant::now();
+        self.guest.pause().map_err(not_paused)?;
+        let paused_err = |reason: String| Failure::BeforeCommit { reason, paused: true };
+        let mut last = DirtyBitmap::new(self.guest.page_count());
+        self.guest.fetch_and_clear_dirty(&mut last).map_err(|e| paused_err(e.to_string()))?;
+        pages.union_with(&last);
+        let final_round = round + 1;
+        let (final_sent, _, final_bytes) = self.send_round(&sender, final_round, &pages).await?;
+        total_bytes += final_bytes;
+        let state = self.guest.save_state().map_err(|e| paused_err(e.to_string()))?;
+        let digest = if self.req.verify { Some(self.guest.digest().map_err(|e| paused_err(e.to_string()))?) } else { None };
+        if self.cancelled() {
+            return Err(Failure::Cancelled { paused: true });
+        }
+        match self
+            .call(&Request::Complete { migration: self.migration, device_state: state.encode(), digest, last_round: final_round })
+            .await
+            .map_err(paused_err)?
+        {
+            Reply::Verified { .. } => {}
+            Reply::Refused { reason } => return Err(paused_err(format!("target could not verify: {reason}"))),
+            other => return Err(paused_err(format!("unexpected reply {other:?}"))),
+        }
+        let _ = sender.finish().await;
+        if self.cancelled() {
+            return Err(Failure::Cancelled { paused: true });
+        }
+
+        // Switchover: from here on the source never resumes on its own.
+        self.progress(Phase::SwitchingOver, final_round, total_bytes, 0, Some(&policy), throttle);
+        tracing::debug!(migration = self.migration, ?expected_downtime, "committing switchover");
+        let epoch = self.commit().await?;
+        let _ = self.call(&Request::Resume { migration: self.migration, epoch }).await;
+        let blackout = blackout.elapsed();
+        self.release_source_copy();
+        self.progress(Phase::Completed, final_round, total_bytes, 0, Some(&policy), 0.0);
+        Ok(MigrationReport {
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            source: self.node.id,
+            target: self.req.target,
+            rounds,
+            final_pages: final_sent,
+            bytes: total_bytes,
+            total: started.elapsed(),
+            blackout,
+            epoch,
+        })
+    }
+
+    /// Proposes the switchover and learns its outcome, however long that takes.
+    async fn commit(&self) -> Result<u64, Failure> {
+        let command = Command::CommitSwitchover { migration: self.migration, expected_epoch: self.epoch, at_ms: now_ms() };
+        match self.node.cluster.write(command).await {
+            Ok(Response::SwitchedOver { epoch, .. }) => return Ok(epoch),
+            Ok(other) => tracing::warn!(?other, "unexpected answer to the switchover"),
+            Err(ClusterError::Rejected(CommandError::MigrationNotActive { .. })) => {}
+            Err(e) => tracing::warn!(migration = self.migration, error = %e, "switchover outcome unknown; staying paused"),
+        }
+        // The proposal may or may not have committed. Only the store can say;
+        // until it does, the guest stays paused.
+        loop {
+            if self.node.is_dead() {
+                return Err(Failure::BeforeCommit { reason: "node stopped".into(), paused: true });
+            }
+            let state = match self.node.cluster.read_linearizable().await {
+                Ok(s) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match state.migrations.get(&self.migration).map(|m| m.outcome.clone()) {
+                Some(MigrationOutcome::Completed) => {
+                    let epoch = state.vms.get(&self.req.vm).map(|v| v.epoch).unwrap_or(self.epoch + 1);
+                    return Ok(epoch);
+                }
+                Some(MigrationOutcome::Aborted { reason }) => {
+                    return Err(Failure::BeforeCommit { reason: format!("aborted by the store: {reason}"), paused: true })
+                }
+                Some(MigrationOutcome::Active) => {
+                    // Still active: our proposal was lost. Propose again.
+                    let command = Command::CommitSwitchover { migration: self.migration, expected_epoch: self.epoch, at_ms: now_ms() };
+                    if let Ok(Response::SwitchedOver { epoch, .. }) = self.node.cluster.write(command).await {
+                        return Ok(epoch);
+                    }
+                }
+                None => return Err(Failure::BeforeCommit { reason: "migration vanished from the store".into(), paused: true }),
+            }
+        }
+    }
+
+    fn release_source_copy(&self) {
+        let hosted = {
+            let mut vms = lock(&self.node.vms);
+            match vms.get(&self.req.vm).map(|h| &h.role) {
+                Some(Role::Owner { .. }) => vms.remove(&self.req.vm),
+                _ => None,
+            }
+        };
+        if let Some(h) = hosted {
+            h.guest.destroy();
+        }
+    }
+
+    /// Gives up before any switchover commit: the target discards its copy, the
+    /// store records the abort, the source runs on.
+    async fn abort(&self, reason: String, paused: bool) -> MigrationError {
+        tracing::info!(migration = self.migration, %reason, "aborting migration");
+        let _ = self.call(&Request::Abandon { migration: self.migration, reason: reason.clone() }).await;
+        let _ = self.guest.set_throttle(0.0);
+        if paused || self.guest.is_paused() {
+            // Safe: this job never proposed the switchover (see module doc).
+            let _ = self.guest.resume();
+        }
+        // Record the abort; keep trying in the background if the store is
+        // unreachable right now, so the migration slot is released eventually.
+        let cluster = self.node.cluster.clone();
+        let migration = self.migration;
+        let why = reason.clone();
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                if node.is_dead() {
+                    return;
+                }
+                match cluster.write(Command::AbortMigration { migration, reason: why.clone(), at_ms: now_ms() }).await {
+                    Ok(_) | Err(ClusterError::Rejected(_)) | Err(ClusterError::Shutdown) => return,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        self.progress(Phase::Aborted, 0, 0, 0, None, 0.0);
+        MigrationError::Aborted(reason)
+    }
+}

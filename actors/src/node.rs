@@ -1,0 +1,436 @@
+//! A Ferry node: the guests it hosts, its view of the cluster store, and the
+//! two sides of the migrations it takes part in.
+//!
+//! [`NodeShared`] is the node's state behind one lock, reachable from the
+//! actors (control) and from the transport's RPC handler (the target side of
+//! the migration exchange). The cluster store is the only arbiter of who runs
+//! a VM: a target resumes only once the store shows the switchover committed
+//! to it, and a source that issued the commit and did not hear back stays
+//! paused until the store says how it ended.
+
+use crate::protocol::{self, GuestSpec, Reply, Request};
+use crate::switch::{ClientError, ServicePort, VirtualSwitch};
+use ferry_cluster::model::{MigrationOutcome, VmConfig};
+use ferry_cluster::{ClusterNode, Command, NodeId, Response};
+use ferry_transport::{PageSink, PageStreamReceiver, RpcHandler, RpcNode};
+use ferry_vmm::{DeviceState, Guest, ServiceError, SimGuest, SimGuestConfig};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, for the store's records.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a node reaches its peers: RPC addresses and the page-stream paths, one
+/// per allowed migration network, in the order of preference.
+#[derive(Debug, Clone, Default)]
+pub struct PeerAddrs {
+    pub rpc: Vec<SocketAddr>,
+    pub migration: Vec<SocketAddr>,
+}
+
+/// The node's address book. The embedding code fills it (from the cluster
+/// store and configuration; a test points paths through chaos proxies).
+#[derive(Default)]
+pub struct Directory {
+    peers: Mutex<HashMap<NodeId, PeerAddrs>>,
+}
+
+impl Directory {
+    pub fn set(&self, node: NodeId, addrs: PeerAddrs) {
+        lock(&self.peers).insert(node, addrs);
+    }
+
+    pub fn get(&self, node: NodeId) -> Option<PeerAddrs> {
+        lock(&self.peers).get(&node).cloned()
+    }
+}
+
+/// What this node does with a VM it holds.
+pub(crate) enum Role {
+    /// The store says this node runs it, at `epoch`.
+    Owner { epoch: u64 },
+    /// A migration `migration` is copying it here; it runs only after the
+    /// switchover commits.
+    Incoming { migration: u64, receiver: Option<PageStreamReceiver>, verified: bool },
+}
+
+pub(crate) struct Hosted {
+    pub guest: Arc<dyn Guest>,
+    pub spec: GuestSpec,
+    pub role: Role,
+}
+
+/// A node's shared state.
+pub struct NodeShared {
+    pub id: NodeId,
+    pub rpc: Arc<RpcNode>,
+    pub cluster: ClusterNode,
+    pub switch: Arc<VirtualSwitch>,
+    pub directory: Arc<Directory>,
+    pub(crate) vms: Mutex<HashMap<String, Hosted>>,
+    /// Progress of every migration this node runs as the source.
+    pub events: tokio::sync::broadcast::Sender<crate::job::Progress>,
+    /// Set by `kill`: the node is gone and answers nothing.
+    dead: std::sync::atomic::AtomicBool,
+}
+
+/// Builds a guest spec from the store's VM config.
+pub fn spec_of(config: &VmConfig) -> Result<GuestSpec, String> {
+    let (workload, _) = bincode::serde::decode_from_slice::<ferry_vmm::Workload, _>(
+        &config.workload,
+        bincode::config::standard().with_limit::<4096>(),
+    )
+    .map_err(|e| format!("the VM's workload is not readable: {e}"))?;
+    let backend = match config.backend {
+        ferry_cluster::model::Backend::Sim => "sim",
+        ferry_cluster::model::Backend::Kvm => "kvm",
+    };
+    let sim = SimGuestConfig::new(config.memory_bytes, workload);
+    Ok(GuestSpec {
+        memory_bytes: config.memory_bytes,
+        vcpus: config.vcpus,
+        mac: config.mac.0,
+        backend: backend.into(),
+        workload,
+        service_pages: sim.service_pages,
+    })
+}
+
+/// Encodes a workload for a `VmConfig`.
+pub fn encode_workload(workload: &ferry_vmm::Workload) -> Vec<u8> {
+    bincode::serde::encode_to_vec(workload, bincode::config::standard()).unwrap_or_default()
+}
+
+fn sim_config(spec: &GuestSpec) -> SimGuestConfig {
+    SimGuestConfig {
+        memory_bytes: spec.memory_bytes,
+        vcpus: spec.vcpus,
+        workload: spec.workload,
+        service_pages: spec.service_pages,
+        mac: spec.mac,
+    }
+}
+
+fn build_guest(spec: &GuestSpec, incoming: bool) -> Result<Arc<dyn Guest>, String> {
+    match spec.backend.as_str() {
+        "sim" => {
+            let config = sim_config(spec);
+            let guest = if incoming { SimGuest::incoming(config) } else { SimGuest::boot(config) };
+            Ok(guest.map_err(|e| e.to_string())?)
+        }
+        other => Err(format!("this node cannot run {other} guests in the migration engine yet")),
+    }
+}
+
+impl NodeShared {
+    pub fn new(
+        rpc: Arc<RpcNode>,
+        cluster: ClusterNode,
+        switch: Arc<VirtualSwitch>,
+        directory: Arc<Directory>,
+    ) -> Arc<NodeShared> {
+        let node = Arc::new(NodeShared {
+            id: rpc.node_id(),
+            rpc,
+            cluster,
+            switch,
+            directory,
+            vms: Mutex::new(HashMap::new()),
+            events: tokio::sync::broadcast::channel(1024).0,
+            dead: std::sync::atomic::AtomicBool::new(false),
+        });
+        node.rpc.register(protocol::SERVICE, Arc::new(MigrationService(Arc::downgrade(&node))));
+        node.switch.attach(node.id, Arc::new(Port(Arc::downgrade(&node))));
+        node
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The guest this node runs for `vm`, if it owns it.
+    pub fn guest(&self, vm: &str) -> Option<Arc<dyn Guest>> {
+        lock(&self.vms).get(vm).filter(|h| matches!(h.role, Role::Owner { .. })).map(|h| h.guest.clone())
+    }
+
+    /// The ownership epoch at which this node runs `vm`, if it runs it and its
+    /// vCPUs are not paused (what the "never twice" invariant looks at).
+    pub fn running_epoch(&self, vm: &str) -> Option<u64> {
+        match lock(&self.vms).get(vm) {
+            Some(Hosted { role: Role::Owner { epoch }, guest, .. }) if !guest.is_paused() => Some(*epoch),
+            _ => None,
+        }
+    }
+
+    /// Names of the VMs this node runs (owner role).
+    pub fn running(&self) -> Vec<String> {
+        lock(&self.vms).iter().filter(|(_, h)| matches!(h.role, Role::Owner { .. })).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Whether this node holds `vm` at all (owner or incoming).
+    pub fn holds(&self, vm: &str) -> bool {
+        lock(&self.vms).contains_key(vm)
+    }
+
+    /// Starts `vm` here: the store records this node as its owner first, then
+    /// the guest boots and its address is announced.
+    pub async fn start_vm(&self, vm: &str) -> Result<u64, String> {
+        let state = self.cluster.read();
+        let config = state.vms.get(vm).ok_or_else(|| format!("unknown VM {vm}"))?.config.clone();
+        let spec = spec_of(&config)?;
+        let epoch = match self.cluster.write(Command::StartVm { vm: vm.into(), node: self.id }).await {
+            Ok(Response::VmStarted { epoch, .. }) => epoch,
+            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        };
+        let guest = match build_guest(&spec, false) {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = self.cluster.write(Command::StopVm { vm: vm.into() }).await;
+                return Err(e);
+            }
+        };
+        lock(&self.vms).insert(vm.into(), Hosted { guest, spec, role: Role::Owner { epoch } });
+        self.switch.announce(vm, self.id, epoch);
+        Ok(epoch)
+    }
+
+    /// Simulates the node dying: the transport and the store stop, every guest
+    /// vanishes with its memory.
+    pub async fn kill(&self) {
+        self.dead.store(true, std::sync::atomic::Ordering::Release);
+        self.switch.detach(self.id);
+        let hosted: Vec<Hosted> = lock(&self.vms).drain().map(|(_, h)| h).collect();
+        for h in hosted {
+            h.guest.destroy();
+        }
+        self.rpc.shutdown().await;
+        let _ = self.cluster.shutdown().await;
+    }
+
+    // ---- target side ----
+
+    fn prepare(&self, migration: u64, vm: String, epoch: u64, spec: GuestSpec, from: NodeId) -> Reply {
+        if lock(&self.vms).contains_key(&vm) {
+            return Reply::Refused { reason: format!("this node already holds VM {vm}") };
+        }
+        // The store must know of this migration, to this node, at this epoch.
+        let state = self.cluster.read();
+        match state.migrations.get(&migration) {
+            Some(m) if m.target == self.id && m.source == from && m.epoch == epoch && m.is_active() => {}
+            Some(m) => return Reply::Refused { reason: format!("migration {migration} does not match the store: {m:?}") },
+            None => {
+                return Reply::Refused { reason: format!("migration {migration} is not (yet) in this node's store") }
+            }
+        }
+        let guest = match build_guest(&spec, true) {
+            Ok(g) => g,
+            Err(reason) => return Reply::Refused { reason },
+        };
+        let receiver = match self.rpc.accept_page_stream(migration, from, Arc::new(GuestSink(guest.clone()))) {
+            Ok(r) => r,
+            Err(e) => {
+                guest.destroy();
+                return Reply::Refused { reason: e.to_string() };
+            }
+        };
+        lock(&self.vms).insert(
+            vm,
+            Hosted {
+                guest,
+                spec,
+                role: Role::Incoming { migration, receiver: Some(receiver), verified: false },
+            },
+        );
+        Reply::Prepared
+    }
+
+    fn incoming_guest(&self, migration: u64) -> Option<(String, Arc<dyn Guest>)> {
+        lock(&self.vms).iter().find_map(|(name, h)| match h.role {
+            Role::Incoming { migration: m, .. } if m == migration => Some((name.clone(), h.guest.clone())),
+            _ => None,
+        })
+    }
+
+    fn complete(&self, migration: u64, device_state: &[u8], digest: Option<ferry_vmm::MemoryDigest>) -> Reply {
+        let Some((vm, guest)) = self.incoming_guest(migration) else {
+            return Reply::Refused { reason: format!("no incoming migration {migration} here") };
+        };
+        let state = match DeviceState::decode(device_state) {
+            Ok(s) => s,
+            Err(e) => return Reply::Refused { reason: e.to_string() },
+        };
+        if let Err(e) = guest.restore_state(&state) {
+            return Reply::Refused { reason: e.to_string() };
+        }
+        let mine = if digest.is_some() {
+            match guest.digest() {
+                Ok(d) => Some(d),
+                Err(e) => return Reply::Refused { reason: e.to_string() },
+            }
+        } else {
+            None
+        };
+        if mine != digest {
+            return Reply::Refused { reason: format!("digest mismatch: source {digest:?}, target {mine:?}") };
+        }
+        if let Some(h) = lock(&self.vms).get_mut(&vm) {
+            if let Role::Incoming { verified, .. } = &mut h.role {
+                *verified = true;
+            }
+        }
+        Reply::Verified { digest: mine }
+    }
+
+    /// Resumes an incoming VM if, and only if, the store shows the switchover
+    /// to this node committed. Idempotent.
+    pub(crate) fn resume_if_committed(&self, migration: u64) -> bool {
+        let state = self.cluster.read();
+        let Some(m) = state.migrations.get(&migration) else { return false };
+        if m.outcome != MigrationOutcome::Completed || m.target != self.id {
+            return false;
+        }
+        let Some(vm) = state.vms.get(&m.vm) else { return false };
+        if vm.owner != self.id {
+            return false;
+        }
+        let mut vms = lock(&self.vms);
+        let Some(h) = vms.get_mut(&m.vm) else { return false };
+        match &mut h.role {
+            Role::Incoming { migration: mig, verified: true, receiver, .. } if *mig == migration => {
+                if h.guest.resume().is_err() {
+                    return false;
+                }
+                receiver.take();
+                h.role = Role::Owner { epoch: vm.epoch };
+                self.switch.announce(&m.vm, self.id, vm.epoch);
+                tracing::info!(node = self.id, vm = %m.vm, epoch = vm.epoch, "resumed after switchover");
+                true
+            }
+            Role::Owner { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Discards an incoming copy (the migration was aborted or abandoned).
+    pub(crate) fn discard_incoming(&self, migration: u64) {
+        let mut vms = lock(&self.vms);
+        let name = vms.iter().find_map(|(name, h)| match h.role {
+            Role::Incoming { migration: m, .. } if m == migration => Some(name.clone()),
+            _ => None,
+        });
+        if let Some(h) = name.and_then(|n| vms.remove(&n)) {
+            h.guest.destroy();
+        }
+    }
+
+    /// Reacts to the store's verdict on `migration`, on either side.
+    pub(crate) fn on_migration_outcome(&self, migration: u64) {
+        let state = self.cluster.read();
+        let Some(m) = state.migrations.get(&migration) else { return };
+        match &m.outcome {
+            MigrationOutcome::Completed if m.target == self.id => {
+                self.resume_if_committed(migration);
+            }
+            MigrationOutcome::Aborted { .. } if m.target == self.id => self.discard_incoming(migration),
+            _ => {}
+        }
+    }
+
+    async fn resume_request(&self, migration: u64) -> Reply {
+        // The source heard the commit; this node's replica may lag by a few
+        // milliseconds. Wait for it, bounded.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.resume_if_committed(migration) {
+                return Reply::Resumed;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Reply::Refused { reason: format!("the store does not show migration {migration} committed here") };
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn append(&self, vm: &str, record: &[u8]) -> Result<u64, ClientError> {
+        if self.is_dead() {
+            return Err(ClientError::Unreachable { vm: vm.into(), node: self.id });
+        }
+        let guest = self.guest(vm).ok_or(ClientError::NotHere { vm: vm.into(), node: self.id })?;
+        guest.service_append(record).map_err(|error| ClientError::Service { vm: vm.into(), error })
+    }
+}
+
+/// The switch's port into this node.
+struct Port(std::sync::Weak<NodeShared>);
+
+impl ServicePort for Port {
+    fn append(&self, vm: &str, record: &[u8]) -> Result<u64, ClientError> {
+        match self.0.upgrade() {
+            Some(node) => node.append(vm, record),
+            None => Err(ClientError::Service { vm: vm.into(), error: ServiceError::NotRunning }),
+        }
+    }
+}
+
+/// Pages arriving on the page stream go straight into the incoming guest.
+struct GuestSink(Arc<dyn Guest>);
+
+impl PageSink for GuestSink {
+    fn apply(&self, first: u64, count: u32, data: Option<&[u8]>) -> Result<(), String> {
+        match data {
+            Some(bytes) => self.0.write_pages(first, bytes),
+            None => self.0.zero_pages(first, u64::from(count)),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// The target side of the migration exchange, as an RPC service.
+struct MigrationService(std::sync::Weak<NodeShared>);
+
+impl RpcHandler for MigrationService {
+    fn handle(&self, from: NodeId, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+        Box::pin(async move {
+            let node = self.0.upgrade().ok_or("node is shutting down")?;
+            let request: Request = ferry_transport::decode(&request).map_err(|e| e.to_string())?;
+            let reply = match request {
+                Request::Prepare { version, migration, vm, epoch, spec } => {
+                    if version != protocol::PROTOCOL_VERSION {
+                        Reply::Refused {
+                            reason: format!(
+                                "migration protocol version {version} is not supported (this node speaks {})",
+                                protocol::PROTOCOL_VERSION
+                            ),
+                        }
+                    } else {
+                        node.prepare(migration, vm, epoch, spec, from)
+                    }
+                }
+                Request::Complete { migration, device_state, digest, .. } => {
+                    node.complete(migration, &device_state, digest)
+                }
+                Request::Resume { migration, .. } => node.resume_request(migration).await,
+                Request::Abandon { migration, .. } => {
+                    node.discard_incoming(migration);
+                    Reply::Abandoned
+                }
+                Request::Append { vm, record } => match node.append(&vm, &record) {
+                    Ok(seq) => Reply::Appended { seq },
+                    Err(e) => Reply::Refused { reason: e.to_string() },
+                },
+            };
+            Ok(ferry_transport::encode(&reply))
+        })
+    }
+}
