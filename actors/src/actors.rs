@@ -40,7 +40,10 @@ pub struct NodeActor {
 
 impl NodeActor {
     pub fn new(shared: Arc<NodeShared>) -> Self {
-        NodeActor { shared, jobs: HashMap::new() }
+        NodeActor {
+            shared,
+            jobs: HashMap::new(),
+        }
     }
 }
 
@@ -75,7 +78,14 @@ impl Handler<StoreChanged> for NodeActor {
                 _ => Vec::new(),
             },
             // A snapshot may carry any number of outcomes: look at all of them.
-            Change::Snapshot => self.shared.cluster.read().migrations.keys().copied().collect(),
+            Change::Snapshot => self
+                .shared
+                .cluster
+                .read()
+                .migrations
+                .keys()
+                .copied()
+                .collect(),
             Change::Membership { .. } => Vec::new(),
         };
         for migration in decided {
@@ -91,11 +101,19 @@ impl Handler<MoveVm> for NodeActor {
         let vm = msg.0.vm.clone();
         let handle = JobHandle::default();
         let (reply, done) = tokio::sync::oneshot::channel();
-        let job = MigrationJob { shared: self.shared.clone(), request: Some(msg.0), handle: handle.clone(), reply: Some(reply) }.start();
+        let job = MigrationJob {
+            shared: self.shared.clone(),
+            request: Some(msg.0),
+            handle: handle.clone(),
+            reply: Some(reply),
+        }
+        .start();
         self.jobs.insert(vm.clone(), (job, handle));
         let me = ctx.address();
         Box::pin(async move {
-            let result = done.await.unwrap_or_else(|_| Err(MigrationError::Aborted("migration job stopped".into())));
+            let result = done
+                .await
+                .unwrap_or_else(|_| Err(MigrationError::Aborted("migration job stopped".into())));
             me.do_send(JobEnded(vm));
             result
         })
@@ -154,14 +172,22 @@ impl Actor for MigrationJob {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let Some(request) = self.request.take() else { return ctx.stop() };
+        let Some(request) = self.request.take() else {
+            return ctx.stop();
+        };
         let task = tokio::spawn(job::run(self.shared.clone(), request, self.handle.clone()));
-        ctx.spawn(actix::fut::wrap_future::<_, Self>(task).map(|result, job, ctx| {
-            let result = result.unwrap_or_else(|e| Err(MigrationError::Aborted(format!("migration task failed: {e}"))));
-            if let Some(reply) = job.reply.take() {
-                let _ = reply.send(result);
-            }
-            ctx.stop();
-        }));
+        ctx.spawn(
+            actix::fut::wrap_future::<_, Self>(task).map(|result, job, ctx| {
+                let result = result.unwrap_or_else(|e| {
+                    Err(MigrationError::Aborted(format!(
+                        "migration task failed: {e}"
+                    )))
+                });
+                if let Some(reply) = job.reply.take() {
+                    let _ = reply.send(result);
+                }
+                ctx.stop();
+            }),
+        );
     }
 }

@@ -136,16 +136,27 @@ struct Job {
 }
 
 /// Runs the source side of a migration to its end.
-pub async fn run(node: Arc<NodeShared>, req: MoveRequest, handle: JobHandle) -> Result<MigrationReport, MigrationError> {
+pub async fn run(
+    node: Arc<NodeShared>,
+    req: MoveRequest,
+    handle: JobHandle,
+) -> Result<MigrationReport, MigrationError> {
     let started = Instant::now();
     // Prechecks that need this node's view; the store re-checks the rest.
-    let guest = node.guest(&req.vm).ok_or_else(|| MigrationError::Refused(format!("VM {} does not run on node {}", req.vm, node.id)))?;
-    let peer = node
-        .directory
-        .get(req.target)
-        .ok_or_else(|| MigrationError::Refused(format!("node {} is not in this node's directory", req.target)))?;
+    let guest = node.guest(&req.vm).ok_or_else(|| {
+        MigrationError::Refused(format!("VM {} does not run on node {}", req.vm, node.id))
+    })?;
+    let peer = node.directory.get(req.target).ok_or_else(|| {
+        MigrationError::Refused(format!(
+            "node {} is not in this node's directory",
+            req.target
+        ))
+    })?;
     if peer.migration.is_empty() {
-        return Err(MigrationError::Refused(format!("no migration network reaches node {}", req.target)));
+        return Err(MigrationError::Refused(format!(
+            "no migration network reaches node {}",
+            req.target
+        )));
     }
     ConvergencePolicy::new(req.policy.clone(), guest.page_count() * PAGE_SIZE as u64)
         .map_err(|e| MigrationError::Refused(e.to_string()))?;
@@ -161,10 +172,22 @@ pub async fn run(node: Arc<NodeShared>, req: MoveRequest, handle: JobHandle) -> 
         .await;
     let (migration, epoch) = match begun {
         Ok(Response::MigrationBegun { id, epoch }) => (id, epoch),
-        Ok(other) => return Err(MigrationError::Refused(format!("unexpected answer {other:?}"))),
+        Ok(other) => {
+            return Err(MigrationError::Refused(format!(
+                "unexpected answer {other:?}"
+            )))
+        }
         Err(e) => return Err(MigrationError::Refused(e.to_string())),
     };
-    let job = Job { node, req, handle, migration, epoch, guest, target_rpc: peer.rpc };
+    let job = Job {
+        node,
+        req,
+        handle,
+        migration,
+        epoch,
+        guest,
+        target_rpc: peer.rpc,
+    };
     job.progress(Phase::Preparing, 0, 0, 0, None, 0.0);
     let sender = match job.prepare(&peer.migration).await {
         Ok(s) => s,
@@ -186,7 +209,15 @@ enum Failure {
 }
 
 impl Job {
-    fn progress(&self, phase: Phase, round: u32, bytes_sent: u64, remaining: u64, policy: Option<&ConvergencePolicy>, throttle: f64) {
+    fn progress(
+        &self,
+        phase: Phase,
+        round: u32,
+        bytes_sent: u64,
+        remaining: u64,
+        policy: Option<&ConvergencePolicy>,
+        throttle: f64,
+    ) {
         let _ = self.node.events.send(Progress {
             migration: self.migration,
             vm: self.req.vm.clone(),
@@ -205,10 +236,17 @@ impl Job {
         let bytes = self
             .node
             .rpc
-            .call(self.req.target, &self.target_rpc, protocol::SERVICE, ferry_transport::encode(request), CONTROL_TIMEOUT)
+            .call(
+                self.req.target,
+                &self.target_rpc,
+                protocol::SERVICE,
+                ferry_transport::encode(request),
+                CONTROL_TIMEOUT,
+            )
             .await
             .map_err(|e| format!("target unreachable: {e}"))?;
-        ferry_transport::decode::<Reply>(&bytes).map_err(|e| format!("malformed reply from the target: {e}"))
+        ferry_transport::decode::<Reply>(&bytes)
+            .map_err(|e| format!("malformed reply from the target: {e}"))
     }
 
     async fn prepare(&self, paths: &[std::net::SocketAddr]) -> Result<PageStreamSender, String> {
@@ -229,7 +267,9 @@ impl Job {
         loop {
             match self.call(&request).await? {
                 Reply::Prepared => break,
-                Reply::Refused { reason } if reason.contains("not (yet)") && Instant::now() < deadline => {
+                Reply::Refused { reason }
+                    if reason.contains("not (yet)") && Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Reply::Refused { reason } => return Err(format!("target refused: {reason}")),
@@ -250,7 +290,13 @@ impl Job {
         let cluster = self.node.cluster.clone();
         let migration = self.migration;
         tokio::spawn(async move {
-            let _ = cluster.write(Command::RecordMigrationPhase { migration, phase, at_ms: now_ms() }).await;
+            let _ = cluster
+                .write(Command::RecordMigrationPhase {
+                    migration,
+                    phase,
+                    at_ms: now_ms(),
+                })
+                .await;
         });
     }
 
@@ -259,7 +305,12 @@ impl Job {
     }
 
     /// Sends the pages marked in `pages`; returns (pages sent, zero pages, bytes).
-    async fn send_round(&self, sender: &PageStreamSender, round: u32, pages: &DirtyBitmap) -> Result<(u64, u64, u64), Failure> {
+    async fn send_round(
+        &self,
+        sender: &PageStreamSender,
+        round: u32,
+        pages: &DirtyBitmap,
+    ) -> Result<(u64, u64, u64), Failure> {
         let (mut sent, mut zero, mut bytes) = (0, 0, 0);
         let paused = self.guest.is_paused();
         let fail = |reason: String| Failure::BeforeCommit { reason, paused };
@@ -268,13 +319,17 @@ impl Job {
                 return Err(Failure::Cancelled { paused });
             }
             let mut buf = vec![0u8; count as usize * PAGE_SIZE];
-            self.guest.read_pages(first, &mut buf).map_err(|e| fail(e.to_string()))?;
+            self.guest
+                .read_pages(first, &mut buf)
+                .map_err(|e| fail(e.to_string()))?;
             // Split the run into stretches of zero and non-zero pages.
             let mut at = 0u64;
             while at < count {
                 let zero_here = is_zero_page(&buf[at as usize * PAGE_SIZE..][..PAGE_SIZE]);
                 let mut end = at + 1;
-                while end < count && is_zero_page(&buf[end as usize * PAGE_SIZE..][..PAGE_SIZE]) == zero_here {
+                while end < count
+                    && is_zero_page(&buf[end as usize * PAGE_SIZE..][..PAGE_SIZE]) == zero_here
+                {
                     end += 1;
                 }
                 if zero_here {
@@ -282,7 +337,10 @@ impl Job {
                     // A fresh target is zero already; later rounds must clear
                     // pages that held data before.
                     if round > 0 {
-                        sender.send_zero(round, first + at, end - at).await.map_err(|e| fail(e.to_string()))?;
+                        sender
+                            .send_zero(round, first + at, end - at)
+                            .await
+                            .map_err(|e| fail(e.to_string()))?;
                     }
                 } else {
                     let slice = buf[at as usize * PAGE_SIZE..end as usize * PAGE_SIZE].to_vec();
@@ -296,22 +354,38 @@ impl Job {
                 at = end;
             }
         }
-        sender.barrier(round).await.map_err(|e| fail(e.to_string()))?;
+        sender
+            .barrier(round)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
         Ok((sent, zero, bytes))
     }
 
-    async fn precopy_and_switch(&self, sender: PageStreamSender, started: Instant) -> Result<MigrationReport, Failure> {
+    async fn precopy_and_switch(
+        &self,
+        sender: PageStreamSender,
+        started: Instant,
+    ) -> Result<MigrationReport, Failure> {
         let memory = self.guest.page_count() * PAGE_SIZE as u64;
-        let mut policy = ConvergencePolicy::new(self.req.policy.clone(), memory)
-            .map_err(|e| Failure::BeforeCommit { reason: e.to_string(), paused: false })?;
+        let mut policy = ConvergencePolicy::new(self.req.policy.clone(), memory).map_err(|e| {
+            Failure::BeforeCommit {
+                reason: e.to_string(),
+                paused: false,
+            }
+        })?;
         let mut pages = DirtyBitmap::new(self.guest.page_count());
         let mut rounds = Vec::new();
         let mut throttle = 0.0;
         let mut total_bytes = 0;
-        let not_paused = |e: ferry_vmm::GuestError| Failure::BeforeCommit { reason: e.to_string(), paused: false };
+        let not_paused = |e: ferry_vmm::GuestError| Failure::BeforeCommit {
+            reason: e.to_string(),
+            paused: false,
+        };
 
         self.guest.start_dirty_log().map_err(not_paused)?;
-        self.guest.nonzero_candidates(&mut pages).map_err(not_paused)?;
+        self.guest
+            .nonzero_candidates(&mut pages)
+            .map_err(not_paused)?;
         let mut round = 0u32;
         let expected_downtime = loop {
             self.record_phase(MigrationPhase::Copying { round });
@@ -319,49 +393,104 @@ impl Job {
             let (sent, zero, bytes) = self.send_round(&sender, round, &pages).await?;
             let elapsed = t.elapsed();
             total_bytes += bytes;
-            self.guest.fetch_and_clear_dirty(&mut pages).map_err(not_paused)?;
+            self.guest
+                .fetch_and_clear_dirty(&mut pages)
+                .map_err(not_paused)?;
             let dirtied = pages.count();
-            rounds.push(RoundReport { round, pages_sent: sent, zero_pages: zero, pages_dirtied: dirtied, bytes, elapsed, throttle });
-            let decision = policy.decide(RoundStats { round, pages_sent: sent + zero, pages_dirtied: dirtied, bytes_sent: bytes, elapsed, throttle });
-            self.progress(Phase::Copying, round, total_bytes, dirtied, Some(&policy), throttle);
+            rounds.push(RoundReport {
+                round,
+                pages_sent: sent,
+                zero_pages: zero,
+                pages_dirtied: dirtied,
+                bytes,
+                elapsed,
+                throttle,
+            });
+            let decision = policy.decide(RoundStats {
+                round,
+                pages_sent: sent + zero,
+                pages_dirtied: dirtied,
+                bytes_sent: bytes,
+                elapsed,
+                throttle,
+            });
+            self.progress(
+                Phase::Copying,
+                round,
+                total_bytes,
+                dirtied,
+                Some(&policy),
+                throttle,
+            );
             match decision {
                 Decision::AnotherRound => {}
                 Decision::Throttle { share } => {
                     throttle = share;
                     self.guest.set_throttle(share).map_err(not_paused)?;
                 }
-                Decision::StopAndCopy { expected_downtime, .. } => break expected_downtime,
+                Decision::StopAndCopy {
+                    expected_downtime, ..
+                } => break expected_downtime,
                 Decision::GiveUp { reason } => {
                     let _ = self.guest.set_throttle(0.0);
-                    return Err(Failure::BeforeCommit { reason: format!("did not converge: {reason}"), paused: false });
+                    return Err(Failure::BeforeCommit {
+                        reason: format!("did not converge: {reason}"),
+                        paused: false,
+                    });
                 }
             }
             round += 1;
         };
 
         // Blackout.
-        self.progress(Phase::Blackout, round, total_bytes, pages.count(), Some(&policy), throttle);
+        self.progress(
+            Phase::Blackout,
+            round,
+            total_bytes,
+            pages.count(),
+            Some(&policy),
+            throttle,
+        );
         let blackout = Instant::now();
         self.guest.pause().map_err(not_paused)?;
-        let paused_err = |reason: String| Failure::BeforeCommit { reason, paused: true };
+        let paused_err = |reason: String| Failure::BeforeCommit {
+            reason,
+            paused: true,
+        };
         let mut last = DirtyBitmap::new(self.guest.page_count());
-        self.guest.fetch_and_clear_dirty(&mut last).map_err(|e| paused_err(e.to_string()))?;
+        self.guest
+            .fetch_and_clear_dirty(&mut last)
+            .map_err(|e| paused_err(e.to_string()))?;
         pages.union_with(&last);
         let final_round = round + 1;
         let (final_sent, _, final_bytes) = self.send_round(&sender, final_round, &pages).await?;
         total_bytes += final_bytes;
-        let state = self.guest.save_state().map_err(|e| paused_err(e.to_string()))?;
-        let digest = if self.req.verify { Some(self.guest.digest().map_err(|e| paused_err(e.to_string()))?) } else { None };
+        let state = self
+            .guest
+            .save_state()
+            .map_err(|e| paused_err(e.to_string()))?;
+        let digest = if self.req.verify {
+            Some(self.guest.digest().map_err(|e| paused_err(e.to_string()))?)
+        } else {
+            None
+        };
         if self.cancelled() {
             return Err(Failure::Cancelled { paused: true });
         }
         match self
-            .call(&Request::Complete { migration: self.migration, device_state: state.encode(), digest, last_round: final_round })
+            .call(&Request::Complete {
+                migration: self.migration,
+                device_state: state.encode(),
+                digest,
+                last_round: final_round,
+            })
             .await
             .map_err(paused_err)?
         {
             Reply::Verified { .. } => {}
-            Reply::Refused { reason } => return Err(paused_err(format!("target could not verify: {reason}"))),
+            Reply::Refused { reason } => {
+                return Err(paused_err(format!("target could not verify: {reason}")))
+            }
             other => return Err(paused_err(format!("unexpected reply {other:?}"))),
         }
         let _ = sender.finish().await;
@@ -370,13 +499,36 @@ impl Job {
         }
 
         // Switchover: from here on the source never resumes on its own.
-        self.progress(Phase::SwitchingOver, final_round, total_bytes, 0, Some(&policy), throttle);
-        tracing::debug!(migration = self.migration, ?expected_downtime, "committing switchover");
+        self.progress(
+            Phase::SwitchingOver,
+            final_round,
+            total_bytes,
+            0,
+            Some(&policy),
+            throttle,
+        );
+        tracing::debug!(
+            migration = self.migration,
+            ?expected_downtime,
+            "committing switchover"
+        );
         let epoch = self.commit().await?;
-        let _ = self.call(&Request::Resume { migration: self.migration, epoch }).await;
+        let _ = self
+            .call(&Request::Resume {
+                migration: self.migration,
+                epoch,
+            })
+            .await;
         let blackout = blackout.elapsed();
         self.release_source_copy();
-        self.progress(Phase::Completed, final_round, total_bytes, 0, Some(&policy), 0.0);
+        self.progress(
+            Phase::Completed,
+            final_round,
+            total_bytes,
+            0,
+            Some(&policy),
+            0.0,
+        );
         Ok(MigrationReport {
             migration: self.migration,
             vm: self.req.vm.clone(),
@@ -393,18 +545,27 @@ impl Job {
 
     /// Proposes the switchover and learns its outcome, however long that takes.
     async fn commit(&self) -> Result<u64, Failure> {
-        let command = Command::CommitSwitchover { migration: self.migration, expected_epoch: self.epoch, at_ms: now_ms() };
+        let command = Command::CommitSwitchover {
+            migration: self.migration,
+            expected_epoch: self.epoch,
+            at_ms: now_ms(),
+        };
         match self.node.cluster.write(command).await {
             Ok(Response::SwitchedOver { epoch, .. }) => return Ok(epoch),
             Ok(other) => tracing::warn!(?other, "unexpected answer to the switchover"),
             Err(ClusterError::Rejected(CommandError::MigrationNotActive { .. })) => {}
-            Err(e) => tracing::warn!(migration = self.migration, error = %e, "switchover outcome unknown; staying paused"),
+            Err(e) => {
+                tracing::warn!(migration = self.migration, error = %e, "switchover outcome unknown; staying paused")
+            }
         }
         // The proposal may or may not have committed. Only the store can say;
         // until it does, the guest stays paused.
         loop {
             if self.node.is_dead() {
-                return Err(Failure::BeforeCommit { reason: "node stopped".into(), paused: true });
+                return Err(Failure::BeforeCommit {
+                    reason: "node stopped".into(),
+                    paused: true,
+                });
             }
             let state = match self.node.cluster.read_linearizable().await {
                 Ok(s) => s,
@@ -413,22 +574,44 @@ impl Job {
                     continue;
                 }
             };
-            match state.migrations.get(&self.migration).map(|m| m.outcome.clone()) {
+            match state
+                .migrations
+                .get(&self.migration)
+                .map(|m| m.outcome.clone())
+            {
                 Some(MigrationOutcome::Completed) => {
-                    let epoch = state.vms.get(&self.req.vm).map(|v| v.epoch).unwrap_or(self.epoch + 1);
+                    let epoch = state
+                        .vms
+                        .get(&self.req.vm)
+                        .map(|v| v.epoch)
+                        .unwrap_or(self.epoch + 1);
                     return Ok(epoch);
                 }
                 Some(MigrationOutcome::Aborted { reason }) => {
-                    return Err(Failure::BeforeCommit { reason: format!("aborted by the store: {reason}"), paused: true })
+                    return Err(Failure::BeforeCommit {
+                        reason: format!("aborted by the store: {reason}"),
+                        paused: true,
+                    })
                 }
                 Some(MigrationOutcome::Active) => {
                     // Still active: our proposal was lost. Propose again.
-                    let command = Command::CommitSwitchover { migration: self.migration, expected_epoch: self.epoch, at_ms: now_ms() };
-                    if let Ok(Response::SwitchedOver { epoch, .. }) = self.node.cluster.write(command).await {
+                    let command = Command::CommitSwitchover {
+                        migration: self.migration,
+                        expected_epoch: self.epoch,
+                        at_ms: now_ms(),
+                    };
+                    if let Ok(Response::SwitchedOver { epoch, .. }) =
+                        self.node.cluster.write(command).await
+                    {
                         return Ok(epoch);
                     }
                 }
-                None => return Err(Failure::BeforeCommit { reason: "migration vanished from the store".into(), paused: true }),
+                None => {
+                    return Err(Failure::BeforeCommit {
+                        reason: "migration vanished from the store".into(),
+                        paused: true,
+                    })
+                }
             }
         }
     }
@@ -450,7 +633,12 @@ impl Job {
     /// store records the abort, the source runs on.
     async fn abort(&self, reason: String, paused: bool) -> MigrationError {
         tracing::info!(migration = self.migration, %reason, "aborting migration");
-        let _ = self.call(&Request::Abandon { migration: self.migration, reason: reason.clone() }).await;
+        let _ = self
+            .call(&Request::Abandon {
+                migration: self.migration,
+                reason: reason.clone(),
+            })
+            .await;
         let _ = self.guest.set_throttle(0.0);
         if paused || self.guest.is_paused() {
             // Safe: this job never proposed the switchover (see module doc).
@@ -467,7 +655,14 @@ impl Job {
                 if node.is_dead() {
                     return;
                 }
-                match cluster.write(Command::AbortMigration { migration, reason: why.clone(), at_ms: now_ms() }).await {
+                match cluster
+                    .write(Command::AbortMigration {
+                        migration,
+                        reason: why.clone(),
+                        at_ms: now_ms(),
+                    })
+                    .await
+                {
                     Ok(_) | Err(ClusterError::Rejected(_)) | Err(ClusterError::Shutdown) => return,
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }

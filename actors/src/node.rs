@@ -23,7 +23,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch, for the store's records.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -61,7 +64,11 @@ pub(crate) enum Role {
     Owner { epoch: u64 },
     /// A migration `migration` is copying it here; it runs only after the
     /// switchover commits.
-    Incoming { migration: u64, receiver: Option<PageStreamReceiver>, verified: bool },
+    Incoming {
+        migration: u64,
+        receiver: Option<PageStreamReceiver>,
+        verified: bool,
+    },
 }
 
 pub(crate) struct Hosted {
@@ -84,9 +91,23 @@ pub struct NodeShared {
     dead: std::sync::atomic::AtomicBool,
 }
 
+/// What a simulated guest runs, stored opaquely in the VM's config.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct GuestProgram {
+    pub workload: ferry_vmm::Workload,
+    /// Memory contents at first boot (see `SimGuestConfig::prefill_seed`).
+    pub prefill_seed: Option<u64>,
+}
+
 /// Builds a guest spec from the store's VM config.
 pub fn spec_of(config: &VmConfig) -> Result<GuestSpec, String> {
-    let (workload, _) = bincode::serde::decode_from_slice::<ferry_vmm::Workload, _>(
+    let (
+        GuestProgram {
+            workload,
+            prefill_seed,
+        },
+        _,
+    ) = bincode::serde::decode_from_slice::<GuestProgram, _>(
         &config.workload,
         bincode::config::standard().with_limit::<4096>(),
     )
@@ -103,12 +124,13 @@ pub fn spec_of(config: &VmConfig) -> Result<GuestSpec, String> {
         backend: backend.into(),
         workload,
         service_pages: sim.service_pages,
+        prefill_seed,
     })
 }
 
-/// Encodes a workload for a `VmConfig`.
-pub fn encode_workload(workload: &ferry_vmm::Workload) -> Vec<u8> {
-    bincode::serde::encode_to_vec(workload, bincode::config::standard()).unwrap_or_default()
+/// Encodes a guest program for a `VmConfig`.
+pub fn encode_program(program: &GuestProgram) -> Vec<u8> {
+    bincode::serde::encode_to_vec(program, bincode::config::standard()).unwrap_or_default()
 }
 
 fn sim_config(spec: &GuestSpec) -> SimGuestConfig {
@@ -118,6 +140,7 @@ fn sim_config(spec: &GuestSpec) -> SimGuestConfig {
         workload: spec.workload,
         service_pages: spec.service_pages,
         mac: spec.mac,
+        prefill_seed: spec.prefill_seed,
     }
 }
 
@@ -125,10 +148,16 @@ fn build_guest(spec: &GuestSpec, incoming: bool) -> Result<Arc<dyn Guest>, Strin
     match spec.backend.as_str() {
         "sim" => {
             let config = sim_config(spec);
-            let guest = if incoming { SimGuest::incoming(config) } else { SimGuest::boot(config) };
+            let guest = if incoming {
+                SimGuest::incoming(config)
+            } else {
+                SimGuest::boot(config)
+            };
             Ok(guest.map_err(|e| e.to_string())?)
         }
-        other => Err(format!("this node cannot run {other} guests in the migration engine yet")),
+        other => Err(format!(
+            "this node cannot run {other} guests in the migration engine yet"
+        )),
     }
 }
 
@@ -149,8 +178,12 @@ impl NodeShared {
             events: tokio::sync::broadcast::channel(1024).0,
             dead: std::sync::atomic::AtomicBool::new(false),
         });
-        node.rpc.register(protocol::SERVICE, Arc::new(MigrationService(Arc::downgrade(&node))));
-        node.switch.attach(node.id, Arc::new(Port(Arc::downgrade(&node))));
+        node.rpc.register(
+            protocol::SERVICE,
+            Arc::new(MigrationService(Arc::downgrade(&node))),
+        );
+        node.switch
+            .attach(node.id, Arc::new(Port(Arc::downgrade(&node))));
         node
     }
 
@@ -160,21 +193,32 @@ impl NodeShared {
 
     /// The guest this node runs for `vm`, if it owns it.
     pub fn guest(&self, vm: &str) -> Option<Arc<dyn Guest>> {
-        lock(&self.vms).get(vm).filter(|h| matches!(h.role, Role::Owner { .. })).map(|h| h.guest.clone())
+        lock(&self.vms)
+            .get(vm)
+            .filter(|h| matches!(h.role, Role::Owner { .. }))
+            .map(|h| h.guest.clone())
     }
 
     /// The ownership epoch at which this node runs `vm`, if it runs it and its
     /// vCPUs are not paused (what the "never twice" invariant looks at).
     pub fn running_epoch(&self, vm: &str) -> Option<u64> {
         match lock(&self.vms).get(vm) {
-            Some(Hosted { role: Role::Owner { epoch }, guest, .. }) if !guest.is_paused() => Some(*epoch),
+            Some(Hosted {
+                role: Role::Owner { epoch },
+                guest,
+                ..
+            }) if !guest.is_paused() => Some(*epoch),
             _ => None,
         }
     }
 
     /// Names of the VMs this node runs (owner role).
     pub fn running(&self) -> Vec<String> {
-        lock(&self.vms).iter().filter(|(_, h)| matches!(h.role, Role::Owner { .. })).map(|(n, _)| n.clone()).collect()
+        lock(&self.vms)
+            .iter()
+            .filter(|(_, h)| matches!(h.role, Role::Owner { .. }))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Whether this node holds `vm` at all (owner or incoming).
@@ -186,9 +230,21 @@ impl NodeShared {
     /// the guest boots and its address is announced.
     pub async fn start_vm(&self, vm: &str) -> Result<u64, String> {
         let state = self.cluster.read();
-        let config = state.vms.get(vm).ok_or_else(|| format!("unknown VM {vm}"))?.config.clone();
+        let config = state
+            .vms
+            .get(vm)
+            .ok_or_else(|| format!("unknown VM {vm}"))?
+            .config
+            .clone();
         let spec = spec_of(&config)?;
-        let epoch = match self.cluster.write(Command::StartVm { vm: vm.into(), node: self.id }).await {
+        let epoch = match self
+            .cluster
+            .write(Command::StartVm {
+                vm: vm.into(),
+                node: self.id,
+            })
+            .await
+        {
             Ok(Response::VmStarted { epoch, .. }) => epoch,
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => return Err(e.to_string()),
@@ -200,7 +256,14 @@ impl NodeShared {
                 return Err(e);
             }
         };
-        lock(&self.vms).insert(vm.into(), Hosted { guest, spec, role: Role::Owner { epoch } });
+        lock(&self.vms).insert(
+            vm.into(),
+            Hosted {
+                guest,
+                spec,
+                role: Role::Owner { epoch },
+            },
+        );
         self.switch.announce(vm, self.id, epoch);
         Ok(epoch)
     }
@@ -220,36 +283,63 @@ impl NodeShared {
 
     // ---- target side ----
 
-    fn prepare(&self, migration: u64, vm: String, epoch: u64, spec: GuestSpec, from: NodeId) -> Reply {
+    fn prepare(
+        &self,
+        migration: u64,
+        vm: String,
+        epoch: u64,
+        spec: GuestSpec,
+        from: NodeId,
+    ) -> Reply {
         if lock(&self.vms).contains_key(&vm) {
-            return Reply::Refused { reason: format!("this node already holds VM {vm}") };
+            return Reply::Refused {
+                reason: format!("this node already holds VM {vm}"),
+            };
         }
         // The store must know of this migration, to this node, at this epoch.
         let state = self.cluster.read();
         match state.migrations.get(&migration) {
-            Some(m) if m.target == self.id && m.source == from && m.epoch == epoch && m.is_active() => {}
-            Some(m) => return Reply::Refused { reason: format!("migration {migration} does not match the store: {m:?}") },
+            Some(m)
+                if m.target == self.id && m.source == from && m.epoch == epoch && m.is_active() => {
+            }
+            Some(m) => {
+                return Reply::Refused {
+                    reason: format!("migration {migration} does not match the store: {m:?}"),
+                }
+            }
             None => {
-                return Reply::Refused { reason: format!("migration {migration} is not (yet) in this node's store") }
+                return Reply::Refused {
+                    reason: format!("migration {migration} is not (yet) in this node's store"),
+                }
             }
         }
         let guest = match build_guest(&spec, true) {
             Ok(g) => g,
             Err(reason) => return Reply::Refused { reason },
         };
-        let receiver = match self.rpc.accept_page_stream(migration, from, Arc::new(GuestSink(guest.clone()))) {
-            Ok(r) => r,
-            Err(e) => {
-                guest.destroy();
-                return Reply::Refused { reason: e.to_string() };
-            }
-        };
+        let receiver =
+            match self
+                .rpc
+                .accept_page_stream(migration, from, Arc::new(GuestSink(guest.clone())))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    guest.destroy();
+                    return Reply::Refused {
+                        reason: e.to_string(),
+                    };
+                }
+            };
         lock(&self.vms).insert(
             vm,
             Hosted {
                 guest,
                 spec,
-                role: Role::Incoming { migration, receiver: Some(receiver), verified: false },
+                role: Role::Incoming {
+                    migration,
+                    receiver: Some(receiver),
+                    verified: false,
+                },
             },
         );
         Reply::Prepared
@@ -257,32 +347,53 @@ impl NodeShared {
 
     fn incoming_guest(&self, migration: u64) -> Option<(String, Arc<dyn Guest>)> {
         lock(&self.vms).iter().find_map(|(name, h)| match h.role {
-            Role::Incoming { migration: m, .. } if m == migration => Some((name.clone(), h.guest.clone())),
+            Role::Incoming { migration: m, .. } if m == migration => {
+                Some((name.clone(), h.guest.clone()))
+            }
             _ => None,
         })
     }
 
-    fn complete(&self, migration: u64, device_state: &[u8], digest: Option<ferry_vmm::MemoryDigest>) -> Reply {
+    fn complete(
+        &self,
+        migration: u64,
+        device_state: &[u8],
+        digest: Option<ferry_vmm::MemoryDigest>,
+    ) -> Reply {
         let Some((vm, guest)) = self.incoming_guest(migration) else {
-            return Reply::Refused { reason: format!("no incoming migration {migration} here") };
+            return Reply::Refused {
+                reason: format!("no incoming migration {migration} here"),
+            };
         };
         let state = match DeviceState::decode(device_state) {
             Ok(s) => s,
-            Err(e) => return Reply::Refused { reason: e.to_string() },
+            Err(e) => {
+                return Reply::Refused {
+                    reason: e.to_string(),
+                }
+            }
         };
         if let Err(e) = guest.restore_state(&state) {
-            return Reply::Refused { reason: e.to_string() };
+            return Reply::Refused {
+                reason: e.to_string(),
+            };
         }
         let mine = if digest.is_some() {
             match guest.digest() {
                 Ok(d) => Some(d),
-                Err(e) => return Reply::Refused { reason: e.to_string() },
+                Err(e) => {
+                    return Reply::Refused {
+                        reason: e.to_string(),
+                    }
+                }
             }
         } else {
             None
         };
         if mine != digest {
-            return Reply::Refused { reason: format!("digest mismatch: source {digest:?}, target {mine:?}") };
+            return Reply::Refused {
+                reason: format!("digest mismatch: source {digest:?}, target {mine:?}"),
+            };
         }
         if let Some(h) = lock(&self.vms).get_mut(&vm) {
             if let Role::Incoming { verified, .. } = &mut h.role {
@@ -296,18 +407,29 @@ impl NodeShared {
     /// to this node committed. Idempotent.
     pub(crate) fn resume_if_committed(&self, migration: u64) -> bool {
         let state = self.cluster.read();
-        let Some(m) = state.migrations.get(&migration) else { return false };
+        let Some(m) = state.migrations.get(&migration) else {
+            return false;
+        };
         if m.outcome != MigrationOutcome::Completed || m.target != self.id {
             return false;
         }
-        let Some(vm) = state.vms.get(&m.vm) else { return false };
+        let Some(vm) = state.vms.get(&m.vm) else {
+            return false;
+        };
         if vm.owner != self.id {
             return false;
         }
         let mut vms = lock(&self.vms);
-        let Some(h) = vms.get_mut(&m.vm) else { return false };
+        let Some(h) = vms.get_mut(&m.vm) else {
+            return false;
+        };
         match &mut h.role {
-            Role::Incoming { migration: mig, verified: true, receiver, .. } if *mig == migration => {
+            Role::Incoming {
+                migration: mig,
+                verified: true,
+                receiver,
+                ..
+            } if *mig == migration => {
                 if h.guest.resume().is_err() {
                     return false;
                 }
@@ -337,12 +459,16 @@ impl NodeShared {
     /// Reacts to the store's verdict on `migration`, on either side.
     pub(crate) fn on_migration_outcome(&self, migration: u64) {
         let state = self.cluster.read();
-        let Some(m) = state.migrations.get(&migration) else { return };
+        let Some(m) = state.migrations.get(&migration) else {
+            return;
+        };
         match &m.outcome {
             MigrationOutcome::Completed if m.target == self.id => {
                 self.resume_if_committed(migration);
             }
-            MigrationOutcome::Aborted { .. } if m.target == self.id => self.discard_incoming(migration),
+            MigrationOutcome::Aborted { .. } if m.target == self.id => {
+                self.discard_incoming(migration)
+            }
             _ => {}
         }
     }
@@ -356,7 +482,9 @@ impl NodeShared {
                 return Reply::Resumed;
             }
             if tokio::time::Instant::now() > deadline {
-                return Reply::Refused { reason: format!("the store does not show migration {migration} committed here") };
+                return Reply::Refused {
+                    reason: format!("the store does not show migration {migration} committed here"),
+                };
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -364,10 +492,21 @@ impl NodeShared {
 
     fn append(&self, vm: &str, record: &[u8]) -> Result<u64, ClientError> {
         if self.is_dead() {
-            return Err(ClientError::Unreachable { vm: vm.into(), node: self.id });
+            return Err(ClientError::Unreachable {
+                vm: vm.into(),
+                node: self.id,
+            });
         }
-        let guest = self.guest(vm).ok_or(ClientError::NotHere { vm: vm.into(), node: self.id })?;
-        guest.service_append(record).map_err(|error| ClientError::Service { vm: vm.into(), error })
+        let guest = self.guest(vm).ok_or(ClientError::NotHere {
+            vm: vm.into(),
+            node: self.id,
+        })?;
+        guest
+            .service_append(record)
+            .map_err(|error| ClientError::Service {
+                vm: vm.into(),
+                error,
+            })
     }
 }
 
@@ -378,7 +517,10 @@ impl ServicePort for Port {
     fn append(&self, vm: &str, record: &[u8]) -> Result<u64, ClientError> {
         match self.0.upgrade() {
             Some(node) => node.append(vm, record),
-            None => Err(ClientError::Service { vm: vm.into(), error: ServiceError::NotRunning }),
+            None => Err(ClientError::Service {
+                vm: vm.into(),
+                error: ServiceError::NotRunning,
+            }),
         }
     }
 }
@@ -400,12 +542,22 @@ impl PageSink for GuestSink {
 struct MigrationService(std::sync::Weak<NodeShared>);
 
 impl RpcHandler for MigrationService {
-    fn handle(&self, from: NodeId, request: Vec<u8>) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+    fn handle(
+        &self,
+        from: NodeId,
+        request: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
         Box::pin(async move {
             let node = self.0.upgrade().ok_or("node is shutting down")?;
             let request: Request = ferry_transport::decode(&request).map_err(|e| e.to_string())?;
             let reply = match request {
-                Request::Prepare { version, migration, vm, epoch, spec } => {
+                Request::Prepare {
+                    version,
+                    migration,
+                    vm,
+                    epoch,
+                    spec,
+                } => {
                     if version != protocol::PROTOCOL_VERSION {
                         Reply::Refused {
                             reason: format!(
@@ -417,9 +569,12 @@ impl RpcHandler for MigrationService {
                         node.prepare(migration, vm, epoch, spec, from)
                     }
                 }
-                Request::Complete { migration, device_state, digest, .. } => {
-                    node.complete(migration, &device_state, digest)
-                }
+                Request::Complete {
+                    migration,
+                    device_state,
+                    digest,
+                    ..
+                } => node.complete(migration, &device_state, digest),
                 Request::Resume { migration, .. } => node.resume_request(migration).await,
                 Request::Abandon { migration, .. } => {
                     node.discard_incoming(migration);
@@ -427,7 +582,9 @@ impl RpcHandler for MigrationService {
                 }
                 Request::Append { vm, record } => match node.append(&vm, &record) {
                     Ok(seq) => Reply::Appended { seq },
-                    Err(e) => Reply::Refused { reason: e.to_string() },
+                    Err(e) => Reply::Refused {
+                        reason: e.to_string(),
+                    },
                 },
             };
             Ok(ferry_transport::encode(&reply))

@@ -40,6 +40,8 @@ pub struct GuestSpec {
     pub backend: String,
     pub workload: ferry_vmm::Workload,
     pub service_pages: u64,
+    /// Memory contents at boot (see `SimGuestConfig::prefill_seed`).
+    pub prefill_seed: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,10 +81,16 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     Prepared,
-    Verified { digest: Option<MemoryDigest> },
+    Verified {
+        digest: Option<MemoryDigest>,
+    },
     Resumed,
     Abandoned,
-    Appended { seq: u64 },
+    Appended {
+        seq: u64,
+    },
     /// The request was understood and refused; the text says why.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }

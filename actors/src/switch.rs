@@ -45,7 +45,10 @@ impl ClientError {
         matches!(
             self,
             ClientError::NotHere { .. }
-                | ClientError::Service { error: ServiceError::Paused | ServiceError::NotRunning, .. }
+                | ClientError::Service {
+                    error: ServiceError::Paused | ServiceError::NotRunning,
+                    ..
+                }
         )
     }
 }
@@ -70,13 +73,19 @@ impl VirtualSwitch {
 
     /// Plugs a node in.
     pub fn attach(&self, node: NodeId, port: Arc<dyn ServicePort>) {
-        self.ports.write().unwrap_or_else(|p| p.into_inner()).insert(node, port);
+        self.ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, port);
     }
 
     /// Unplugs a node (it died or left): its VMs become unreachable, not
     /// rerouted — only an announcement moves a route.
     pub fn detach(&self, node: NodeId) {
-        self.ports.write().unwrap_or_else(|p| p.into_inner()).remove(&node);
+        self.ports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
     }
 
     /// `node` now serves `vm` at ownership `epoch`. Returns whether the route
@@ -94,24 +103,36 @@ impl VirtualSwitch {
 
     /// The node currently serving `vm`, with the epoch it announced.
     pub fn route(&self, vm: &str) -> Option<(NodeId, u64)> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).get(vm).map(|r| (r.node, r.epoch))
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vm)
+            .map(|r| (r.node, r.epoch))
     }
 
     /// Forgets `vm` (deleted).
     pub fn withdraw(&self, vm: &str) {
-        self.routes.write().unwrap_or_else(|p| p.into_inner()).remove(vm);
+        self.routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm);
     }
 
     /// A client's append to `vm`'s service, delivered where the route points.
     pub fn append(&self, vm: &str, record: &[u8]) -> Result<u64, ClientError> {
-        let (node, _) = self.route(vm).ok_or_else(|| ClientError::NoRoute(vm.to_string()))?;
+        let (node, _) = self
+            .route(vm)
+            .ok_or_else(|| ClientError::NoRoute(vm.to_string()))?;
         let port = self
             .ports
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&node)
             .cloned()
-            .ok_or_else(|| ClientError::Unreachable { vm: vm.to_string(), node })?;
+            .ok_or_else(|| ClientError::Unreachable {
+                vm: vm.to_string(),
+                node,
+            })?;
         port.append(vm, record)
     }
 }
@@ -132,14 +153,26 @@ mod tests {
         let switch = VirtualSwitch::new();
         switch.attach(1, Arc::new(Fixed(1)));
         switch.attach(2, Arc::new(Fixed(2)));
-        assert_eq!(switch.append("web", b"x"), Err(ClientError::NoRoute("web".into())));
+        assert_eq!(
+            switch.append("web", b"x"),
+            Err(ClientError::NoRoute("web".into()))
+        );
         assert!(switch.announce("web", 1, 0));
         assert_eq!(switch.append("web", b"x"), Ok(1));
         assert!(switch.announce("web", 2, 1));
         assert_eq!(switch.append("web", b"x"), Ok(2));
-        assert!(!switch.announce("web", 1, 0), "a stale source cannot take the route back");
+        assert!(
+            !switch.announce("web", 1, 0),
+            "a stale source cannot take the route back"
+        );
         assert_eq!(switch.route("web"), Some((2, 1)));
         switch.detach(2);
-        assert_eq!(switch.append("web", b"x"), Err(ClientError::Unreachable { vm: "web".into(), node: 2 }));
+        assert_eq!(
+            switch.append("web", b"x"),
+            Err(ClientError::Unreachable {
+                vm: "web".into(),
+                node: 2
+            })
+        );
     }
 }

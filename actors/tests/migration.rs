@@ -11,17 +11,26 @@ use ferry_actors::job::MoveRequest;
 fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
     run(async {
         let cluster = TestCluster::start("complete", 3).await;
-        cluster.start_vm("web-1", 1, 256 * MIB, workload(5_000), 1).await;
+        cluster
+            .start_vm("web-1", 1, 256 * MIB, workload(5_000), 1)
+            .await;
         let client = Client::start(cluster.switch.clone(), "web-1");
         let watch = TwiceWatch::start(&cluster, "web-1");
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
         let mut request = MoveRequest::new("web-1", 2);
         request.verify = true;
-        let report = cluster.move_vm(request, 1).await.expect("migration completes");
+        let report = cluster
+            .move_vm(request, 1)
+            .await
+            .expect("migration completes");
 
         // Keep appending on the target for a while.
-        let target = cluster.node(2).shared.guest("web-1").expect("the target runs the VM");
+        let target = cluster
+            .node(2)
+            .shared
+            .guest("web-1")
+            .expect("the target runs the VM");
         let seen = target.service_records().unwrap().len();
         while target.service_records().unwrap().len() < seen + 50 {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -31,11 +40,27 @@ fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
 
         let records = target.service_records().unwrap();
         let present: std::collections::HashSet<u64> = records.iter().map(|(s, _)| *s).collect();
-        let lost: Vec<u64> = log.acked.iter().filter(|s| !present.contains(s)).copied().collect();
+        let lost: Vec<u64> = log
+            .acked
+            .iter()
+            .filter(|s| !present.contains(s))
+            .copied()
+            .collect();
         assert!(lost.is_empty(), "acknowledged appends lost: {lost:?}");
-        assert_eq!(records.len(), log.acked.len(), "nothing appended that was not acknowledged");
-        assert_eq!(cluster.switch.route("web-1"), Some((2, report.epoch)), "the switch points at the target");
-        assert!(!cluster.node(1).shared.holds("web-1"), "the source's copy is gone");
+        assert_eq!(
+            records.len(),
+            log.acked.len(),
+            "nothing appended that was not acknowledged"
+        );
+        assert_eq!(
+            cluster.switch.route("web-1"),
+            Some((2, report.epoch)),
+            "the switch points at the target"
+        );
+        assert!(
+            !cluster.node(1).shared.holds("web-1"),
+            "the source's copy is gone"
+        );
         let state = cluster.node(3).shared.cluster.read();
         assert_eq!(state.vms["web-1"].owner, 2);
         assert_eq!(state.vms["web-1"].epoch, report.epoch);
@@ -49,6 +74,217 @@ fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
             report.blackout,
             log.longest_refusal,
             log.refusals
+        );
+    });
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_a_round_converges_by_auto_converge() {
+    run(async {
+        let cluster = TestCluster::start("converge", 3).await;
+        // 150 000 pages/s is 600 MB/s of dirtying over all of a 64 MiB guest:
+        // more than a round can send on this build, so only throttling helps.
+        let fast = ferry_vmm::Workload {
+            dirty_pages_per_sec: Some(150_000),
+            pattern: ferry_vmm::Pattern::Uniform,
+            seed: 3,
+        };
+        cluster.start_vm("busy", 1, 64 * MIB, fast, 2).await;
+        let client = Client::start(cluster.switch.clone(), "busy");
+        let mut request = MoveRequest::new("busy", 3);
+        request.verify = true;
+        // A tight blackout promise: the whole guest is dirty every round.
+        request.policy.downtime_limit = std::time::Duration::from_millis(50);
+        let policy = request.policy.clone();
+        let report = cluster.move_vm(request, 1).await.expect("converges");
+        let log = client.stop();
+        assert_no_acked_append_lost(&cluster, 3, "busy", &log);
+        let throttles: Vec<f64> = report.rounds.iter().map(|r| r.throttle).collect();
+        assert!(
+            throttles.iter().any(|t| *t > 0.0),
+            "auto-converge throttled the guest: {throttles:?}"
+        );
+        assert!(
+            report.rounds.len() as u32 <= policy.max_rounds,
+            "within the round limit"
+        );
+        assert!(
+            report.total <= policy.time_budget(64 * MIB),
+            "within the time budget"
+        );
+        println!(
+            "auto-converge: rounds {:?}, throttle per round {throttles:?}, total {:?}",
+            report
+                .rounds
+                .iter()
+                .map(|r| r.pages_sent)
+                .collect::<Vec<_>>(),
+            report.total
+        );
+    });
+}
+
+#[test]
+fn target_killed_mid_migration_aborts_and_the_vm_runs_on_the_source() {
+    run(async {
+        let cluster = TestCluster::start("target-killed", 3).await;
+        cluster
+            .start_vm("db-1", 1, 256 * MIB, workload(20_000), 3)
+            .await;
+        let client = Client::start(cluster.switch.clone(), "db-1");
+        let mut events = cluster.node(1).shared.events.subscribe();
+        let moving = {
+            let actor = cluster.node(1).actor.clone();
+            tokio::spawn(async move {
+                actor
+                    .send(ferry_actors::actors::MoveVm(MoveRequest::new("db-1", 2)))
+                    .await
+                    .unwrap()
+            })
+        };
+        wait_progress(&mut events, |p| {
+            p.phase == ferry_actors::job::Phase::Preparing
+        })
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        cluster.node(2).shared.kill().await;
+        let outcome = moving.await.unwrap();
+        assert!(
+            matches!(outcome, Err(ferry_actors::job::MigrationError::Aborted(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            cluster.running("db-1"),
+            vec![(1, 1)],
+            "runs on the source only, at its epoch"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let log = client.stop();
+        assert_no_acked_append_lost(&cluster, 1, "db-1", &log);
+        println!("target killed: {outcome:?}");
+    });
+}
+
+#[test]
+fn a_user_cancel_mid_migration_aborts_cleanly() {
+    run(async {
+        let cluster = TestCluster::start("cancel", 3).await;
+        cluster
+            .start_vm("app-1", 1, 256 * MIB, workload(20_000), 4)
+            .await;
+        let client = Client::start(cluster.switch.clone(), "app-1");
+        let mut events = cluster.node(1).shared.events.subscribe();
+        let moving = {
+            let actor = cluster.node(1).actor.clone();
+            tokio::spawn(async move {
+                actor
+                    .send(ferry_actors::actors::MoveVm(MoveRequest::new("app-1", 2)))
+                    .await
+                    .unwrap()
+            })
+        };
+        wait_progress(&mut events, |p| {
+            p.phase == ferry_actors::job::Phase::Preparing
+        })
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(cluster
+            .node(1)
+            .actor
+            .send(ferry_actors::actors::CancelMove("app-1".into()))
+            .await
+            .unwrap());
+        let outcome = moving.await.unwrap();
+        assert!(
+            matches!(outcome, Err(ferry_actors::job::MigrationError::Cancelled)),
+            "{outcome:?}"
+        );
+        assert_eq!(cluster.running("app-1"), vec![(1, 1)]);
+        // The store records the abort and the target let go of its copy.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let state = cluster.node(1).shared.cluster.read();
+            let aborted = state.migrations.values().any(|m| {
+                m.vm == "app-1"
+                    && matches!(
+                        m.outcome,
+                        ferry_cluster::model::MigrationOutcome::Aborted { .. }
+                    )
+            });
+            if aborted && !cluster.node(2).shared.holds("app-1") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "abort not recorded or target copy not discarded"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let log = client.stop();
+        assert_no_acked_append_lost(&cluster, 1, "app-1", &log);
+        // The VM can move again afterwards.
+        let report = cluster
+            .move_vm(MoveRequest::new("app-1", 2), 1)
+            .await
+            .expect("a later move works");
+        assert_eq!(report.target, 2);
+    });
+}
+
+#[test]
+fn raft_leader_killed_mid_migration_keeps_the_guarantees() {
+    run(async {
+        let cluster = TestCluster::start("leader-killed", 3).await;
+        // Source and target are 1 and 2; make 3 the leader, then kill it.
+        let leader = cluster.node(1).shared.cluster.leader().unwrap();
+        cluster
+            .start_vm("api-1", 1, 128 * MIB, workload(20_000), 5)
+            .await;
+        let (source, target) = match leader {
+            1 => (2, 3),
+            2 => (1, 3),
+            _ => (1, 2),
+        };
+        if source != 1 {
+            cluster
+                .move_vm(MoveRequest::new("api-1", source), 1)
+                .await
+                .expect("set-up move");
+        }
+        let client = Client::start(cluster.switch.clone(), "api-1");
+        let watch = TwiceWatch::start(&cluster, "api-1");
+        let mut events = cluster.node(source).shared.events.subscribe();
+        let moving = {
+            let actor = cluster.node(source).actor.clone();
+            let mut request = MoveRequest::new("api-1", target);
+            request.verify = true;
+            tokio::spawn(async move {
+                actor
+                    .send(ferry_actors::actors::MoveVm(request))
+                    .await
+                    .unwrap()
+            })
+        };
+        wait_progress(&mut events, |p| {
+            p.phase == ferry_actors::job::Phase::Preparing
+        })
+        .await;
+        cluster.node(leader).shared.kill().await;
+        let outcome = moving.await.unwrap();
+        let log = client.stop();
+        let (_, violations) = watch.stop().await;
+        assert!(violations.is_empty(), "{violations:?}");
+        let runs = cluster.running("api-1");
+        assert_eq!(runs.len(), 1, "runs exactly once: {runs:?}");
+        let owner = runs[0].0;
+        match &outcome {
+            Ok(report) => assert_eq!((owner, runs[0].1), (target, report.epoch)),
+            Err(_) => assert_eq!(owner, source),
+        }
+        assert_no_acked_append_lost(&cluster, owner, "api-1", &log);
+        println!(
+            "leader {leader} killed mid-migration {source}->{target}: {:?}",
+            outcome.map(|r| r.total)
         );
     });
 }

@@ -32,13 +32,25 @@ pub struct SimGuestConfig {
     /// Pages at the start of memory reserved for the service log.
     pub service_pages: u64,
     pub mac: [u8; 6],
+    /// Fill the workload pages with incompressible data at boot, as a guest
+    /// that has run for a while would have; `None` boots with zeroed memory.
+    pub prefill_seed: Option<u64>,
 }
 
 impl SimGuestConfig {
     pub fn new(memory_bytes: u64, workload: Workload) -> Self {
         // Small guests give the service a quarter of their memory at most.
-        let service_pages = SERVICE_PAGES.min(memory_bytes / PAGE_SIZE as u64 / 4).max(1);
-        SimGuestConfig { memory_bytes, vcpus: 1, workload, service_pages, mac: [0x02, 0, 0, 0, 0, 1] }
+        let service_pages = SERVICE_PAGES
+            .min(memory_bytes / PAGE_SIZE as u64 / 4)
+            .max(1);
+        SimGuestConfig {
+            memory_bytes,
+            vcpus: 1,
+            workload,
+            service_pages,
+            mac: [0x02, 0, 0, 0, 0, 1],
+            prefill_seed: None,
+        }
     }
 }
 
@@ -73,7 +85,11 @@ impl Drop for Entered<'_> {
 
 impl RunGate {
     fn new(paused: bool) -> Self {
-        RunGate { state: AtomicU64::new(if paused { PAUSED } else { 0 }), lock: Mutex::new(()), wake: Condvar::new() }
+        RunGate {
+            state: AtomicU64::new(if paused { PAUSED } else { 0 }),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        }
     }
 
     fn guard(&self) -> MutexGuard<'_, ()> {
@@ -196,7 +212,9 @@ impl Inner {
                 None => u64::MAX,
             };
             while budget > 0 && slice_start.elapsed() < running && pages > 0 {
-                let Some(_entered) = self.gate.enter_wait() else { return };
+                let Some(_entered) = self.gate.enter_wait() else {
+                    return;
+                };
                 let mut ctx = self.vcpus[index].lock().unwrap_or_else(|p| p.into_inner());
                 for _ in 0..BATCH.min(budget) {
                     let page = first + ctx.next_page(pattern, pages);
@@ -229,8 +247,19 @@ pub struct SimGuest {
 impl SimGuest {
     /// Boots a guest: zeroed memory, an empty service log, vCPUs running.
     pub fn boot(config: SimGuestConfig) -> GuestResult<Arc<SimGuest>> {
-        let guest = Self::build(config, false, false)?;
-        ServiceLog::new(&guest.inner.mem, &guest.inner.dirty, guest.inner.config.service_pages).format();
+        let prefill = config.prefill_seed;
+        let guest = Self::build(config, false, true)?;
+        ServiceLog::new(
+            &guest.inner.mem,
+            &guest.inner.dirty,
+            guest.inner.config.service_pages,
+        )
+        .format();
+        if let Some(seed) = prefill {
+            let first = guest.inner.config.service_pages;
+            guest.guest_fill(first, guest.page_count() - first, seed)?;
+        }
+        guest.inner.gate.open();
         Ok(guest)
     }
 
@@ -245,13 +274,21 @@ impl SimGuest {
         if config.service_pages >= mem.pages() {
             return Err(GuestError::Memory {
                 bytes: config.memory_bytes,
-                reason: format!("the service needs {} pages and some for the workload", config.service_pages),
+                reason: format!(
+                    "the service needs {} pages and some for the workload",
+                    config.service_pages
+                ),
             });
         }
         let pages = mem.pages();
         let inner = Arc::new(Inner {
-            vcpus: (0..config.vcpus).map(|i| Mutex::new(VcpuContext::new(config.workload.seed, i))).collect(),
-            nic: Mutex::new(NicState { mac: config.mac, ..Default::default() }),
+            vcpus: (0..config.vcpus)
+                .map(|i| Mutex::new(VcpuContext::new(config.workload.seed, i)))
+                .collect(),
+            nic: Mutex::new(NicState {
+                mac: config.mac,
+                ..Default::default()
+            }),
             config,
             mem,
             dirty: DirtyLog::new(pages),
@@ -274,7 +311,10 @@ impl SimGuest {
         // The service log may hold data from the start; it is small, so it is
         // simply always a candidate in round 0.
         inner.touched.mark_range(0, inner.config.service_pages);
-        Ok(Arc::new(SimGuest { inner, threads: Mutex::new(threads) }))
+        Ok(Arc::new(SimGuest {
+            inner,
+            threads: Mutex::new(threads),
+        }))
     }
 
     pub fn config(&self) -> &SimGuestConfig {
@@ -376,7 +416,9 @@ impl Guest for SimGuest {
         if !(0.0..=0.99).contains(&share) {
             return Err(GuestError::BadThrottle(share.to_string()));
         }
-        self.inner.throttle_ppm.store((share * 1e6) as u32, Ordering::Relaxed);
+        self.inner
+            .throttle_ppm
+            .store((share * 1e6) as u32, Ordering::Relaxed);
         Ok(())
     }
 
@@ -395,11 +437,24 @@ impl Guest for SimGuest {
                 let ctx = *ctx.lock().unwrap_or_else(|p| p.into_inner());
                 let registers = bincode::serde::encode_to_vec(ctx, config)
                     .map_err(|e| GuestError::Backend(format!("encoding vCPU {i}: {e}")))?;
-                Ok(VcpuState { index: i as u32, registers })
+                Ok(VcpuState {
+                    index: i as u32,
+                    registers,
+                })
             })
             .collect::<GuestResult<Vec<_>>>()?;
-        let nic = self.inner.nic.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        Ok(DeviceState { kind: KIND.into(), vcpus, nic, extra: Vec::new() })
+        let nic = self
+            .inner
+            .nic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(DeviceState {
+            kind: KIND.into(),
+            vcpus,
+            nic,
+            extra: Vec::new(),
+        })
     }
 
     fn restore_state(&self, state: &DeviceState) -> GuestResult<()> {
@@ -452,14 +507,24 @@ impl Guest for SimGuest {
             Closed::Paused => ServiceError::Paused,
             Closed::Destroyed => ServiceError::NotRunning,
         })?;
-        ServiceLog::new(&self.inner.mem, &self.inner.dirty, self.inner.config.service_pages).append(record)
+        ServiceLog::new(
+            &self.inner.mem,
+            &self.inner.dirty,
+            self.inner.config.service_pages,
+        )
+        .append(record)
     }
 
     fn service_records(&self) -> Result<Vec<(u64, Vec<u8>)>, ServiceError> {
         if self.inner.destroyed.load(Ordering::Acquire) {
             return Err(ServiceError::NotRunning);
         }
-        ServiceLog::new(&self.inner.mem, &self.inner.dirty, self.inner.config.service_pages).records()
+        ServiceLog::new(
+            &self.inner.mem,
+            &self.inner.dirty,
+            self.inner.config.service_pages,
+        )
+        .records()
     }
 
     fn destroy(&self) {

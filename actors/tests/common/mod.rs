@@ -7,7 +7,7 @@
 use actix::prelude::*;
 use ferry_actors::actors::{MoveVm, NodeActor, StartVm};
 use ferry_actors::job::{MigrationError, MigrationReport, MoveRequest};
-use ferry_actors::node::{encode_workload, Directory, NodeShared, PeerAddrs};
+use ferry_actors::node::{encode_program, Directory, GuestProgram, NodeShared, PeerAddrs};
 use ferry_actors::switch::{ClientError, VirtualSwitch};
 use ferry_cluster::model::{Backend, Capacity, MacAddr, StorageSpec, Subnet, VmConfig};
 use ferry_cluster::{ClusterNode, ClusterNodeConfig, Command, NodeId};
@@ -26,7 +26,11 @@ pub const MIB: u64 = 1 << 20;
 /// the page stream and Raft run on worker threads while actors run here.
 pub fn run<F: std::future::Future<Output = ()>>(f: F) {
     let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
     });
     system.block_on(f);
 }
@@ -62,27 +66,58 @@ impl TestCluster {
         for id in 1..=n {
             let creds = ca.issue(id).unwrap();
             let listen = vec![SocketAddr::new(ip(1, id), 0), SocketAddr::new(ip(2, id), 0)];
-            let rpc = RpcNode::start(creds, listen, NetworkConfig::loopback()).await.unwrap();
-            let config = ClusterNodeConfig::new(id, dir.join(format!("node-{id}")), rpc.clone(), rpc.local_addrs());
+            let rpc = RpcNode::start(creds, listen, NetworkConfig::loopback())
+                .await
+                .unwrap();
+            let config = ClusterNodeConfig::new(
+                id,
+                dir.join(format!("node-{id}")),
+                rpc.clone(),
+                rpc.local_addrs(),
+            );
             let cluster = ClusterNode::start(config).await.unwrap();
             let shared = NodeShared::new(rpc.clone(), cluster, switch.clone(), directory.clone());
             let actor = NodeActor::new(shared.clone()).start();
-            nodes.push(TestNode { id, shared, actor, rpc });
+            nodes.push(TestNode {
+                id,
+                shared,
+                actor,
+                rpc,
+            });
         }
         for node in &nodes {
             let addrs = node.rpc.local_addrs();
-            directory.set(node.id, PeerAddrs { rpc: addrs.clone(), migration: addrs });
+            directory.set(
+                node.id,
+                PeerAddrs {
+                    rpc: addrs.clone(),
+                    migration: addrs,
+                },
+            );
         }
         nodes[0].shared.cluster.initialize().await.unwrap();
         for node in &nodes[1..] {
-            nodes[0].shared.cluster.add_voter(node.id, node.rpc.local_addrs()).await.unwrap();
+            nodes[0]
+                .shared
+                .cluster
+                .add_voter(node.id, node.rpc.local_addrs())
+                .await
+                .unwrap();
         }
-        let cluster = TestCluster { nodes, switch, directory, dir };
+        let cluster = TestCluster {
+            nodes,
+            switch,
+            directory,
+            dir,
+        };
         for k in [1u8, 2] {
             cluster
                 .write(Command::DefineNetwork {
                     name: format!("mig-{k}"),
-                    subnet: Subnet { addr: IpAddr::V4(Ipv4Addr::new(127, k, 0, 0)), prefix: 16 },
+                    subnet: Subnet {
+                        addr: IpAddr::V4(Ipv4Addr::new(127, k, 0, 0)),
+                        prefix: 16,
+                    },
                     gateway: None,
                 })
                 .await;
@@ -92,9 +127,15 @@ impl TestCluster {
                 .write(Command::AddNode {
                     id,
                     name: format!("node-{id}"),
-                    addresses: BTreeMap::from([("mig-1".to_string(), ip(1, id)), ("mig-2".to_string(), ip(2, id))]),
+                    addresses: BTreeMap::from([
+                        ("mig-1".to_string(), ip(1, id)),
+                        ("mig-2".to_string(), ip(2, id)),
+                    ]),
                     cpu_features: BTreeSet::new(),
-                    capacity: Capacity { memory_bytes: 64 << 30, max_vms: 32 },
+                    capacity: Capacity {
+                        memory_bytes: 64 << 30,
+                        max_vms: 32,
+                    },
                     tcp_offload: false,
                 })
                 .await;
@@ -113,7 +154,14 @@ impl TestCluster {
     }
 
     /// Defines a simulated VM and starts it on `node`.
-    pub async fn start_vm(&self, name: &str, node: NodeId, memory: u64, workload: Workload, mac: u8) {
+    pub async fn start_vm(
+        &self,
+        name: &str,
+        node: NodeId,
+        memory: u64,
+        workload: Workload,
+        mac: u8,
+    ) {
         self.write(Command::CreateVm {
             name: name.into(),
             config: VmConfig {
@@ -121,23 +169,40 @@ impl TestCluster {
                 vcpus: 2,
                 mac: MacAddr([2, 0, 0, 0, 0, mac]),
                 backend: Backend::Sim,
-                workload: encode_workload(&workload),
-                storage: StorageSpec::Shared { volume: "csv-1".into() },
+                workload: encode_program(&GuestProgram {
+                    workload,
+                    prefill_seed: Some(u64::from(mac)),
+                }),
+                storage: StorageSpec::Shared {
+                    volume: "csv-1".into(),
+                },
             },
             node,
         })
         .await;
-        self.node(node).actor.send(StartVm(name.into())).await.unwrap().unwrap();
+        self.node(node)
+            .actor
+            .send(StartVm(name.into()))
+            .await
+            .unwrap()
+            .unwrap();
     }
 
-    pub async fn move_vm(&self, request: MoveRequest, from: NodeId) -> Result<MigrationReport, MigrationError> {
+    pub async fn move_vm(
+        &self,
+        request: MoveRequest,
+        from: NodeId,
+    ) -> Result<MigrationReport, MigrationError> {
         self.node(from).actor.send(MoveVm(request)).await.unwrap()
     }
 
     /// The nodes on which `vm` is running right now (unpaused, owner role),
     /// with the epoch each runs it at.
     pub fn running(&self, vm: &str) -> Vec<(NodeId, u64)> {
-        self.nodes.iter().filter_map(|n| n.shared.running_epoch(vm).map(|e| (n.id, e))).collect()
+        self.nodes
+            .iter()
+            .filter_map(|n| n.shared.running_epoch(vm).map(|e| (n.id, e)))
+            .collect()
     }
 }
 
@@ -150,7 +215,10 @@ impl Drop for TestCluster {
 pub fn workload(pages_per_sec: u64) -> Workload {
     Workload {
         dirty_pages_per_sec: Some(pages_per_sec),
-        pattern: Pattern::HotSet { write_percent: 80, page_percent: 10 },
+        pattern: Pattern::HotSet {
+            write_percent: 80,
+            page_percent: 10,
+        },
         seed: 17,
     }
 }
@@ -188,8 +256,15 @@ impl Client {
                         n += 1;
                         std::thread::sleep(Duration::from_micros(500));
                     }
-                    Err(e @ (ClientError::Service { .. } | ClientError::NotHere { .. } | ClientError::Unreachable { .. })) => {
-                        assert!(e.is_transient() || matches!(e, ClientError::Unreachable { .. }), "client error {e}");
+                    Err(
+                        e @ (ClientError::Service { .. }
+                        | ClientError::NotHere { .. }
+                        | ClientError::Unreachable { .. }),
+                    ) => {
+                        assert!(
+                            e.is_transient() || matches!(e, ClientError::Unreachable { .. }),
+                            "client error {e}"
+                        );
                         log.refusals += 1;
                         refused_since.get_or_insert_with(Instant::now);
                         std::thread::sleep(Duration::from_micros(100));
@@ -199,7 +274,10 @@ impl Client {
             }
             log
         });
-        Client { stop, thread: Some(thread) }
+        Client {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     pub fn stop(mut self) -> ClientLog {
@@ -221,22 +299,34 @@ impl TwiceWatch {
     pub fn start(cluster: &TestCluster, vm: &str) -> TwiceWatch {
         let stop = Arc::new(AtomicBool::new(false));
         let violations = Arc::new(Mutex::new(Vec::new()));
-        let nodes: Vec<(NodeId, Arc<NodeShared>)> = cluster.nodes.iter().map(|n| (n.id, n.shared.clone())).collect();
+        let nodes: Vec<(NodeId, Arc<NodeShared>)> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.shared.clone()))
+            .collect();
         let (flag, out, vm) = (stop.clone(), violations.clone(), vm.to_string());
         let thread = tokio::spawn(async move {
             let mut samples = 0;
             while !flag.load(Ordering::Acquire) {
-                let running: Vec<(NodeId, u64)> =
-                    nodes.iter().filter_map(|(id, n)| n.running_epoch(&vm).map(|e| (*id, e))).collect();
+                let running: Vec<(NodeId, u64)> = nodes
+                    .iter()
+                    .filter_map(|(id, n)| n.running_epoch(&vm).map(|e| (*id, e)))
+                    .collect();
                 if running.len() > 1 {
-                    out.lock().unwrap().push(format!("{vm} running on {running:?} at once"));
+                    out.lock()
+                        .unwrap()
+                        .push(format!("{vm} running on {running:?} at once"));
                 }
                 samples += 1;
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
             samples
         });
-        TwiceWatch { stop, violations, thread: Some(thread) }
+        TwiceWatch {
+            stop,
+            violations,
+            thread: Some(thread),
+        }
     }
 
     /// Stops watching; returns the number of samples and any violation.
@@ -246,4 +336,43 @@ impl TwiceWatch {
         let violations = self.violations.lock().unwrap().clone();
         (samples, violations)
     }
+}
+
+/// Waits (bounded) for a progress event of the source node matching `pred`.
+pub async fn wait_progress(
+    events: &mut tokio::sync::broadcast::Receiver<ferry_actors::job::Progress>,
+    pred: impl Fn(&ferry_actors::job::Progress) -> bool,
+) -> ferry_actors::job::Progress {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(p)) if pred(&p) => return p,
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("progress feed closed: {e}"),
+            Err(_) => panic!("no matching progress event within 30 s"),
+        }
+    }
+}
+
+/// Checks that every acknowledged append is in the records `vm` holds on `node`.
+pub fn assert_no_acked_append_lost(cluster: &TestCluster, node: NodeId, vm: &str, log: &ClientLog) {
+    let guest = cluster
+        .node(node)
+        .shared
+        .guest(vm)
+        .expect("the VM runs on the node");
+    let present: std::collections::HashSet<u64> = guest
+        .service_records()
+        .unwrap()
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    let lost: Vec<u64> = log
+        .acked
+        .iter()
+        .filter(|s| !present.contains(s))
+        .copied()
+        .collect();
+    assert!(lost.is_empty(), "acknowledged appends lost: {lost:?}");
+    assert!(!log.acked.is_empty(), "the client got acknowledgements");
 }
