@@ -288,3 +288,102 @@ fn raft_leader_killed_mid_migration_keeps_the_guarantees() {
         );
     });
 }
+
+/// Starts a move of `vm` from `source` to `target` in the background, and
+/// returns once its page stream is being set up.
+async fn start_move(
+    cluster: &TestCluster,
+    vm: &str,
+    source: u64,
+    target: u64,
+) -> tokio::task::JoinHandle<
+    Result<ferry_actors::job::MigrationReport, ferry_actors::job::MigrationError>,
+> {
+    let mut events = cluster.node(source).shared.events.subscribe();
+    let actor = cluster.node(source).actor.clone();
+    let mut request = MoveRequest::new(vm, target);
+    request.verify = true;
+    let moving = tokio::spawn(async move {
+        actor
+            .send(ferry_actors::actors::MoveVm(request))
+            .await
+            .unwrap()
+    });
+    wait_progress(&mut events, |p| {
+        p.phase == ferry_actors::job::Phase::Preparing
+    })
+    .await;
+    moving
+}
+
+#[test]
+fn one_path_cut_mid_migration_completes_on_the_other() {
+    run(async {
+        let cluster = TestCluster::start("one-path", 3).await;
+        let proxies = proxy_paths(&cluster, 2).await;
+        cluster
+            .start_vm("web-2", 1, 256 * MIB, workload(5_000), 6)
+            .await;
+        let client = Client::start(cluster.switch.clone(), "web-2");
+        let moving = start_move(&cluster, "web-2", 1, 2).await;
+        // Let round 0 get going on both paths, then cut one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while proxies[0].stats().forwarded_bytes < (16 << 20) {
+            assert!(std::time::Instant::now() < deadline, "no traffic on path 1");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        proxies[0].cut();
+        let cut_at = proxies[1].stats().forwarded_bytes;
+        let report = moving
+            .await
+            .unwrap()
+            .expect("completes on the surviving path");
+        let log = client.stop();
+        assert!(
+            proxies[1].stats().forwarded_bytes > cut_at + (16 << 20),
+            "the rest went over path 2"
+        );
+        assert_no_acked_append_lost(&cluster, 2, "web-2", &log);
+        assert_eq!(cluster.running("web-2"), vec![(2, report.epoch)]);
+        println!(
+            "one path cut: completed in {:?}, blackout {:?}",
+            report.total, report.blackout
+        );
+    });
+}
+
+#[test]
+fn both_paths_cut_mid_migration_aborts_and_the_vm_runs_on_the_source() {
+    run(async {
+        let cluster = TestCluster::start("both-paths", 3).await;
+        let proxies = proxy_paths(&cluster, 2).await;
+        cluster
+            .start_vm("web-3", 1, 256 * MIB, workload(5_000), 7)
+            .await;
+        let client = Client::start(cluster.switch.clone(), "web-3");
+        let moving = start_move(&cluster, "web-3", 1, 2).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while proxies[0].stats().forwarded_bytes < (8 << 20) {
+            assert!(std::time::Instant::now() < deadline, "no traffic on path 1");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let cut = std::time::Instant::now();
+        proxies[0].cut();
+        proxies[1].cut();
+        let outcome = moving.await.unwrap();
+        let took = cut.elapsed();
+        assert!(
+            matches!(outcome, Err(ferry_actors::job::MigrationError::Aborted(_))),
+            "{outcome:?}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(15),
+            "the abort came in bounded time: {took:?}"
+        );
+        assert_eq!(cluster.running("web-3"), vec![(1, 1)]);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let log = client.stop();
+        assert_no_acked_append_lost(&cluster, 1, "web-3", &log);
+        println!("both paths cut: aborted {took:?} after the cut: {outcome:?}");
+    });
+}

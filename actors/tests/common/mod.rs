@@ -376,3 +376,25 @@ pub fn assert_no_acked_append_lost(cluster: &TestCluster, node: NodeId, vm: &str
     assert!(lost.is_empty(), "acknowledged appends lost: {lost:?}");
     assert!(!log.acked.is_empty(), "the client got acknowledgements");
 }
+
+/// Puts the page-stream paths to `target` through one chaos proxy per
+/// migration network, returned in network order.
+pub async fn proxy_paths(
+    cluster: &TestCluster,
+    target: NodeId,
+) -> Vec<ferry_chaos::proxy::LinkProxy> {
+    let node = cluster.node(target);
+    let mut proxies = Vec::new();
+    for (k, addr) in node.rpc.local_addrs().into_iter().enumerate() {
+        let listen = SocketAddr::new(ip(k as u8 + 1, 100 + target), 0);
+        proxies.push(
+            ferry_chaos::proxy::LinkProxy::start(listen, addr, 7 + k as u64)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut peer = cluster.directory.get(target).unwrap();
+    peer.migration = proxies.iter().map(|p| p.local_addr()).collect();
+    cluster.directory.set(target, peer);
+    proxies
+}
