@@ -32,7 +32,10 @@ pub fn run(config: &DemoConfig) -> anyhow::Result<DemoOutcome> {
         config.memory_mib << 20,
         Workload {
             dirty_pages_per_sec: Some(config.dirty_pages_per_sec),
-            pattern: Pattern::HotSet { write_percent: 80, page_percent: 10 },
+            pattern: Pattern::HotSet {
+                write_percent: 80,
+                page_percent: 10,
+            },
             seed: 1,
         },
     );
@@ -69,23 +72,41 @@ pub fn run(config: &DemoConfig) -> anyhow::Result<DemoOutcome> {
         })
     };
     std::thread::sleep(Duration::from_millis(200));
-    let report = live_copy(source.as_ref(), target.as_ref(), &LocalCopyConfig::default());
+    let report = live_copy(
+        source.as_ref(),
+        target.as_ref(),
+        &LocalCopyConfig::default(),
+    );
     if report.is_ok() {
         *current.lock().unwrap_or_else(|p| p.into_inner()) = target.clone();
         source.destroy();
     }
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Release);
-    let (acked, client_refused) = client.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let (acked, client_refused) = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     let report = report?;
     let records = target.service_records()?;
-    let present = acked.iter().filter(|seq| records.iter().any(|(s, _)| s == *seq)).count();
-    Ok(DemoOutcome { report, acked: acked.len(), present, client_refused })
+    let present = acked
+        .iter()
+        .filter(|seq| records.iter().any(|(s, _)| s == *seq))
+        .count();
+    Ok(DemoOutcome {
+        report,
+        acked: acked.len(),
+        present,
+        client_refused,
+    })
 }
 
 impl std::fmt::Display for DemoOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{:>5} {:>12} {:>12} {:>10} {:>9}", "round", "pages sent", "zero pages", "time", "throttle")?;
+        writeln!(
+            f,
+            "{:>5} {:>12} {:>12} {:>10} {:>9}",
+            "round", "pages sent", "zero pages", "time", "throttle"
+        )?;
         for r in &self.report.rounds {
             writeln!(
                 f,
@@ -97,9 +118,17 @@ impl std::fmt::Display for DemoOutcome {
                 r.throttle * 100.0
             )?;
         }
-        writeln!(f, "stop-and-copy: {} pages while paused", self.report.final_pages)?;
+        writeln!(
+            f,
+            "stop-and-copy: {} pages while paused",
+            self.report.final_pages
+        )?;
         if let Some((a, b)) = self.report.digests {
-            writeln!(f, "digests: source {a}\n         target {b} ({})", if a == b { "equal" } else { "DIFFER" })?;
+            writeln!(
+                f,
+                "digests: source {a}\n         target {b} ({})",
+                if a == b { "equal" } else { "DIFFER" }
+            )?;
         }
         writeln!(
             f,
@@ -110,6 +139,10 @@ impl std::fmt::Display for DemoOutcome {
             self.client_refused,
             self.report.bytes_copied() >> 20
         )?;
-        write!(f, "acknowledged appends: {} present on the target of {} acknowledged", self.present, self.acked)
+        write!(
+            f,
+            "acknowledged appends: {} present on the target of {} acknowledged",
+            self.present, self.acked
+        )
     }
 }

@@ -6,4 +6,5 @@
 
 pub mod demo;
 
+pub use ferry_actors as actors;
 pub use ferry_vmm as vmm;

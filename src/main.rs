@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Live migration of running VMs between cluster nodes")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration of running VMs between cluster nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,12 +35,20 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Demo { memory_mib, vcpus, dirty_pages_per_sec } => {
+        Command::Demo {
+            memory_mib,
+            vcpus,
+            dirty_pages_per_sec,
+        } => {
             if memory_mib < 8 {
                 eprintln!("error: --memory-mib must be at least 8");
                 return std::process::ExitCode::from(2);
             }
-            match ferry::demo::run(&ferry::demo::DemoConfig { memory_mib, vcpus, dirty_pages_per_sec }) {
+            match ferry::demo::run(&ferry::demo::DemoConfig {
+                memory_mib,
+                vcpus,
+                dirty_pages_per_sec,
+            }) {
                 Ok(outcome) => {
                     println!("{outcome}");
                     std::process::ExitCode::SUCCESS

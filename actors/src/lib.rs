@@ -7,12 +7,15 @@
 //! - [`actors`]: the actix actors that own and drive the above.
 //! - [`protocol`]: the source↔target control messages, in one file.
 //! - [`switch`]: the virtual switch clients reach VMs through.
+//! - [`local`]: a whole cluster in one process, for examples, tests and
+//!   control planes that embed Ferry.
 //! - [`policy`], [`estimate`]: pure decisions — when to stop iterating, how long
 //!   a move will take.
 
 pub mod actors;
 pub mod estimate;
 pub mod job;
+pub mod local;
 pub mod node;
 pub mod policy;
 pub mod protocol;

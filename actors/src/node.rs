@@ -229,7 +229,13 @@ impl NodeShared {
     /// Starts `vm` here: the store records this node as its owner first, then
     /// the guest boots and its address is announced.
     pub async fn start_vm(&self, vm: &str) -> Result<u64, String> {
-        let state = self.cluster.read();
+        // Linearizable: the VM may have been created through another node a
+        // moment ago, and this replica may not have applied that yet.
+        let state = self
+            .cluster
+            .read_linearizable()
+            .await
+            .map_err(|e| e.to_string())?;
         let config = state
             .vms
             .get(vm)

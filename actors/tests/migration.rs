@@ -10,10 +10,11 @@ use ferry_actors::job::MoveRequest;
 #[test]
 fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
     run(async {
-        let cluster = TestCluster::start("complete", 3).await;
+        let cluster = TestCluster::start("complete", 3).await.unwrap();
         cluster
             .start_vm("web-1", 1, 256 * MIB, workload(5_000), 1)
-            .await;
+            .await
+            .unwrap();
         let client = Client::start(cluster.switch.clone(), "web-1");
         let watch = TwiceWatch::start(&cluster, "web-1");
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -81,7 +82,7 @@ fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
 #[test]
 fn a_guest_dirtying_faster_than_a_round_converges_by_auto_converge() {
     run(async {
-        let cluster = TestCluster::start("converge", 3).await;
+        let cluster = TestCluster::start("converge", 3).await.unwrap();
         // 150 000 pages/s is 600 MB/s of dirtying over all of a 64 MiB guest:
         // more than a round can send on this build, so only throttling helps.
         let fast = ferry_vmm::Workload {
@@ -89,7 +90,10 @@ fn a_guest_dirtying_faster_than_a_round_converges_by_auto_converge() {
             pattern: ferry_vmm::Pattern::Uniform,
             seed: 3,
         };
-        cluster.start_vm("busy", 1, 64 * MIB, fast, 2).await;
+        cluster
+            .start_vm("busy", 1, 64 * MIB, fast, 2)
+            .await
+            .unwrap();
         let client = Client::start(cluster.switch.clone(), "busy");
         let mut request = MoveRequest::new("busy", 3);
         request.verify = true;
@@ -127,10 +131,11 @@ fn a_guest_dirtying_faster_than_a_round_converges_by_auto_converge() {
 #[test]
 fn target_killed_mid_migration_aborts_and_the_vm_runs_on_the_source() {
     run(async {
-        let cluster = TestCluster::start("target-killed", 3).await;
+        let cluster = TestCluster::start("target-killed", 3).await.unwrap();
         cluster
             .start_vm("db-1", 1, 256 * MIB, workload(20_000), 3)
-            .await;
+            .await
+            .unwrap();
         let client = Client::start(cluster.switch.clone(), "db-1");
         let mut events = cluster.node(1).shared.events.subscribe();
         let moving = {
@@ -168,10 +173,11 @@ fn target_killed_mid_migration_aborts_and_the_vm_runs_on_the_source() {
 #[test]
 fn a_user_cancel_mid_migration_aborts_cleanly() {
     run(async {
-        let cluster = TestCluster::start("cancel", 3).await;
+        let cluster = TestCluster::start("cancel", 3).await.unwrap();
         cluster
             .start_vm("app-1", 1, 256 * MIB, workload(20_000), 4)
-            .await;
+            .await
+            .unwrap();
         let client = Client::start(cluster.switch.clone(), "app-1");
         let mut events = cluster.node(1).shared.events.subscribe();
         let moving = {
@@ -234,12 +240,13 @@ fn a_user_cancel_mid_migration_aborts_cleanly() {
 #[test]
 fn raft_leader_killed_mid_migration_keeps_the_guarantees() {
     run(async {
-        let cluster = TestCluster::start("leader-killed", 3).await;
+        let cluster = TestCluster::start("leader-killed", 3).await.unwrap();
         // Source and target are 1 and 2; make 3 the leader, then kill it.
         let leader = cluster.node(1).shared.cluster.leader().unwrap();
         cluster
             .start_vm("api-1", 1, 128 * MIB, workload(20_000), 5)
-            .await;
+            .await
+            .unwrap();
         let (source, target) = match leader {
             1 => (2, 3),
             2 => (1, 3),
@@ -319,11 +326,12 @@ async fn start_move(
 #[test]
 fn one_path_cut_mid_migration_completes_on_the_other() {
     run(async {
-        let cluster = TestCluster::start("one-path", 3).await;
+        let cluster = TestCluster::start("one-path", 3).await.unwrap();
         let proxies = proxy_paths(&cluster, 2).await;
         cluster
             .start_vm("web-2", 1, 256 * MIB, workload(5_000), 6)
-            .await;
+            .await
+            .unwrap();
         let client = Client::start(cluster.switch.clone(), "web-2");
         let moving = start_move(&cluster, "web-2", 1, 2).await;
         // Let round 0 get going on both paths, then cut one.
@@ -355,11 +363,12 @@ fn one_path_cut_mid_migration_completes_on_the_other() {
 #[test]
 fn both_paths_cut_mid_migration_aborts_and_the_vm_runs_on_the_source() {
     run(async {
-        let cluster = TestCluster::start("both-paths", 3).await;
+        let cluster = TestCluster::start("both-paths", 3).await.unwrap();
         let proxies = proxy_paths(&cluster, 2).await;
         cluster
             .start_vm("web-3", 1, 256 * MIB, workload(5_000), 7)
-            .await;
+            .await
+            .unwrap();
         let client = Client::start(cluster.switch.clone(), "web-3");
         let moving = start_move(&cluster, "web-3", 1, 2).await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

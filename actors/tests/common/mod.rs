@@ -1,215 +1,24 @@
-//! A cluster of Ferry nodes in one process, over real QUIC and Raft, for the
-//! end-to-end migration tests. Each node has an address on two migration
-//! networks (127.1.0.i and 127.2.0.i); page-stream paths to a node can be put
-//! through chaos proxies so a test can cut them.
+//! Test helpers over `ferry_actors::local`: chaos proxies on page-stream
+//! paths, a watch for a VM running twice, progress waits.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use actix::prelude::*;
-use ferry_actors::actors::{MoveVm, NodeActor, StartVm};
-use ferry_actors::job::{MigrationError, MigrationReport, MoveRequest};
-use ferry_actors::node::{encode_program, Directory, GuestProgram, NodeShared, PeerAddrs};
-use ferry_actors::switch::{ClientError, VirtualSwitch};
-use ferry_cluster::model::{Backend, Capacity, MacAddr, StorageSpec, Subnet, VmConfig};
-use ferry_cluster::{ClusterNode, ClusterNodeConfig, Command, NodeId};
-use ferry_transport::{ClusterCa, NetworkConfig, RpcNode};
+pub use ferry_actors::local::{
+    run as run_system, Client, ClientLog, LocalCluster as TestCluster, MIB,
+};
+use ferry_actors::node::NodeShared;
+use ferry_cluster::NodeId;
 use ferry_vmm::{Pattern, Workload};
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub const MIB: u64 = 1 << 20;
-
-/// Runs `f` inside an actix system whose tokio runtime is multi-threaded, so
-/// the page stream and Raft run on worker threads while actors run here.
 pub fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    });
-    system.block_on(f);
-}
-
-pub struct TestNode {
-    pub id: NodeId,
-    pub shared: Arc<NodeShared>,
-    pub actor: Addr<NodeActor>,
-    pub rpc: Arc<RpcNode>,
-}
-
-pub struct TestCluster {
-    pub nodes: Vec<TestNode>,
-    pub switch: Arc<VirtualSwitch>,
-    pub directory: Arc<Directory>,
-    pub dir: PathBuf,
+    run_system(f).unwrap();
 }
 
 fn ip(net: u8, node: u64) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, net, 0, node as u8))
-}
-
-impl TestCluster {
-    /// Starts `n` nodes, forms the Raft cluster and records the model:
-    /// two private migration networks and the nodes on them.
-    pub async fn start(tag: &str, n: u64) -> TestCluster {
-        let dir = std::env::temp_dir().join(format!("ferry-e2e-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let ca = ClusterCa::generate("e2e").unwrap();
-        let switch = VirtualSwitch::new();
-        let directory = Arc::new(Directory::default());
-        let mut nodes = Vec::new();
-        for id in 1..=n {
-            let creds = ca.issue(id).unwrap();
-            let listen = vec![SocketAddr::new(ip(1, id), 0), SocketAddr::new(ip(2, id), 0)];
-            let rpc = RpcNode::start(creds, listen, NetworkConfig::loopback())
-                .await
-                .unwrap();
-            let config = ClusterNodeConfig::new(
-                id,
-                dir.join(format!("node-{id}")),
-                rpc.clone(),
-                rpc.local_addrs(),
-            );
-            let cluster = ClusterNode::start(config).await.unwrap();
-            let shared = NodeShared::new(rpc.clone(), cluster, switch.clone(), directory.clone());
-            let actor = NodeActor::new(shared.clone()).start();
-            nodes.push(TestNode {
-                id,
-                shared,
-                actor,
-                rpc,
-            });
-        }
-        for node in &nodes {
-            let addrs = node.rpc.local_addrs();
-            directory.set(
-                node.id,
-                PeerAddrs {
-                    rpc: addrs.clone(),
-                    migration: addrs,
-                },
-            );
-        }
-        nodes[0].shared.cluster.initialize().await.unwrap();
-        for node in &nodes[1..] {
-            nodes[0]
-                .shared
-                .cluster
-                .add_voter(node.id, node.rpc.local_addrs())
-                .await
-                .unwrap();
-        }
-        let cluster = TestCluster {
-            nodes,
-            switch,
-            directory,
-            dir,
-        };
-        for k in [1u8, 2] {
-            cluster
-                .write(Command::DefineNetwork {
-                    name: format!("mig-{k}"),
-                    subnet: Subnet {
-                        addr: IpAddr::V4(Ipv4Addr::new(127, k, 0, 0)),
-                        prefix: 16,
-                    },
-                    gateway: None,
-                })
-                .await;
-        }
-        for id in 1..=n {
-            cluster
-                .write(Command::AddNode {
-                    id,
-                    name: format!("node-{id}"),
-                    addresses: BTreeMap::from([
-                        ("mig-1".to_string(), ip(1, id)),
-                        ("mig-2".to_string(), ip(2, id)),
-                    ]),
-                    cpu_features: BTreeSet::new(),
-                    capacity: Capacity {
-                        memory_bytes: 64 << 30,
-                        max_vms: 32,
-                    },
-                    tcp_offload: false,
-                })
-                .await;
-        }
-        cluster
-    }
-
-    pub fn node(&self, id: NodeId) -> &TestNode {
-        &self.nodes[id as usize - 1]
-    }
-
-    /// Writes through any live node (followers forward to the leader).
-    pub async fn write(&self, command: Command) -> ferry_cluster::Response {
-        let node = self.nodes.iter().find(|n| !n.shared.is_dead()).unwrap();
-        node.shared.cluster.write(command).await.unwrap()
-    }
-
-    /// Defines a simulated VM and starts it on `node`.
-    pub async fn start_vm(
-        &self,
-        name: &str,
-        node: NodeId,
-        memory: u64,
-        workload: Workload,
-        mac: u8,
-    ) {
-        self.write(Command::CreateVm {
-            name: name.into(),
-            config: VmConfig {
-                memory_bytes: memory,
-                vcpus: 2,
-                mac: MacAddr([2, 0, 0, 0, 0, mac]),
-                backend: Backend::Sim,
-                workload: encode_program(&GuestProgram {
-                    workload,
-                    prefill_seed: Some(u64::from(mac)),
-                }),
-                storage: StorageSpec::Shared {
-                    volume: "csv-1".into(),
-                },
-            },
-            node,
-        })
-        .await;
-        self.node(node)
-            .actor
-            .send(StartVm(name.into()))
-            .await
-            .unwrap()
-            .unwrap();
-    }
-
-    pub async fn move_vm(
-        &self,
-        request: MoveRequest,
-        from: NodeId,
-    ) -> Result<MigrationReport, MigrationError> {
-        self.node(from).actor.send(MoveVm(request)).await.unwrap()
-    }
-
-    /// The nodes on which `vm` is running right now (unpaused, owner role),
-    /// with the epoch each runs it at.
-    pub fn running(&self, vm: &str) -> Vec<(NodeId, u64)> {
-        self.nodes
-            .iter()
-            .filter_map(|n| n.shared.running_epoch(vm).map(|e| (n.id, e)))
-            .collect()
-    }
-}
-
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 pub fn workload(pages_per_sec: u64) -> Workload {
@@ -220,69 +29,6 @@ pub fn workload(pages_per_sec: u64) -> Workload {
             page_percent: 10,
         },
         seed: 17,
-    }
-}
-
-/// A client appending to a VM's service through the switch the whole time.
-pub struct Client {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<ClientLog>>,
-}
-
-#[derive(Debug, Default)]
-pub struct ClientLog {
-    pub acked: Vec<u64>,
-    /// The longest stretch during which every append was refused.
-    pub longest_refusal: Duration,
-    pub refusals: u64,
-}
-
-impl Client {
-    pub fn start(switch: Arc<VirtualSwitch>, vm: &str) -> Client {
-        let stop = Arc::new(AtomicBool::new(false));
-        let vm = vm.to_string();
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut log = ClientLog::default();
-            let mut refused_since: Option<Instant> = None;
-            let mut n = 0u64;
-            while !flag.load(Ordering::Acquire) {
-                match switch.append(&vm, format!("order-{n}").as_bytes()) {
-                    Ok(seq) => {
-                        if let Some(since) = refused_since.take() {
-                            log.longest_refusal = log.longest_refusal.max(since.elapsed());
-                        }
-                        log.acked.push(seq);
-                        n += 1;
-                        std::thread::sleep(Duration::from_micros(500));
-                    }
-                    Err(
-                        e @ (ClientError::Service { .. }
-                        | ClientError::NotHere { .. }
-                        | ClientError::Unreachable { .. }),
-                    ) => {
-                        assert!(
-                            e.is_transient() || matches!(e, ClientError::Unreachable { .. }),
-                            "client error {e}"
-                        );
-                        log.refusals += 1;
-                        refused_since.get_or_insert_with(Instant::now);
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                    Err(e) => panic!("client error {e}"),
-                }
-            }
-            log
-        });
-        Client {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    pub fn stop(mut self) -> ClientLog {
-        self.stop.store(true, Ordering::Release);
-        self.thread.take().unwrap().join().unwrap()
     }
 }
 

@@ -1,0 +1,310 @@
+//! A local cluster: Ferry nodes in one process, over real QUIC and Raft, each
+//! with an address on two private migration networks (127.1.0.i and
+//! 127.2.0.i, all on loopback). The end-to-end tests, the benchmarks and the
+//! `local_cluster` example drive Ferry through it, and a control plane that
+//! embeds Ferry can start its nodes the same way.
+
+use crate::actors::{MoveVm, NodeActor, StartVm};
+use crate::job::{MigrationError, MigrationReport, MoveRequest};
+use crate::node::{encode_program, Directory, GuestProgram, NodeShared, PeerAddrs};
+use crate::switch::{ClientError, VirtualSwitch};
+use actix::prelude::*;
+use ferry_cluster::model::{Backend, Capacity, MacAddr, StorageSpec, Subnet, VmConfig};
+use ferry_cluster::{ClusterNode, ClusterNodeConfig, Command, NodeId};
+use ferry_transport::{ClusterCa, NetworkConfig, RpcNode};
+use ferry_vmm::Workload;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+
+/// Errors of the local cluster, as text for the person running it.
+pub type LocalError = String;
+
+fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> LocalError + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Runs `f` inside an actix system whose tokio runtime is multi-threaded, so
+/// the page stream and Raft run on worker threads while actors run here.
+pub fn run<T, F: std::future::Future<Output = T>>(f: F) -> std::io::Result<T> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let system = actix_rt::System::with_tokio_rt(move || runtime);
+    Ok(system.block_on(f))
+}
+
+/// One node of a local cluster.
+pub struct LocalNode {
+    pub id: NodeId,
+    pub shared: Arc<NodeShared>,
+    pub actor: Addr<NodeActor>,
+    pub rpc: Arc<RpcNode>,
+}
+
+pub struct LocalCluster {
+    pub nodes: Vec<LocalNode>,
+    pub switch: Arc<VirtualSwitch>,
+    pub directory: Arc<Directory>,
+    pub dir: PathBuf,
+}
+
+fn ip(net: u8, node: u64) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, net, 0, node as u8))
+}
+
+impl LocalCluster {
+    /// Starts `n` nodes, forms the Raft cluster and records the model:
+    /// two private migration networks and the nodes on them.
+    pub async fn start(tag: &str, n: u64) -> Result<LocalCluster, LocalError> {
+        let dir = std::env::temp_dir().join(format!("ferry-local-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = ClusterCa::generate(tag).map_err(|e| err("cluster CA")(&e))?;
+        let switch = VirtualSwitch::new();
+        let directory = Arc::new(Directory::default());
+        let mut nodes = Vec::new();
+        for id in 1..=n {
+            let creds = ca.issue(id).map_err(|e| err("node certificate")(&e))?;
+            let listen = vec![SocketAddr::new(ip(1, id), 0), SocketAddr::new(ip(2, id), 0)];
+            let rpc = RpcNode::start(creds, listen, NetworkConfig::loopback())
+                .await
+                .map_err(|e| err("transport")(&e))?;
+            let config = ClusterNodeConfig::new(
+                id,
+                dir.join(format!("node-{id}")),
+                rpc.clone(),
+                rpc.local_addrs(),
+            );
+            let cluster = ClusterNode::start(config)
+                .await
+                .map_err(|e| err("cluster store")(&e))?;
+            let shared = NodeShared::new(rpc.clone(), cluster, switch.clone(), directory.clone());
+            let actor = NodeActor::new(shared.clone()).start();
+            nodes.push(LocalNode {
+                id,
+                shared,
+                actor,
+                rpc,
+            });
+        }
+        for node in &nodes {
+            let addrs = node.rpc.local_addrs();
+            directory.set(
+                node.id,
+                PeerAddrs {
+                    rpc: addrs.clone(),
+                    migration: addrs,
+                },
+            );
+        }
+        let first = nodes.first().ok_or("a cluster needs at least one node")?;
+        first
+            .shared
+            .cluster
+            .initialize()
+            .await
+            .map_err(|e| err("bootstrap")(&e))?;
+        for node in &nodes[1..] {
+            first
+                .shared
+                .cluster
+                .add_voter(node.id, node.rpc.local_addrs())
+                .await
+                .map_err(|e| err("join")(&e))?;
+        }
+        let cluster = LocalCluster {
+            nodes,
+            switch,
+            directory,
+            dir,
+        };
+        for k in [1u8, 2] {
+            cluster
+                .write(Command::DefineNetwork {
+                    name: format!("mig-{k}"),
+                    subnet: Subnet {
+                        addr: IpAddr::V4(Ipv4Addr::new(127, k, 0, 0)),
+                        prefix: 16,
+                    },
+                    gateway: None,
+                })
+                .await?;
+        }
+        for id in 1..=n {
+            cluster
+                .write(Command::AddNode {
+                    id,
+                    name: format!("node-{id}"),
+                    addresses: BTreeMap::from([
+                        ("mig-1".to_string(), ip(1, id)),
+                        ("mig-2".to_string(), ip(2, id)),
+                    ]),
+                    cpu_features: BTreeSet::new(),
+                    capacity: Capacity {
+                        memory_bytes: 64 << 30,
+                        max_vms: 32,
+                    },
+                    tcp_offload: false,
+                })
+                .await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Node `id` (1-based). Panics on an id the cluster was not started with.
+    pub fn node(&self, id: NodeId) -> &LocalNode {
+        &self.nodes[id as usize - 1]
+    }
+
+    /// Writes through any live node (followers forward to the leader).
+    pub async fn write(&self, command: Command) -> Result<ferry_cluster::Response, LocalError> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| !n.shared.is_dead())
+            .ok_or("every node is dead")?;
+        node.shared
+            .cluster
+            .write(command)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Defines a simulated VM and starts it on `node`.
+    pub async fn start_vm(
+        &self,
+        name: &str,
+        node: NodeId,
+        memory: u64,
+        workload: Workload,
+        mac: u8,
+    ) -> Result<u64, LocalError> {
+        self.write(Command::CreateVm {
+            name: name.into(),
+            config: VmConfig {
+                memory_bytes: memory,
+                vcpus: 2,
+                mac: MacAddr([2, 0, 0, 0, 0, mac]),
+                backend: Backend::Sim,
+                workload: encode_program(&GuestProgram {
+                    workload,
+                    prefill_seed: Some(u64::from(mac)),
+                }),
+                storage: StorageSpec::Shared {
+                    volume: "csv-1".into(),
+                },
+            },
+            node,
+        })
+        .await?;
+        self.node(node)
+            .actor
+            .send(StartVm(name.into()))
+            .await
+            .map_err(|e| err("node actor")(&e))?
+    }
+
+    pub async fn move_vm(
+        &self,
+        request: MoveRequest,
+        from: NodeId,
+    ) -> Result<MigrationReport, MigrationError> {
+        self.node(from)
+            .actor
+            .send(MoveVm(request))
+            .await
+            .unwrap_or_else(|e| Err(MigrationError::Aborted(format!("node actor: {e}"))))
+    }
+
+    /// The nodes on which `vm` is running right now (unpaused, owner role),
+    /// with the epoch each runs it at.
+    pub fn running(&self, vm: &str) -> Vec<(NodeId, u64)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.shared.running_epoch(vm).map(|e| (n.id, e)))
+            .collect()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A client appending to a VM's service through the switch the whole time.
+pub struct Client {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<ClientLog>>,
+}
+
+#[derive(Debug, Default)]
+pub struct ClientLog {
+    pub acked: Vec<u64>,
+    /// The longest stretch during which every append was refused.
+    pub longest_refusal: Duration,
+    pub refusals: u64,
+    /// Errors other than refusals (no route, for one).
+    pub errors: Vec<String>,
+}
+
+impl Client {
+    pub fn start(switch: Arc<VirtualSwitch>, vm: &str) -> Client {
+        let stop = Arc::new(AtomicBool::new(false));
+        let vm = vm.to_string();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut log = ClientLog::default();
+            let mut refused_since: Option<Instant> = None;
+            let mut n = 0u64;
+            while !flag.load(Ordering::Acquire) {
+                match switch.append(&vm, format!("order-{n}").as_bytes()) {
+                    Ok(seq) => {
+                        if let Some(since) = refused_since.take() {
+                            log.longest_refusal = log.longest_refusal.max(since.elapsed());
+                        }
+                        log.acked.push(seq);
+                        n += 1;
+                        std::thread::sleep(Duration::from_micros(500));
+                    }
+                    Err(
+                        e @ (ClientError::Service { .. }
+                        | ClientError::NotHere { .. }
+                        | ClientError::Unreachable { .. }),
+                    ) => {
+                        assert!(
+                            e.is_transient() || matches!(e, ClientError::Unreachable { .. }),
+                            "client error {e}"
+                        );
+                        log.refusals += 1;
+                        refused_since.get_or_insert_with(Instant::now);
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    Err(e) => {
+                        log.errors.push(e.to_string());
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            log
+        });
+        Client {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(mut self) -> ClientLog {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
