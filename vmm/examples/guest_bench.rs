@@ -13,7 +13,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn median_fetch(guest: &SimGuest, bitmap: &mut DirtyBitmap, prepare: impl Fn(&SimGuest)) -> Duration {
+fn median_fetch(
+    guest: &SimGuest,
+    bitmap: &mut DirtyBitmap,
+    prepare: impl Fn(&SimGuest),
+) -> Duration {
     let mut times: Vec<Duration> = (0..9)
         .map(|_| {
             prepare(guest);
@@ -45,20 +49,36 @@ fn main() {
     // 2. Highest dirty rate: vCPUs writing flat out for a second.
     let mut rates = Vec::new();
     for vcpus in [1u32, 2] {
-        let mut config =
-            SimGuestConfig::new(GIB, Workload { dirty_pages_per_sec: None, pattern: Pattern::Uniform, seed: 9 });
+        let mut config = SimGuestConfig::new(
+            GIB,
+            Workload {
+                dirty_pages_per_sec: None,
+                pattern: Pattern::Uniform,
+                seed: 9,
+            },
+        );
         config.vcpus = vcpus;
         let guest = SimGuest::boot(config).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let (w0, t0) = (guest.writes(), Instant::now());
         std::thread::sleep(Duration::from_secs(1));
         let rate = (guest.writes() - w0) as f64 / t0.elapsed().as_secs_f64();
-        println!("dirty rate, {vcpus} vCPU(s) flat out: {:.2} M pages/s", rate / 1e6);
+        println!(
+            "dirty rate, {vcpus} vCPU(s) flat out: {:.2} M pages/s",
+            rate / 1e6
+        );
         rates.push(rate);
     }
 
     // 3. Pause latency with two vCPUs writing flat out.
-    let mut config = SimGuestConfig::new(GIB, Workload { dirty_pages_per_sec: None, pattern: Pattern::Uniform, seed: 2 });
+    let mut config = SimGuestConfig::new(
+        GIB,
+        Workload {
+            dirty_pages_per_sec: None,
+            pattern: Pattern::Uniform,
+            seed: 2,
+        },
+    );
     config.vcpus = 2;
     let guest = SimGuest::boot(config).unwrap();
     let mut latencies: Vec<Duration> = (0..400)

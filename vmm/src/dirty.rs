@@ -14,7 +14,10 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// A bitmap of `pages` clear bits.
     pub fn new(pages: u64) -> Self {
-        DirtyBitmap { words: vec![0; pages.div_ceil(64) as usize], pages }
+        DirtyBitmap {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
     }
 
     /// Number of pages covered.
@@ -153,7 +156,11 @@ impl DirtyLog {
     /// Moves the log into `out` and clears it. `out` must cover the same pages.
     pub fn fetch_and_clear(&self, out: &mut DirtyBitmap) {
         for (dst, src) in out.words.iter_mut().zip(&self.words) {
-            *dst = if src.load(Ordering::Relaxed) == 0 { 0 } else { src.swap(0, Ordering::Acquire) };
+            *dst = if src.load(Ordering::Relaxed) == 0 {
+                0
+            } else {
+                src.swap(0, Ordering::Acquire)
+            };
         }
     }
 
@@ -182,7 +189,10 @@ mod tests {
             b.set(p);
         }
         let runs: Vec<_> = b.runs(2).collect();
-        assert_eq!(runs, vec![(0, 2), (2, 1), (5, 1), (63, 2), (65, 1), (199, 1)]);
+        assert_eq!(
+            runs,
+            vec![(0, 2), (2, 1), (5, 1), (63, 2), (65, 1), (199, 1)]
+        );
         assert_eq!(b.count(), 8);
     }
 

@@ -164,5 +164,7 @@ pub fn is_zero(bytes: &[u8]) -> bool {
         // correctly aligned words from inside `bytes`.
         unsafe { bytes.align_to::<u64>() }
     };
-    head.iter().all(|b| *b == 0) && words.iter().fold(0u64, |acc, w| acc | w) == 0 && tail.iter().all(|b| *b == 0)
+    head.iter().all(|b| *b == 0)
+        && words.iter().fold(0u64, |acc, w| acc | w) == 0
+        && tail.iter().all(|b| *b == 0)
 }

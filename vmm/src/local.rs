@@ -30,7 +30,13 @@ pub struct LocalCopyConfig {
 
 impl Default for LocalCopyConfig {
     fn default() -> Self {
-        LocalCopyConfig { stop_pages: 256, max_rounds: 30, throttle_step: 0.2, verify: true, run_pages: 64 }
+        LocalCopyConfig {
+            stop_pages: 256,
+            max_rounds: 30,
+            throttle_step: 0.2,
+            verify: true,
+            run_pages: 64,
+        }
     }
 }
 
@@ -64,7 +70,8 @@ pub struct LocalReport {
 
 impl LocalReport {
     pub fn bytes_copied(&self) -> u64 {
-        (self.rounds.iter().map(|r| r.pages_sent).sum::<u64>() + self.final_pages) * PAGE_SIZE as u64
+        (self.rounds.iter().map(|r| r.pages_sent).sum::<u64>() + self.final_pages)
+            * PAGE_SIZE as u64
     }
 }
 
@@ -102,7 +109,11 @@ fn copy_pages(
 /// Live-copies a running `src` into a paused `dst` of the same size, then
 /// resumes `dst`. `src` is left paused: the caller destroys it. On error `dst`
 /// is left paused and `src` is resumed if it had been paused here.
-pub fn live_copy(src: &dyn Guest, dst: &dyn Guest, config: &LocalCopyConfig) -> GuestResult<LocalReport> {
+pub fn live_copy(
+    src: &dyn Guest,
+    dst: &dyn Guest,
+    config: &LocalCopyConfig,
+) -> GuestResult<LocalReport> {
     if src.page_count() != dst.page_count() {
         return Err(GuestError::StateMismatch(format!(
             "source has {} pages, target {}",
@@ -123,7 +134,13 @@ pub fn live_copy(src: &dyn Guest, dst: &dyn Guest, config: &LocalCopyConfig) -> 
     src.nonzero_candidates(&mut pages)?;
     let t = Instant::now();
     let (sent, zero) = copy_pages(src, dst, &pages, run_pages, true, &mut buf)?;
-    rounds.push(RoundReport { round: 0, pages_sent: sent, zero_pages: zero, elapsed: t.elapsed(), throttle });
+    rounds.push(RoundReport {
+        round: 0,
+        pages_sent: sent,
+        zero_pages: zero,
+        elapsed: t.elapsed(),
+        throttle,
+    });
 
     let mut previous = u64::MAX;
     loop {
@@ -140,7 +157,13 @@ pub fn live_copy(src: &dyn Guest, dst: &dyn Guest, config: &LocalCopyConfig) -> 
         previous = dirty;
         let t = Instant::now();
         let (sent, zero) = copy_pages(src, dst, &pages, run_pages, false, &mut buf)?;
-        rounds.push(RoundReport { round, pages_sent: sent, zero_pages: zero, elapsed: t.elapsed(), throttle });
+        rounds.push(RoundReport {
+            round,
+            pages_sent: sent,
+            zero_pages: zero,
+            elapsed: t.elapsed(),
+            throttle,
+        });
     }
 
     // Blackout. `pages` holds the remainder fetched above; writes after that
@@ -160,7 +183,9 @@ pub fn live_copy(src: &dyn Guest, dst: &dyn Guest, config: &LocalCopyConfig) -> 
             let (a, b) = (src.digest()?, dst.digest()?);
             verify_time = hashing.elapsed();
             if a != b {
-                return Err(GuestError::StateMismatch(format!("digests differ: source {a}, target {b}")));
+                return Err(GuestError::StateMismatch(format!(
+                    "digests differ: source {a}, target {b}"
+                )));
             }
             Some((a, b))
         } else {
@@ -180,5 +205,12 @@ pub fn live_copy(src: &dyn Guest, dst: &dyn Guest, config: &LocalCopyConfig) -> 
     src.set_throttle(0.0)?;
     dst.resume()?;
     let blackout = blackout.elapsed();
-    Ok(LocalReport { rounds, final_pages, blackout, total: started.elapsed(), digests, verify_time })
+    Ok(LocalReport {
+        rounds,
+        final_pages,
+        blackout,
+        total: started.elapsed(),
+        digests,
+        verify_time,
+    })
 }

@@ -43,10 +43,20 @@ impl GuestMemory {
         // SAFETY: a fresh anonymous mapping with no address hint touches no
         // existing memory; the result is checked before use.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(GuestError::Memory { bytes, reason: std::io::Error::last_os_error().to_string() });
+            return Err(GuestError::Memory {
+                bytes,
+                reason: std::io::Error::last_os_error().to_string(),
+            });
         }
         let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| GuestError::Memory {
             bytes,
@@ -75,7 +85,11 @@ impl GuestMemory {
     fn range(&self, first: u64, count: u64) -> GuestResult<(usize, usize)> {
         let end = first.saturating_add(count);
         if end > self.pages() {
-            return Err(GuestError::PageOutOfRange { first, end, pages: self.pages() });
+            return Err(GuestError::PageOutOfRange {
+                first,
+                end,
+                pages: self.pages(),
+            });
         }
         Ok((first as usize * PAGE_SIZE, count as usize * PAGE_SIZE))
     }
@@ -85,7 +99,9 @@ impl GuestMemory {
         let (off, len) = self.range(first, pages_in(buf.len())?)?;
         // SAFETY: `range` checked that off..off+len lies inside the mapping, and
         // `buf` is a distinct host buffer of exactly `len` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(off), buf.as_mut_ptr(), len) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(off), buf.as_mut_ptr(), len)
+        };
         Ok(())
     }
 
@@ -109,16 +125,31 @@ impl GuestMemory {
     /// simulated vCPUs and the service). Panics if out of range: callers are
     /// the guest's own code and compute offsets from its own layout.
     pub fn store(&self, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.bytes, "guest store out of range");
+        assert!(
+            offset + bytes.len() <= self.bytes,
+            "guest store out of range"
+        );
         // SAFETY: bounds asserted above; see the module doc on sharing.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.as_ptr().add(offset), bytes.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.as_ptr().add(offset),
+                bytes.len(),
+            )
+        };
     }
 
     /// Reads `buf.len()` bytes at byte offset `offset` (guest-side code).
     pub fn load(&self, offset: usize, buf: &mut [u8]) {
         assert!(offset + buf.len() <= self.bytes, "guest load out of range");
         // SAFETY: bounds asserted above.
-        unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
     }
 
     /// Gives every page back to the kernel; they read as zero afterwards.
@@ -172,8 +203,18 @@ mod tests {
     fn out_of_range_and_unaligned_are_errors() {
         let m = GuestMemory::new(4 * PAGE_SIZE as u64, false).unwrap();
         let mut buf = vec![0u8; 2 * PAGE_SIZE];
-        assert_eq!(m.read(3, &mut buf), Err(GuestError::PageOutOfRange { first: 3, end: 5, pages: 4 }));
-        assert_eq!(m.read(0, &mut buf[..100]), Err(GuestError::UnalignedBuffer { len: 100 }));
+        assert_eq!(
+            m.read(3, &mut buf),
+            Err(GuestError::PageOutOfRange {
+                first: 3,
+                end: 5,
+                pages: 4
+            })
+        );
+        assert_eq!(
+            m.read(0, &mut buf[..100]),
+            Err(GuestError::UnalignedBuffer { len: 100 })
+        );
         assert!(GuestMemory::new(1000, false).is_err());
     }
 }

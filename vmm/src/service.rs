@@ -85,7 +85,9 @@ impl<'a> ServiceLog<'a> {
         let count = self.word(8);
         let used = self.word(16) as usize;
         if used > self.capacity() - HEADER {
-            return Err(ServiceError::Corrupt(format!("used {used} bytes beyond the log")));
+            return Err(ServiceError::Corrupt(format!(
+                "used {used} bytes beyond the log"
+            )));
         }
         Ok((count, used))
     }
@@ -99,7 +101,10 @@ impl<'a> ServiceLog<'a> {
         let (count, used) = self.header()?;
         let size = RECORD_HEADER + record.len().next_multiple_of(8);
         if HEADER + used + size > self.capacity() {
-            return Err(ServiceError::Full { used: used as u64, capacity: self.capacity() as u64 });
+            return Err(ServiceError::Full {
+                used: used as u64,
+                capacity: self.capacity() as u64,
+            });
         }
         let seq = count + 1;
         let at = HEADER + used;
@@ -127,7 +132,9 @@ impl<'a> ServiceLog<'a> {
             let seq = self.word(at);
             let len = (self.word(at + 8) & 0xffff_ffff) as usize;
             if len > MAX_RECORD || at + RECORD_HEADER + len > HEADER + used {
-                return Err(ServiceError::Corrupt(format!("record at byte {at} has length {len}")));
+                return Err(ServiceError::Corrupt(format!(
+                    "record at byte {at} has length {len}"
+                )));
             }
             let mut data = vec![0u8; len];
             self.mem.load(at + RECORD_HEADER, &mut data);
@@ -135,7 +142,10 @@ impl<'a> ServiceLog<'a> {
             at += RECORD_HEADER + len.next_multiple_of(8);
         }
         if out.len() as u64 != count {
-            return Err(ServiceError::Corrupt(format!("header says {count} records, found {}", out.len())));
+            return Err(ServiceError::Corrupt(format!(
+                "header says {count} records, found {}",
+                out.len()
+            )));
         }
         Ok(out)
     }

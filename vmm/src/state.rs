@@ -68,7 +68,9 @@ impl DeviceState {
             )));
         }
         let Some((version, body)) = bytes.split_first_chunk::<4>() else {
-            return Err(GuestError::MalformedState("shorter than its version".into()));
+            return Err(GuestError::MalformedState(
+                "shorter than its version".into(),
+            ));
         };
         let version = u32::from_le_bytes(*version);
         if version != DEVICE_STATE_VERSION {
@@ -108,8 +110,14 @@ mod tests {
     fn sample() -> DeviceState {
         DeviceState {
             kind: "sim".into(),
-            vcpus: vec![VcpuState { index: 0, registers: vec![1, 2, 3] }],
-            nic: NicState { mac: [2, 0, 0, 0, 0, 1], ..Default::default() },
+            vcpus: vec![VcpuState {
+                index: 0,
+                registers: vec![1, 2, 3],
+            }],
+            nic: NicState {
+                mac: [2, 0, 0, 0, 0, 1],
+                ..Default::default()
+            },
             extra: vec![],
         }
     }
@@ -126,28 +134,40 @@ mod tests {
         bytes[..4].copy_from_slice(&7u32.to_le_bytes());
         assert_eq!(
             DeviceState::decode(&bytes),
-            Err(GuestError::UnknownStateVersion { found: 7, supported: DEVICE_STATE_VERSION })
+            Err(GuestError::UnknownStateVersion {
+                found: 7,
+                supported: DEVICE_STATE_VERSION
+            })
         );
     }
 
     #[test]
     fn truncated_and_trailing_bytes_are_malformed() {
         let bytes = sample().encode();
-        assert!(matches!(DeviceState::decode(&bytes[..2]), Err(GuestError::MalformedState(_))));
+        assert!(matches!(
+            DeviceState::decode(&bytes[..2]),
+            Err(GuestError::MalformedState(_))
+        ));
         assert!(matches!(
             DeviceState::decode(&bytes[..bytes.len() - 1]),
             Err(GuestError::MalformedState(_))
         ));
         let mut long = bytes.clone();
         long.push(0);
-        assert!(matches!(DeviceState::decode(&long), Err(GuestError::MalformedState(_))));
+        assert!(matches!(
+            DeviceState::decode(&long),
+            Err(GuestError::MalformedState(_))
+        ));
     }
 
     #[test]
     fn other_backend_is_refused() {
         assert_eq!(
             sample().expect_kind("kvm"),
-            Err(GuestError::StateKind { expected: "kvm".into(), found: "sim".into() })
+            Err(GuestError::StateKind {
+                expected: "kvm".into(),
+                found: "sim".into()
+            })
         );
     }
 }

@@ -27,11 +27,19 @@ pub struct Workload {
 
 impl Workload {
     pub fn idle() -> Self {
-        Workload { dirty_pages_per_sec: Some(0), pattern: Pattern::Uniform, seed: 0 }
+        Workload {
+            dirty_pages_per_sec: Some(0),
+            pattern: Pattern::Uniform,
+            seed: 0,
+        }
     }
 
     pub fn uniform(pages_per_sec: u64, seed: u64) -> Self {
-        Workload { dirty_pages_per_sec: Some(pages_per_sec), pattern: Pattern::Uniform, seed }
+        Workload {
+            dirty_pages_per_sec: Some(pages_per_sec),
+            pattern: Pattern::Uniform,
+            seed,
+        }
     }
 }
 
@@ -46,7 +54,11 @@ pub struct VcpuContext {
 
 impl VcpuContext {
     pub fn new(seed: u64, index: u32) -> Self {
-        let mut ctx = VcpuContext { rng: seed ^ (u64::from(index) << 32 | 0x5eed), cursor: 0, writes: 0 };
+        let mut ctx = VcpuContext {
+            rng: seed ^ (u64::from(index) << 32 | 0x5eed),
+            cursor: 0,
+            writes: 0,
+        };
         ctx.next_u64();
         ctx
     }
@@ -74,7 +86,10 @@ impl VcpuContext {
                 self.cursor = self.cursor.wrapping_add(1);
                 page
             }
-            Pattern::HotSet { write_percent, page_percent } => {
+            Pattern::HotSet {
+                write_percent,
+                page_percent,
+            } => {
                 let hot = (pages * u64::from(page_percent.min(100)) / 100).max(1);
                 if self.next_u64() % 100 < u64::from(write_percent) {
                     self.next_u64() % hot
@@ -94,26 +109,39 @@ mod tests {
     fn same_seed_same_pages() {
         let mut a = VcpuContext::new(42, 0);
         let mut b = VcpuContext::new(42, 0);
-        let pa: Vec<_> = (0..100).map(|_| a.next_page(Pattern::Uniform, 1000)).collect();
-        let pb: Vec<_> = (0..100).map(|_| b.next_page(Pattern::Uniform, 1000)).collect();
+        let pa: Vec<_> = (0..100)
+            .map(|_| a.next_page(Pattern::Uniform, 1000))
+            .collect();
+        let pb: Vec<_> = (0..100)
+            .map(|_| b.next_page(Pattern::Uniform, 1000))
+            .collect();
         assert_eq!(pa, pb);
         let mut c = VcpuContext::new(42, 1);
-        let pc: Vec<_> = (0..100).map(|_| c.next_page(Pattern::Uniform, 1000)).collect();
+        let pc: Vec<_> = (0..100)
+            .map(|_| c.next_page(Pattern::Uniform, 1000))
+            .collect();
         assert_ne!(pa, pc);
     }
 
     #[test]
     fn hot_set_concentrates_writes() {
         let mut ctx = VcpuContext::new(7, 0);
-        let pattern = Pattern::HotSet { write_percent: 90, page_percent: 10 };
-        let hot = (0..10_000).filter(|_| ctx.next_page(pattern, 1000) < 100).count();
+        let pattern = Pattern::HotSet {
+            write_percent: 90,
+            page_percent: 10,
+        };
+        let hot = (0..10_000)
+            .filter(|_| ctx.next_page(pattern, 1000) < 100)
+            .count();
         assert!(hot > 8_500, "{hot} of 10000 writes hit the hot 10%");
     }
 
     #[test]
     fn sequential_sweeps() {
         let mut ctx = VcpuContext::new(1, 0);
-        let pages: Vec<_> = (0..5).map(|_| ctx.next_page(Pattern::Sequential, 3)).collect();
+        let pages: Vec<_> = (0..5)
+            .map(|_| ctx.next_page(Pattern::Sequential, 3))
+            .collect();
         assert_eq!(pages, vec![0, 1, 2, 0, 1]);
     }
 }
