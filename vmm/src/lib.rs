@@ -9,6 +9,8 @@
 
 pub mod dirty;
 pub mod guest;
+#[cfg(target_os = "linux")]
+pub mod kvm;
 pub mod local;
 pub mod memory;
 pub mod service;
@@ -18,6 +20,8 @@ pub mod workload;
 
 pub use dirty::DirtyBitmap;
 pub use guest::{Guest, GuestError, GuestResult, MemoryDigest, PAGE_SIZE};
+#[cfg(target_os = "linux")]
+pub use kvm::{KvmGuest, KvmGuestConfig};
 pub use service::{ServiceError, SERVICE_PAGES};
 pub use sim::{SimGuest, SimGuestConfig};
 pub use state::{DeviceState, NicState, VcpuState, DEVICE_STATE_VERSION};
