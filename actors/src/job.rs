@@ -7,11 +7,12 @@
 //! guest; once sent, it resumes only if the store says the migration was
 //! aborted, and it waits (paused) for as long as the store cannot tell it.
 
-use crate::node::{lock, now_ms, NodeShared, Role};
+use crate::node::{lock, now_ms, NodeShared, Role, PROBE_SERVICE};
+use crate::placement::{self, NetworkPath};
 use crate::policy::{ConvergenceConfig, ConvergencePolicy, Decision, RoundStats};
 use crate::protocol::{self, Reply, Request};
 use ferry_cluster::command::CommandError;
-use ferry_cluster::model::{MigrationOutcome, MigrationPhase, MigrationTrigger};
+use ferry_cluster::model::{MigrationOutcome, MigrationPhase, MigrationTrigger, StorageSpec};
 use ferry_cluster::{ClusterError, Command, NodeId, Response};
 use ferry_transport::{PageStreamSender, PAGE_SIZE};
 use ferry_vmm::guest::is_zero as is_zero_page;
@@ -25,6 +26,9 @@ use std::time::{Duration, Instant};
 const RUN_PAGES: u64 = 64;
 /// Deadline of each control call to the target.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a migration network of the target may take to answer a probe
+/// before the next allowed network takes its place.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A request to move a VM.
 #[derive(Debug, Clone)]
@@ -98,6 +102,7 @@ pub struct MigrationReport {
     pub vm: String,
     pub source: NodeId,
     pub target: NodeId,
+    pub trigger: MigrationTrigger,
     pub rounds: Vec<RoundReport>,
     pub final_pages: u64,
     pub bytes: u64,
@@ -105,14 +110,61 @@ pub struct MigrationReport {
     /// From the source's pause to the target's resume, as the source saw it.
     pub blackout: Duration,
     pub epoch: u64,
+    /// The networks that carried the page stream, in order.
+    pub paths: Vec<PathReport>,
+    /// Allowed networks that did not carry it, and why (unreachable, or
+    /// beyond the two redundant paths).
+    pub networks_skipped: Vec<(String, String)>,
+    pub offload: OffloadReport,
+    pub storage: StorageReport,
 }
 
-/// Why a migration did not complete. Every variant but `OutcomeUnknown` means
-/// the VM runs on the source.
+/// One network that carried a migration's page stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathReport {
+    pub network: String,
+    pub addr: std::net::SocketAddr,
+}
+
+/// What happened to the guest's offloaded TCP connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OffloadReport {
+    /// Connections the NIC held that were pushed back into the guest's
+    /// software stack before the state left the source.
+    pub pushed_back: usize,
+    /// Whether the target's NIC offloads TCP.
+    pub target_offload: bool,
+    /// Connections offloaded again on the target after the move (all the
+    /// guest's connections when the target offloads, none otherwise).
+    pub reoffloaded: usize,
+}
+
+/// What the move cost in storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum StorageReport {
+    /// On a cluster-shared volume: nothing moved.
+    Shared { volume: String },
+    /// On a node-owned disk: its ownership moved to the target in the
+    /// switchover commit, inside the blackout. `size_bytes` is what a copy of
+    /// the disk would have to move were it not reachable from the target.
+    NodeOwned {
+        size_bytes: u64,
+        from: NodeId,
+        to: NodeId,
+    },
+}
+
+/// Why a migration did not complete. Every variant means the VM runs on the
+/// source.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MigrationError {
     #[error("refused before anything was copied: {0}")]
     Refused(String),
+    /// The cluster store refused to begin it (target paused, missing CPU
+    /// features, no capacity, the simultaneous-migration limit …); nothing
+    /// was copied.
+    #[error("refused by the cluster store before anything was copied: {0}")]
+    Rejected(CommandError),
     #[error("aborted, the VM runs on the source: {0}")]
     Aborted(String),
     #[error("cancelled by the user; the VM runs on the source")]
@@ -125,6 +177,10 @@ pub struct JobHandle {
     pub cancel: Arc<AtomicBool>,
 }
 
+/// The networks carrying a migration's page stream, and the allowed networks
+/// left out with the reason.
+type ChosenPaths = (Vec<PathReport>, Vec<(String, String)>);
+
 struct Job {
     node: Arc<NodeShared>,
     req: MoveRequest,
@@ -133,6 +189,11 @@ struct Job {
     epoch: u64,
     guest: Arc<dyn Guest>,
     target_rpc: Vec<std::net::SocketAddr>,
+    /// The page-stream paths chosen, and the allowed networks left out.
+    paths: std::sync::Mutex<ChosenPaths>,
+    /// The device state as saved before the offload push-back, to put back
+    /// if the move aborts after the blackout began.
+    unpushed: std::sync::Mutex<Option<ferry_vmm::DeviceState>>,
 }
 
 /// Runs the source side of a migration to its end.
@@ -152,12 +213,6 @@ pub async fn run(
             req.target
         ))
     })?;
-    if peer.migration.is_empty() {
-        return Err(MigrationError::Refused(format!(
-            "no migration network reaches node {}",
-            req.target
-        )));
-    }
     ConvergencePolicy::new(req.policy.clone(), guest.page_count() * PAGE_SIZE as u64)
         .map_err(|e| MigrationError::Refused(e.to_string()))?;
     let begun = node
@@ -177,6 +232,7 @@ pub async fn run(
                 "unexpected answer {other:?}"
             )))
         }
+        Err(ClusterError::Rejected(e)) => return Err(MigrationError::Rejected(e)),
         Err(e) => return Err(MigrationError::Refused(e.to_string())),
     };
     let job = Job {
@@ -187,9 +243,15 @@ pub async fn run(
         epoch,
         guest,
         target_rpc: peer.rpc,
+        paths: Default::default(),
+        unpushed: Default::default(),
     };
     job.progress(Phase::Preparing, 0, 0, 0, None, 0.0);
-    let sender = match job.prepare(&peer.migration).await {
+    let paths = match job.choose_paths().await {
+        Ok(p) => p,
+        Err(reason) => return Err(job.abort(reason, false).await),
+    };
+    let sender = match job.prepare(&paths).await {
         Ok(s) => s,
         Err(reason) => return Err(job.abort(reason, false).await),
     };
@@ -201,6 +263,24 @@ pub async fn run(
             Err(MigrationError::Cancelled)
         }
     }
+}
+
+/// Whether `target` answers on `path` within [`PROBE_TIMEOUT`].
+async fn probe(
+    rpc: Arc<ferry_transport::RpcNode>,
+    target: NodeId,
+    path: NetworkPath,
+) -> Result<(), String> {
+    let addr = path.addr.ok_or_else(|| {
+        format!(
+            "no socket known for node {target} at {} on this network",
+            path.ip
+        )
+    })?;
+    rpc.call(target, &[addr], PROBE_SERVICE, Vec::new(), PROBE_TIMEOUT)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("unreachable at {addr}: {e}"))
 }
 
 enum Failure {
@@ -230,6 +310,74 @@ impl Job {
             expected_downtime: policy.map(|p| p.expected_downtime()).unwrap_or_default(),
             throttle,
         });
+    }
+
+    /// The page-stream paths: the allowed migration networks in the store's
+    /// order, each probed on the target's address; the first two that answer
+    /// carry the stream (see [`placement::pick_paths`]).
+    async fn choose_paths(&self) -> Result<Vec<std::net::SocketAddr>, String> {
+        let state = self.node.cluster.read();
+        let target = self.req.target;
+        let directory = self.node.directory.clone();
+        let candidates = placement::candidate_paths(&state, self.node.id, target, |net, ip| {
+            directory.migration_addr(target, net, ip)
+        });
+        drop(state);
+        // Probe every candidate at once: an unreachable network costs one
+        // probe timeout, not one per network.
+        let probes: Vec<_> = candidates
+            .iter()
+            .map(|c| tokio::spawn(probe(self.node.rpc.clone(), target, c.clone())))
+            .collect();
+        let mut answers: Vec<Result<(), String>> = Vec::new();
+        for p in probes {
+            answers.push(
+                p.await
+                    .unwrap_or_else(|e| Err(format!("probe failed: {e}"))),
+            );
+        }
+        let reachable: Vec<bool> = answers.iter().map(|a| a.is_ok()).collect();
+        let used = placement::pick_paths(&candidates, &reachable);
+        let mut chosen = Vec::new();
+        let mut skipped = Vec::new();
+        for (i, (c, answer)) in candidates.iter().zip(&answers).enumerate() {
+            match (used.contains(&i), c.addr, answer) {
+                (true, Some(addr), _) => chosen.push(PathReport {
+                    network: c.network.clone(),
+                    addr,
+                }),
+                (_, _, Err(why)) => skipped.push((c.network.clone(), why.clone())),
+                _ => skipped.push((
+                    c.network.clone(),
+                    format!(
+                        "reachable; a spare beyond the {} redundant paths",
+                        placement::REDUNDANT_PATHS
+                    ),
+                )),
+            }
+        }
+        if chosen.is_empty() {
+            let why: Vec<String> = skipped.iter().map(|(n, r)| format!("{n}: {r}")).collect();
+            return Err(format!(
+                "no network allowed for live migration reaches node {target} ({})",
+                if why.is_empty() {
+                    "none is shared".to_string()
+                } else {
+                    why.join("; ")
+                }
+            ));
+        }
+        if !skipped.is_empty() {
+            tracing::info!(
+                migration = self.migration,
+                ?chosen,
+                ?skipped,
+                "migration paths"
+            );
+        }
+        let addrs = chosen.iter().map(|p| p.addr).collect();
+        *lock(&self.paths) = (chosen, skipped);
+        Ok(addrs)
     }
 
     async fn call(&self, request: &Request) -> Result<Reply, String> {
@@ -443,6 +591,10 @@ impl Job {
         };
 
         // Blackout.
+        let blackout = Instant::now();
+        self.guest.pause().map_err(not_paused)?;
+        // Announced once the guest is paused: a watcher that sees this event
+        // knows no vCPU of the source runs.
         self.progress(
             Phase::Blackout,
             round,
@@ -451,8 +603,6 @@ impl Job {
             Some(&policy),
             throttle,
         );
-        let blackout = Instant::now();
-        self.guest.pause().map_err(not_paused)?;
         let paused_err = |reason: String| Failure::BeforeCommit {
             reason,
             paused: true,
@@ -465,10 +615,11 @@ impl Job {
         let final_round = round + 1;
         let (final_sent, _, final_bytes) = self.send_round(&sender, final_round, &pages).await?;
         total_bytes += final_bytes;
-        let state = self
+        let mut state = self
             .guest
             .save_state()
             .map_err(|e| paused_err(e.to_string()))?;
+        let offload = self.push_back_offload(&mut state).map_err(paused_err)?;
         let digest = if self.req.verify {
             Some(self.guest.digest().map_err(|e| paused_err(e.to_string()))?)
         } else {
@@ -529,18 +680,76 @@ impl Job {
             Some(&policy),
             0.0,
         );
+        let (paths, networks_skipped) = lock(&self.paths).clone();
         Ok(MigrationReport {
             migration: self.migration,
             vm: self.req.vm.clone(),
             source: self.node.id,
             target: self.req.target,
+            trigger: self.req.trigger,
             rounds,
             final_pages: final_sent,
             bytes: total_bytes,
             total: started.elapsed(),
             blackout,
             epoch,
+            paths,
+            networks_skipped,
+            offload,
+            storage: self.storage_report(),
         })
+    }
+
+    /// Pushes the NIC's offloaded TCP connections back into the guest's
+    /// software stack (the guest is paused): the offload engine's state
+    /// belongs to this host's NIC and cannot travel. The guest's own state is
+    /// changed too, so its digest matches what the target restores; the state
+    /// as it was is kept to put back if the move aborts.
+    fn push_back_offload(
+        &self,
+        state: &mut ferry_vmm::DeviceState,
+    ) -> Result<OffloadReport, String> {
+        let original = state.clone();
+        let pushed_back = state.nic.push_back();
+        if pushed_back > 0 {
+            self.guest
+                .restore_state(state)
+                .map_err(|e| format!("pushing offloaded connections back: {e}"))?;
+            *lock(&self.unpushed) = Some(original);
+        }
+        let target_offload = self
+            .node
+            .cluster
+            .read()
+            .nodes
+            .get(&self.req.target)
+            .is_some_and(|n| n.tcp_offload);
+        Ok(OffloadReport {
+            pushed_back,
+            target_offload,
+            reoffloaded: if target_offload {
+                state.nic.software_connections.len()
+            } else {
+                0
+            },
+        })
+    }
+
+    fn storage_report(&self) -> StorageReport {
+        let state = self.node.cluster.read();
+        match state.vms.get(&self.req.vm).map(|v| &v.config.storage) {
+            Some(StorageSpec::Local { size_bytes }) => StorageReport::NodeOwned {
+                size_bytes: *size_bytes,
+                from: self.node.id,
+                to: self.req.target,
+            },
+            Some(StorageSpec::Shared { volume }) => StorageReport::Shared {
+                volume: volume.clone(),
+            },
+            None => StorageReport::Shared {
+                volume: String::new(),
+            },
+        }
     }
 
     /// Proposes the switchover and learns its outcome, however long that takes.
@@ -554,6 +763,16 @@ impl Job {
             Ok(Response::SwitchedOver { epoch, .. }) => return Ok(epoch),
             Ok(other) => tracing::warn!(?other, "unexpected answer to the switchover"),
             Err(ClusterError::Rejected(CommandError::MigrationNotActive { .. })) => {}
+            // Any other refusal is a committed "no" to this very proposal
+            // while the migration is still active (`MigrationNotActive` is
+            // checked first), so the switchover did not happen: abort. The
+            // target entering maintenance mode mid-copy ends here.
+            Err(ClusterError::Rejected(e)) => {
+                return Err(Failure::BeforeCommit {
+                    reason: format!("the store refused the switchover: {e}"),
+                    paused: true,
+                })
+            }
             Err(e) => {
                 tracing::warn!(migration = self.migration, error = %e, "switchover outcome unknown; staying paused")
             }
@@ -600,10 +819,17 @@ impl Job {
                         expected_epoch: self.epoch,
                         at_ms: now_ms(),
                     };
-                    if let Ok(Response::SwitchedOver { epoch, .. }) =
-                        self.node.cluster.write(command).await
-                    {
-                        return Ok(epoch);
+                    match self.node.cluster.write(command).await {
+                        Ok(Response::SwitchedOver { epoch, .. }) => return Ok(epoch),
+                        Err(ClusterError::Rejected(e))
+                            if !matches!(e, CommandError::MigrationNotActive { .. }) =>
+                        {
+                            return Err(Failure::BeforeCommit {
+                                reason: format!("the store refused the switchover: {e}"),
+                                paused: true,
+                            })
+                        }
+                        _ => {}
                     }
                 }
                 None => {
@@ -641,6 +867,12 @@ impl Job {
             .await;
         let _ = self.guest.set_throttle(0.0);
         if paused || self.guest.is_paused() {
+            // The source's NIC takes its offloaded connections back.
+            if let Some(original) = lock(&self.unpushed).take() {
+                if let Err(e) = self.guest.restore_state(&original) {
+                    tracing::warn!(migration = self.migration, "NIC offload not restored: {e}");
+                }
+            }
             // Safe: this job never proposed the switchover (see module doc).
             let _ = self.guest.resume();
         }

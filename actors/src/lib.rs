@@ -11,12 +11,19 @@
 //!   control planes that embed Ferry.
 //! - [`policy`], [`estimate`]: pure decisions — when to stop iterating, how long
 //!   a move will take.
+//! - [`placement`]: pure — which node a VM goes to, over which networks.
+//! - [`drain`]: maintenance mode — moving every VM off a paused node, failback.
+//! - [`tips`]: policy (PRO) tips — load reports, the leader's policy, applying
+//!   tips.
 
 pub mod actors;
+pub mod drain;
 pub mod estimate;
 pub mod job;
 pub mod local;
 pub mod node;
+pub mod placement;
 pub mod policy;
 pub mod protocol;
 pub mod switch;
+pub mod tips;

@@ -1,6 +1,6 @@
 //! A local cluster: Ferry nodes in one process, over real QUIC and Raft, each
 //! with an address on two private migration networks (127.1.0.i and
-//! 127.2.0.i, all on loopback). The end-to-end tests, the benchmarks and the
+//! 127.2.0.i, all on loopback) or on the networks [`LocalOptions`] lists. The end-to-end tests, the benchmarks and the
 //! `local_cluster` example drive Ferry through it, and a control plane that
 //! embeds Ferry can start its nodes the same way.
 
@@ -10,10 +10,10 @@ use crate::node::{encode_program, Directory, GuestProgram, NodeShared, PeerAddrs
 use crate::switch::{ClientError, VirtualSwitch};
 use actix::prelude::*;
 use ferry_cluster::model::{Backend, Capacity, MacAddr, StorageSpec, Subnet, VmConfig};
-use ferry_cluster::{ClusterNode, ClusterNodeConfig, Command, NodeId};
+use ferry_cluster::{ClusterNode, ClusterNodeConfig, ClusterTransport, Command, NodeId};
 use ferry_transport::{ClusterCa, NetworkConfig, RpcNode};
 use ferry_vmm::Workload;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +63,36 @@ impl LocalCluster {
     /// Starts `n` nodes, forms the Raft cluster and records the model:
     /// two private migration networks and the nodes on them.
     pub async fn start(tag: &str, n: u64) -> Result<LocalCluster, LocalError> {
+        Self::start_with(tag, n, |_, rpc| rpc).await
+    }
+
+    /// Like [`start`](Self::start), with the transport each node's cluster
+    /// store uses chosen by `store_transport` (a test wraps the real one to
+    /// partition a node from the store while its other traffic flows).
+    pub async fn start_with(
+        tag: &str,
+        n: u64,
+        store_transport: impl Fn(NodeId, Arc<RpcNode>) -> Arc<dyn ClusterTransport>,
+    ) -> Result<LocalCluster, LocalError> {
+        Self::start_full(tag, LocalOptions::new(n), store_transport).await
+    }
+
+    /// Like [`start`](Self::start), with the networks and the nodes' CPU
+    /// features and NIC offload chosen by `options`.
+    pub async fn start_options(
+        tag: &str,
+        options: LocalOptions,
+    ) -> Result<LocalCluster, LocalError> {
+        Self::start_full(tag, options, |_, rpc| rpc).await
+    }
+
+    async fn start_full(
+        tag: &str,
+        options: LocalOptions,
+        store_transport: impl Fn(NodeId, Arc<RpcNode>) -> Arc<dyn ClusterTransport>,
+    ) -> Result<LocalCluster, LocalError> {
+        let n = options.nodes;
+        let nets = options.networks.len() as u8;
         let dir = std::env::temp_dir().join(format!("ferry-local-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let ca = ClusterCa::generate(tag).map_err(|e| err("cluster CA")(&e))?;
@@ -71,14 +101,14 @@ impl LocalCluster {
         let mut nodes = Vec::new();
         for id in 1..=n {
             let creds = ca.issue(id).map_err(|e| err("node certificate")(&e))?;
-            let listen = vec![SocketAddr::new(ip(1, id), 0), SocketAddr::new(ip(2, id), 0)];
+            let listen = (1..=nets).map(|k| SocketAddr::new(ip(k, id), 0)).collect();
             let rpc = RpcNode::start(creds, listen, NetworkConfig::loopback())
                 .await
                 .map_err(|e| err("transport")(&e))?;
             let config = ClusterNodeConfig::new(
                 id,
                 dir.join(format!("node-{id}")),
-                rpc.clone(),
+                store_transport(id, rpc.clone()),
                 rpc.local_addrs(),
             );
             let cluster = ClusterNode::start(config)
@@ -98,8 +128,13 @@ impl LocalCluster {
             directory.set(
                 node.id,
                 PeerAddrs {
-                    rpc: addrs.clone(),
-                    migration: addrs,
+                    networks: options
+                        .networks
+                        .iter()
+                        .map(|net| net.name.clone())
+                        .zip(addrs.iter().copied())
+                        .collect(),
+                    rpc: addrs,
                 },
             );
         }
@@ -124,33 +159,36 @@ impl LocalCluster {
             directory,
             dir,
         };
-        for k in [1u8, 2] {
+        for (k, net) in (1u8..).zip(&options.networks) {
             cluster
                 .write(Command::DefineNetwork {
-                    name: format!("mig-{k}"),
+                    name: net.name.clone(),
                     subnet: Subnet {
                         addr: IpAddr::V4(Ipv4Addr::new(127, k, 0, 0)),
                         prefix: 16,
                     },
-                    gateway: None,
+                    gateway: net
+                        .public
+                        .then_some(IpAddr::V4(Ipv4Addr::new(127, k, 0, 254))),
                 })
                 .await?;
         }
         for id in 1..=n {
+            let i = id as usize - 1;
             cluster
                 .write(Command::AddNode {
                     id,
                     name: format!("node-{id}"),
-                    addresses: BTreeMap::from([
-                        ("mig-1".to_string(), ip(1, id)),
-                        ("mig-2".to_string(), ip(2, id)),
-                    ]),
-                    cpu_features: BTreeSet::new(),
+                    addresses: (1u8..)
+                        .zip(&options.networks)
+                        .map(|(k, net)| (net.name.clone(), ip(k, id)))
+                        .collect(),
+                    cpu_features: options.cpu_features.get(i).cloned().unwrap_or_default(),
                     capacity: Capacity {
                         memory_bytes: 64 << 30,
                         max_vms: 32,
                     },
-                    tcp_offload: false,
+                    tcp_offload: options.tcp_offload.get(i).copied().unwrap_or(false),
                 })
                 .await?;
         }
@@ -185,21 +223,20 @@ impl LocalCluster {
         workload: Workload,
         mac: u8,
     ) -> Result<u64, LocalError> {
+        self.start_vm_config(name, node, vm_config(memory, workload, mac))
+            .await
+    }
+
+    /// Defines a VM with `config` and starts it on `node`.
+    pub async fn start_vm_config(
+        &self,
+        name: &str,
+        node: NodeId,
+        config: VmConfig,
+    ) -> Result<u64, LocalError> {
         self.write(Command::CreateVm {
             name: name.into(),
-            config: VmConfig {
-                memory_bytes: memory,
-                vcpus: 2,
-                mac: MacAddr([2, 0, 0, 0, 0, mac]),
-                backend: Backend::Sim,
-                workload: encode_program(&GuestProgram {
-                    workload,
-                    prefill_seed: Some(u64::from(mac)),
-                }),
-                storage: StorageSpec::Shared {
-                    volume: "csv-1".into(),
-                },
-            },
+            config,
             node,
         })
         .await?;
@@ -229,6 +266,65 @@ impl LocalCluster {
             .iter()
             .filter_map(|n| n.shared.running_epoch(vm).map(|e| (n.id, e)))
             .collect()
+    }
+}
+
+/// The config of a simulated VM as [`LocalCluster::start_vm`] defines it: two
+/// vCPUs, memory prefilled from `mac`, its disk on the shared volume `csv-1`,
+/// no TCP connections. Change what a test needs before starting it.
+pub fn vm_config(memory: u64, workload: Workload, mac: u8) -> VmConfig {
+    VmConfig {
+        memory_bytes: memory,
+        vcpus: 2,
+        mac: MacAddr([2, 0, 0, 0, 0, mac]),
+        backend: Backend::Sim,
+        workload: encode_program(&GuestProgram {
+            workload,
+            prefill_seed: Some(u64::from(mac)),
+            tcp_connections: 0,
+        }),
+        storage: StorageSpec::Shared {
+            volume: "csv-1".into(),
+        },
+    }
+}
+
+/// A network of a local cluster: network `k` (1-based) is 127.k.0.0/16 and
+/// node `i` is 127.k.0.i on it.
+#[derive(Debug, Clone)]
+pub struct LocalNetwork {
+    pub name: String,
+    /// With a gateway (127.k.0.254): a public network, which live migration
+    /// does not use unless a user allows it.
+    pub public: bool,
+}
+
+/// What a local cluster is made of.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub nodes: u64,
+    pub networks: Vec<LocalNetwork>,
+    /// Node `i`'s CPU features at index `i - 1` (none when missing).
+    pub cpu_features: Vec<BTreeSet<String>>,
+    /// Whether node `i`'s NIC offloads TCP, at index `i - 1` (no when missing).
+    pub tcp_offload: Vec<bool>,
+}
+
+impl LocalOptions {
+    /// `nodes` nodes on two private networks, `mig-1` and `mig-2`.
+    pub fn new(nodes: u64) -> Self {
+        LocalOptions {
+            nodes,
+            networks: ["mig-1", "mig-2"]
+                .iter()
+                .map(|name| LocalNetwork {
+                    name: name.to_string(),
+                    public: false,
+                })
+                .collect(),
+            cpu_features: Vec::new(),
+            tcp_offload: Vec::new(),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use ferry_cluster::model::{MigrationOutcome, VmConfig};
 use ferry_cluster::{ClusterNode, Command, NodeId, Response};
 use ferry_transport::{PageSink, PageStreamReceiver, RpcHandler, RpcNode};
 use ferry_vmm::{DeviceState, Guest, ServiceError, SimGuest, SimGuestConfig};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -33,12 +33,23 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// How a node reaches its peers: RPC addresses and the page-stream paths, one
-/// per allowed migration network, in the order of preference.
+/// How a node reaches a peer: the sockets its transport listens on, and
+/// where to dial it on each network.
+///
+/// Which networks carry a migration, and in which order, is the cluster
+/// store's decision (network roles, `migration_order`); the store also records
+/// each node's IP on every network. What the store does not know is the port:
+/// that is here. The page-stream path to a peer on network `N` is
+/// `networks[N]` when set — an explicit mapping, which a test uses to send a
+/// network's traffic through a chaos proxy — and otherwise the `rpc` socket
+/// whose IP is the peer's address on `N` in the store.
 #[derive(Debug, Clone, Default)]
 pub struct PeerAddrs {
+    /// The peer's transport sockets, one per network it is attached to, in
+    /// order of preference for control traffic.
     pub rpc: Vec<SocketAddr>,
-    pub migration: Vec<SocketAddr>,
+    /// Explicit page-stream sockets by network name (overrides `rpc`).
+    pub networks: BTreeMap<String, SocketAddr>,
 }
 
 /// The node's address book. The embedding code fills it (from the cluster
@@ -56,7 +67,39 @@ impl Directory {
     pub fn get(&self, node: NodeId) -> Option<PeerAddrs> {
         lock(&self.peers).get(&node).cloned()
     }
+
+    /// Sends `node`'s traffic on `network` to `addr` from now on (or, with
+    /// `None`, back to its transport socket on that network).
+    pub fn redirect(&self, node: NodeId, network: &str, addr: Option<SocketAddr>) {
+        let mut peers = lock(&self.peers);
+        let peer = peers.entry(node).or_default();
+        match addr {
+            Some(addr) => peer.networks.insert(network.to_string(), addr),
+            None => peer.networks.remove(network),
+        };
+    }
+
+    /// Where to dial `node` on `network`, on which the store says its address
+    /// is `ip` (see [`PeerAddrs`]).
+    pub fn migration_addr(
+        &self,
+        node: NodeId,
+        network: &str,
+        ip: std::net::IpAddr,
+    ) -> Option<SocketAddr> {
+        let peers = lock(&self.peers);
+        let peer = peers.get(&node)?;
+        peer.networks
+            .get(network)
+            .copied()
+            .or_else(|| peer.rpc.iter().find(|a| a.ip() == ip).copied())
+    }
 }
+
+/// RPC service that answers an empty request with an empty reply: a source
+/// probes each migration network of a target with it before choosing the
+/// page-stream paths.
+pub const PROBE_SERVICE: &str = "migration-probe";
 
 /// What this node does with a VM it holds.
 pub(crate) enum Role {
@@ -97,21 +140,36 @@ pub struct GuestProgram {
     pub workload: ferry_vmm::Workload,
     /// Memory contents at first boot (see `SimGuestConfig::prefill_seed`).
     pub prefill_seed: Option<u64>,
+    /// TCP connections the guest holds open from boot; on a node whose NIC
+    /// offloads TCP they are offloaded (see `NicState`).
+    pub tcp_connections: u32,
+}
+
+/// What a guest's virtual NIC starts with.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct NicBoot {
+    /// The node's NIC offloads TCP state.
+    pub offload: bool,
+    pub connections: u32,
+}
+
+/// Reads the guest program out of the store's VM config.
+pub fn program_of(config: &VmConfig) -> Result<GuestProgram, String> {
+    bincode::serde::decode_from_slice::<GuestProgram, _>(
+        &config.workload,
+        bincode::config::standard().with_limit::<4096>(),
+    )
+    .map(|(program, _)| program)
+    .map_err(|e| format!("the VM's workload is not readable: {e}"))
 }
 
 /// Builds a guest spec from the store's VM config.
 pub fn spec_of(config: &VmConfig) -> Result<GuestSpec, String> {
-    let (
-        GuestProgram {
-            workload,
-            prefill_seed,
-        },
-        _,
-    ) = bincode::serde::decode_from_slice::<GuestProgram, _>(
-        &config.workload,
-        bincode::config::standard().with_limit::<4096>(),
-    )
-    .map_err(|e| format!("the VM's workload is not readable: {e}"))?;
+    let GuestProgram {
+        workload,
+        prefill_seed,
+        ..
+    } = program_of(config)?;
     let backend = match config.backend {
         ferry_cluster::model::Backend::Sim => "sim",
         ferry_cluster::model::Backend::Kvm => "kvm",
@@ -144,14 +202,15 @@ fn sim_config(spec: &GuestSpec) -> SimGuestConfig {
     }
 }
 
-fn build_guest(spec: &GuestSpec, incoming: bool) -> Result<Arc<dyn Guest>, String> {
+fn build_guest(spec: &GuestSpec, boot: Option<NicBoot>) -> Result<Arc<dyn Guest>, String> {
     match spec.backend.as_str() {
         "sim" => {
             let config = sim_config(spec);
-            let guest = if incoming {
-                SimGuest::incoming(config)
-            } else {
-                SimGuest::boot(config)
+            let guest = match boot {
+                // An incoming guest's NIC comes with its device state.
+                None => SimGuest::incoming(config),
+                Some(nic) => SimGuest::boot(config)
+                    .inspect(|g| g.open_connections(nic.offload, 1..=u64::from(nic.connections))),
             };
             Ok(guest.map_err(|e| e.to_string())?)
         }
@@ -181,6 +240,10 @@ impl NodeShared {
         node.rpc.register(
             protocol::SERVICE,
             Arc::new(MigrationService(Arc::downgrade(&node))),
+        );
+        node.rpc.register(
+            PROBE_SERVICE,
+            ferry_transport::handler_fn(|_, _| async { Ok(Vec::new()) }),
         );
         node.switch
             .attach(node.id, Arc::new(Port(Arc::downgrade(&node))));
@@ -226,6 +289,27 @@ impl NodeShared {
         lock(&self.vms).contains_key(vm)
     }
 
+    /// Stops `vm` here if this node runs it (owner role): the guest is
+    /// destroyed and its route withdrawn. The caller records the stop in the
+    /// store first. Returns whether there was a guest to stop.
+    pub fn release_vm(&self, vm: &str) -> bool {
+        let hosted = {
+            let mut vms = lock(&self.vms);
+            match vms.get(vm).map(|h| &h.role) {
+                Some(Role::Owner { .. }) => vms.remove(vm),
+                _ => None,
+            }
+        };
+        match hosted {
+            Some(h) => {
+                h.guest.destroy();
+                self.switch.withdraw(vm);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Starts `vm` here: the store records this node as its owner first, then
     /// the guest boots and its address is announced.
     pub async fn start_vm(&self, vm: &str) -> Result<u64, String> {
@@ -243,6 +327,10 @@ impl NodeShared {
             .config
             .clone();
         let spec = spec_of(&config)?;
+        let nic = NicBoot {
+            offload: state.nodes.get(&self.id).is_some_and(|n| n.tcp_offload),
+            connections: program_of(&config).map_or(0, |p| p.tcp_connections),
+        };
         let epoch = match self
             .cluster
             .write(Command::StartVm {
@@ -255,7 +343,7 @@ impl NodeShared {
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => return Err(e.to_string()),
         };
-        let guest = match build_guest(&spec, false) {
+        let guest = match build_guest(&spec, Some(nic)) {
             Ok(g) => g,
             Err(e) => {
                 let _ = self.cluster.write(Command::StopVm { vm: vm.into() }).await;
@@ -319,7 +407,7 @@ impl NodeShared {
                 }
             }
         }
-        let guest = match build_guest(&spec, true) {
+        let guest = match build_guest(&spec, None) {
             Ok(g) => g,
             Err(reason) => return Reply::Refused { reason },
         };
@@ -436,6 +524,19 @@ impl NodeShared {
                 receiver,
                 ..
             } if *mig == migration => {
+                // The NIC takes the capability of this host: connections the
+                // source pushed back into the guest are offloaded again only
+                // if this node's NIC offloads TCP.
+                let offload = state.nodes.get(&self.id).is_some_and(|n| n.tcp_offload);
+                if let Ok(mut device) = h.guest.save_state() {
+                    let before = device.nic.clone();
+                    device.nic.reoffload(offload);
+                    if device.nic != before {
+                        if let Err(e) = h.guest.restore_state(&device) {
+                            tracing::warn!(vm = %m.vm, "NIC offload not restored: {e}");
+                        }
+                    }
+                }
                 if h.guest.resume().is_err() {
                     return false;
                 }

@@ -396,3 +396,77 @@ fn both_paths_cut_mid_migration_aborts_and_the_vm_runs_on_the_source() {
         println!("both paths cut: aborted {took:?} after the cut: {outcome:?}");
     });
 }
+
+#[test]
+fn source_partitioned_from_the_store_at_switchover_never_runs_the_vm_twice() {
+    run(async {
+        let partition = std::sync::Arc::new(Partition::default());
+        let p = partition.clone();
+        let cluster = TestCluster::start_with("partition", 3, move |me, rpc| {
+            std::sync::Arc::new(PartitionedTransport {
+                me,
+                inner: rpc,
+                partition: p.clone(),
+            })
+        })
+        .await
+        .unwrap();
+        // Large enough that verifying digests keeps the blackout open for a while
+        // after the event below, so the cut lands before the switchover.
+        cluster
+            .start_vm("ledger", 1, 256 * MIB, workload(5_000), 8)
+            .await
+            .unwrap();
+        let client = Client::start(cluster.switch.clone(), "ledger");
+        let watch = TwiceWatch::start(&cluster, "ledger");
+        let mut events = cluster.node(1).shared.events.subscribe();
+        let moving = {
+            let actor = cluster.node(1).actor.clone();
+            let mut request = MoveRequest::new("ledger", 2);
+            request.verify = true;
+            tokio::spawn(async move {
+                actor
+                    .send(ferry_actors::actors::MoveVm(request))
+                    .await
+                    .unwrap()
+            })
+        };
+        // The blackout has begun: cut the source off from the store before it
+        // can propose the switchover.
+        wait_progress(&mut events, |p| {
+            p.phase == ferry_actors::job::Phase::Blackout
+        })
+        .await;
+        partition.isolate(1);
+        // While cut off, the source must not resume and the target must not
+        // run the VM either: nothing has committed.
+        let cut = std::time::Instant::now();
+        while cut.elapsed() < std::time::Duration::from_millis(1500) {
+            let running = cluster.running("ledger");
+            assert!(
+                running.is_empty(),
+                "the VM ran while its owner was undecided: {running:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        partition.heal();
+        let outcome = moving.await.unwrap();
+        let report = outcome
+            .expect("after the partition heals, the source learns and completes the switchover");
+        let log = client.stop();
+        let (samples, violations) = watch.stop().await;
+        assert!(violations.is_empty(), "{violations:?}");
+        assert_eq!(
+            cluster.running("ledger"),
+            vec![(2, report.epoch)],
+            "runs once, on the target, at the new epoch"
+        );
+        let state = cluster.node(3).shared.cluster.read();
+        assert_eq!(
+            (state.vms["ledger"].owner, state.vms["ledger"].epoch),
+            (2, report.epoch)
+        );
+        assert_no_acked_append_lost(&cluster, 2, "ledger", &log);
+        println!("partitioned source: completed after heal, blackout {:?}, {samples} samples, no double run", report.blackout);
+    });
+}

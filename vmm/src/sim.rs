@@ -343,6 +343,31 @@ impl SimGuest {
         Ok(())
     }
 
+    /// Sets whether the virtual NIC offloads TCP state (the host NIC's
+    /// capability) and opens connections `ids`: offloaded when it does, held
+    /// by the guest's software stack when not.
+    pub fn open_connections(&self, offload: bool, ids: impl IntoIterator<Item = u64>) {
+        let mut nic = self.inner.nic.lock().unwrap_or_else(|p| p.into_inner());
+        nic.offload_enabled = offload;
+        let held = if offload {
+            &mut nic.offloaded_connections
+        } else {
+            &mut nic.software_connections
+        };
+        held.extend(ids);
+        held.sort_unstable();
+        held.dedup();
+    }
+
+    /// The virtual NIC as it is now (readable while the guest runs).
+    pub fn nic(&self) -> NicState {
+        self.inner
+            .nic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn live(&self) -> GuestResult<()> {
         if self.inner.destroyed.load(Ordering::Acquire) {
             return Err(GuestError::Destroyed);

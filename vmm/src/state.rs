@@ -39,11 +39,61 @@ pub struct VcpuState {
 pub struct NicState {
     pub mac: [u8; 6],
     /// TCP connections whose state the NIC holds (offloaded). Before a move they
-    /// are pushed back into the guest's software stack, so this is empty in a
-    /// state that crosses the wire unless the offload was explicitly kept.
+    /// are pushed back into the guest's software stack ([`NicState::push_back`]),
+    /// so this is empty in a state that crosses the wire.
     pub offloaded_connections: Vec<u64>,
-    /// Whether the NIC offloads TCP state at all.
+    /// Whether the NIC offloads TCP state at all (the host's capability).
     pub offload_enabled: bool,
+    /// TCP connections the guest's own software stack holds. In a real guest
+    /// that state is in guest memory; the simulated guest keeps the list here
+    /// so a test can see where every connection is after a move.
+    pub software_connections: Vec<u64>,
+}
+
+impl NicState {
+    /// Hands every offloaded connection back to the guest's software stack, as
+    /// a migration must before the state leaves the host: the offload engine's
+    /// state belongs to the physical NIC and cannot travel. Returns how many
+    /// connections moved.
+    pub fn push_back(&mut self) -> usize {
+        let moved = self.offloaded_connections.len();
+        self.software_connections
+            .append(&mut self.offloaded_connections);
+        self.software_connections.sort_unstable();
+        self.software_connections.dedup();
+        moved
+    }
+
+    /// Adopts the capability of the host the guest now runs on: with offload
+    /// `supported`, every software connection is offloaded again; without it,
+    /// offload is off and everything stays in the software stack. Returns how
+    /// many connections were offloaded.
+    pub fn reoffload(&mut self, supported: bool) -> usize {
+        self.offload_enabled = supported;
+        if !supported {
+            self.push_back();
+            return 0;
+        }
+        let moved = self.software_connections.len();
+        self.offloaded_connections
+            .append(&mut self.software_connections);
+        self.offloaded_connections.sort_unstable();
+        self.offloaded_connections.dedup();
+        moved
+    }
+
+    /// Every connection the guest has, wherever its state is held.
+    pub fn connections(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = self
+            .offloaded_connections
+            .iter()
+            .chain(&self.software_connections)
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
 }
 
 impl DeviceState {
@@ -158,6 +208,32 @@ mod tests {
             DeviceState::decode(&long),
             Err(GuestError::MalformedState(_))
         ));
+    }
+
+    #[test]
+    fn offloaded_connections_go_back_to_the_guest_and_out_again_only_where_supported() {
+        let mut nic = NicState {
+            offloaded_connections: vec![3, 1],
+            offload_enabled: true,
+            software_connections: vec![2],
+            ..Default::default()
+        };
+        assert_eq!(nic.push_back(), 2);
+        assert!(nic.offloaded_connections.is_empty());
+        assert_eq!(nic.software_connections, vec![1, 2, 3]);
+        // A target without offload keeps them in software and turns it off.
+        let mut plain = nic.clone();
+        assert_eq!(plain.reoffload(false), 0);
+        assert!(!plain.offload_enabled);
+        assert_eq!(plain.connections(), vec![1, 2, 3]);
+        assert!(plain.offloaded_connections.is_empty());
+        // A target with offload takes them all.
+        assert_eq!(nic.reoffload(true), 3);
+        assert!(nic.offload_enabled && nic.software_connections.is_empty());
+        assert_eq!(nic.offloaded_connections, vec![1, 2, 3]);
+        // The state round-trips with its connections.
+        let s = DeviceState { nic, ..sample() };
+        assert_eq!(DeviceState::decode(&s.encode()).unwrap(), s);
     }
 
     #[test]

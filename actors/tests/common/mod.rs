@@ -139,8 +139,91 @@ pub async fn proxy_paths(
                 .unwrap(),
         );
     }
-    let mut peer = cluster.directory.get(target).unwrap();
-    peer.migration = proxies.iter().map(|p| p.local_addr()).collect();
-    cluster.directory.set(target, peer);
+    for (k, proxy) in proxies.iter().enumerate() {
+        cluster
+            .directory
+            .redirect(target, &format!("mig-{}", k + 1), Some(proxy.local_addr()));
+    }
     proxies
+}
+
+/// Which nodes are cut off from the cluster store's traffic.
+#[derive(Default)]
+pub struct Partition {
+    isolated: Mutex<std::collections::BTreeSet<NodeId>>,
+}
+
+impl Partition {
+    pub fn isolate(&self, node: NodeId) {
+        self.isolated.lock().unwrap().insert(node);
+    }
+
+    pub fn heal(&self) {
+        self.isolated.lock().unwrap().clear();
+    }
+
+    fn cut(&self, a: NodeId, b: NodeId) -> bool {
+        let isolated = self.isolated.lock().unwrap();
+        isolated.contains(&a) || isolated.contains(&b)
+    }
+}
+
+use ferry_cluster::network::{BoxFuture, CallError, ClusterTransport, ServiceHandler};
+
+/// The store's transport of one node, through a partition: calls to or from
+/// an isolated node fail as unreachable, in both directions.
+pub struct PartitionedTransport {
+    pub me: NodeId,
+    pub inner: Arc<ferry_transport::RpcNode>,
+    pub partition: Arc<Partition>,
+}
+
+struct PartitionedHandler {
+    me: NodeId,
+    inner: Arc<dyn ServiceHandler>,
+    partition: Arc<Partition>,
+}
+
+impl ServiceHandler for PartitionedHandler {
+    fn handle(&self, from: NodeId, request: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+        if self.partition.cut(from, self.me) {
+            return Box::pin(async { Err("partitioned".to_string()) });
+        }
+        self.inner.handle(from, request)
+    }
+}
+
+impl ClusterTransport for PartitionedTransport {
+    fn call<'a>(
+        &'a self,
+        peer: NodeId,
+        addrs: &'a [SocketAddr],
+        service: &'static str,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, CallError>> {
+        if self.partition.cut(self.me, peer) {
+            return Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Err(CallError::Unreachable {
+                    peer,
+                    reason: "partitioned".into(),
+                })
+            });
+        }
+        ClusterTransport::call(self.inner.as_ref(), peer, addrs, service, request, timeout)
+    }
+
+    fn register(&self, service: &'static str, handler: Arc<dyn ServiceHandler>) {
+        let wrapped = PartitionedHandler {
+            me: self.me,
+            inner: handler,
+            partition: self.partition.clone(),
+        };
+        ClusterTransport::register(self.inner.as_ref(), service, Arc::new(wrapped));
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        ClusterTransport::shutdown(self.inner.as_ref())
+    }
 }
