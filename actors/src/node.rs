@@ -214,9 +214,21 @@ fn build_guest(spec: &GuestSpec, boot: Option<NicBoot>) -> Result<Arc<dyn Guest>
             };
             Ok(guest.map_err(|e| e.to_string())?)
         }
-        other => Err(format!(
-            "this node cannot run {other} guests in the migration engine yet"
-        )),
+        #[cfg(target_os = "linux")]
+        "kvm" => {
+            // A node without usable KVM refuses here with the probe's reason.
+            let mut config = ferry_vmm::KvmGuestConfig::new(spec.memory_bytes, spec.workload);
+            config.vcpus = spec.vcpus;
+            config.service_pages = spec.service_pages;
+            config.mac = spec.mac;
+            config.prefill_seed = spec.prefill_seed;
+            let guest = match boot {
+                None => ferry_vmm::KvmGuest::incoming(config),
+                Some(_) => ferry_vmm::KvmGuest::boot(config),
+            };
+            Ok(guest.map_err(|e| e.to_string())?)
+        }
+        other => Err(format!("this node cannot run {other} guests")),
     }
 }
 
