@@ -8,6 +8,7 @@
 //! to it, and a source that issued the commit and did not hear back stays
 //! paused until the store says how it ended.
 
+use crate::history::{HistoryEvent, Recorder};
 use crate::protocol::{self, GuestSpec, Reply, Request};
 use crate::switch::{ClientError, ServicePort, VirtualSwitch};
 use ferry_cluster::model::{MigrationOutcome, VmConfig};
@@ -18,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch, for the store's records.
@@ -111,6 +112,9 @@ pub(crate) enum Role {
         migration: u64,
         receiver: Option<PageStreamReceiver>,
         verified: bool,
+        /// The digest this node computed when it verified the copy (with a
+        /// digest to compare against); reported when the guest resumes.
+        verified_digest: Option<ferry_vmm::MemoryDigest>,
     },
 }
 
@@ -132,6 +136,8 @@ pub struct NodeShared {
     pub events: tokio::sync::broadcast::Sender<crate::job::Progress>,
     /// Set by `kill`: the node is gone and answers nothing.
     dead: std::sync::atomic::AtomicBool,
+    /// Where this node reports its history, if anywhere (see [`crate::history`]).
+    history: RwLock<Option<Recorder>>,
 }
 
 /// What a simulated guest runs, stored opaquely in the VM's config.
@@ -248,6 +254,7 @@ impl NodeShared {
             vms: Mutex::new(HashMap::new()),
             events: tokio::sync::broadcast::channel(1024).0,
             dead: std::sync::atomic::AtomicBool::new(false),
+            history: RwLock::new(None),
         });
         node.rpc.register(
             protocol::SERVICE,
@@ -264,6 +271,38 @@ impl NodeShared {
 
     pub fn is_dead(&self) -> bool {
         self.dead.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Reports this node's history to `recorder` from now on (see
+    /// [`crate::history`]).
+    pub fn set_history(&self, recorder: Recorder) {
+        *self.history.write().unwrap_or_else(|p| p.into_inner()) = Some(recorder);
+    }
+
+    /// Whether a history recorder is set (and the node alive to report).
+    pub(crate) fn records_history(&self) -> bool {
+        !self.is_dead()
+            && self
+                .history
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+    }
+
+    /// Reports the event `event` builds, if a recorder is set and the node
+    /// has not been killed.
+    pub(crate) fn record(&self, event: impl FnOnce() -> HistoryEvent) {
+        if self.is_dead() {
+            return;
+        }
+        let recorder = self
+            .history
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(recorder) = recorder {
+            recorder(event());
+        }
     }
 
     /// The guest this node runs for `vm`, if it owns it.
@@ -315,6 +354,10 @@ impl NodeShared {
         match hosted {
             Some(h) => {
                 h.guest.destroy();
+                self.record(|| HistoryEvent::CopyDestroyed {
+                    vm: vm.into(),
+                    node: self.id,
+                });
                 self.switch.withdraw(vm);
                 true
             }
@@ -370,6 +413,11 @@ impl NodeShared {
                 role: Role::Owner { epoch },
             },
         );
+        self.record(|| HistoryEvent::VmStarted {
+            vm: vm.into(),
+            node: self.id,
+            epoch,
+        });
         self.switch.announce(vm, self.id, epoch);
         Ok(epoch)
     }
@@ -445,6 +493,7 @@ impl NodeShared {
                     migration,
                     receiver: Some(receiver),
                     verified: false,
+                    verified_digest: None,
                 },
             },
         );
@@ -502,8 +551,14 @@ impl NodeShared {
             };
         }
         if let Some(h) = lock(&self.vms).get_mut(&vm) {
-            if let Role::Incoming { verified, .. } = &mut h.role {
+            if let Role::Incoming {
+                verified,
+                verified_digest,
+                ..
+            } = &mut h.role
+            {
                 *verified = true;
+                *verified_digest = mine;
             }
         }
         Reply::Verified { digest: mine }
@@ -534,7 +589,7 @@ impl NodeShared {
                 migration: mig,
                 verified: true,
                 receiver,
-                ..
+                verified_digest,
             } if *mig == migration => {
                 // The NIC takes the capability of this host: connections the
                 // source pushed back into the guest are offloaded again only
@@ -549,9 +604,25 @@ impl NodeShared {
                         }
                     }
                 }
+                let digest = *verified_digest;
                 if h.guest.resume().is_err() {
                     return false;
                 }
+                // Reported before the route moves, so every acknowledgement
+                // a client gets from this copy comes after it in a history.
+                if let Some(digest) = digest {
+                    self.record(|| HistoryEvent::DigestAtResume {
+                        vm: m.vm.clone(),
+                        node: self.id,
+                        digest,
+                    });
+                }
+                self.record(|| HistoryEvent::TargetResumed {
+                    migration,
+                    vm: m.vm.clone(),
+                    node: self.id,
+                    epoch: vm.epoch,
+                });
                 receiver.take();
                 h.role = Role::Owner { epoch: vm.epoch };
                 self.switch.announce(&m.vm, self.id, vm.epoch);
@@ -570,8 +641,12 @@ impl NodeShared {
             Role::Incoming { migration: m, .. } if m == migration => Some(name.clone()),
             _ => None,
         });
-        if let Some(h) = name.and_then(|n| vms.remove(&n)) {
+        if let Some((name, h)) = name.and_then(|n| vms.remove(&n).map(|h| (n, h))) {
             h.guest.destroy();
+            self.record(|| HistoryEvent::CopyDestroyed {
+                vm: name,
+                node: self.id,
+            });
         }
     }
 

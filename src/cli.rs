@@ -1,0 +1,1348 @@
+//! The `ferry` command line: the daemon (`ferry node run`), cluster setup
+//! (`ferry cluster init`), and the commands that talk to a node's HTTP API.
+//!
+//! Every API command prints a table (or `--json`), and exits with a code a
+//! script can rely on (see [`ExitCode`]). Moves and drains follow their
+//! progress with a bar until they end, unless `--no-wait`.
+
+use crate::client::{Client, ClientError};
+use crate::config::{InitOptions, NodeConfig};
+use crate::error::ApiError;
+use crate::events::Event;
+use crate::node::AppendView;
+use crate::requests;
+use crate::views::*;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the operation ran and failed (a move aborted, a drain left VMs behind) or an internal error
+  2  usage error (bad arguments)
+  3  not found: no such VM, node, network, migration or tip
+  4  refused: the cluster said no (a conflict, or an invalid value)
+  5  unreachable: the node could not be reached, or the cluster has no leader
+  6  unauthorized: the API token is missing or wrong
+
+Connecting: commands talk to one node's API, found from --api/--token, or
+FERRY_API/FERRY_TOKEN, or the node configuration given with --config or
+FERRY_CONFIG (its api.listen and api.token).";
+
+const MAIN_EXAMPLES: &str = "\
+Examples:
+  ferry cluster init --nodes 3 --dir ./cluster
+  ferry node run --config ./cluster/node-1/node.toml &
+  export FERRY_CONFIG=./cluster/node-1/node.toml
+  ferry status
+  ferry vm create web-1 --node node-1 --memory-mib 256 --dirty-pages-per-sec 5000
+  ferry vm move web-1 --to node-2
+  ferry node pause node-1 --drain
+  ferry migrations watch
+  ferry vm list --json";
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live migration of running VMs between cluster nodes",
+    after_help = format!("{MAIN_EXAMPLES}\n\n{EXIT_CODES}")
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How to reach a node's API.
+#[derive(Args, Clone, Debug)]
+pub struct Conn {
+    /// API address of the node to talk to (host:port).
+    #[arg(long, global = true, env = "FERRY_API")]
+    pub api: Option<String>,
+    /// API token.
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// A node configuration to take the API address and token from.
+    #[arg(long, global = true, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of tables and progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Set up a cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Run a node daemon, list nodes, pause (maintenance, drain) and resume them.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Create, start, stop and move VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Networks and their use for live migration.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Migrations: history and live progress.
+    #[command(subcommand)]
+    Migrations(MigrationsCmd),
+    /// Policy tips (move this VM there, because…): list, accept, dismiss.
+    Tips {
+        #[command(subcommand)]
+        command: Option<TipsCmd>,
+    },
+    /// Cluster settings: downtime limit, migrations per node, tip mode.
+    #[command(subcommand)]
+    Settings(SettingsCmd),
+    /// The cluster at a glance, as the node sees it.
+    Status,
+    /// Copy a running simulated guest live into a second one in this process
+    /// and print what was measured (no cluster, no network).
+    #[command(after_help = "Example: ferry demo --memory-mib 512 --dirty-pages-per-sec 20000")]
+    Demo {
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// vCPU threads running the workload.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+        /// Page writes per second by the workload.
+        #[arg(long, default_value_t = 20_000)]
+        dirty_pages_per_sec: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Write a cluster CA, node certificates and ready-to-run node
+    /// configurations for a cluster on this machine.
+    #[command(after_help = "\
+Node i gets address 127.K.0.i on network K (all loopback: no root needed), the
+same transport port on each, and its API on 127.0.0.1:(api-port + i - 1).
+Node 1 forms the cluster on its first start; the others join it.
+
+Example:
+  ferry cluster init --nodes 3 --dir ./cluster
+  ferry cluster init --nodes 3 --dir ./c2 --network mig-1=127.11.0.0/16 --network mig-2=127.12.0.0/16 --api-port 7801")]
+    Init {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long)]
+        dir: PathBuf,
+        /// `name=address/prefix`; repeat for each network (default: mig-1 and mig-2 on 127.1/16 and 127.2/16).
+        #[arg(long = "network")]
+        networks: Vec<String>,
+        /// Transport port (every network address).
+        #[arg(long, default_value_t = 7400)]
+        port: u16,
+        /// API port of node 1.
+        #[arg(long, default_value_t = 7701)]
+        api_port: u16,
+        /// Memory each node offers to guests.
+        #[arg(long, default_value_t = 16 * 1024)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 32)]
+        max_vms: u32,
+        #[arg(long, default_value = "ferry")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Run a node daemon until SIGTERM or Ctrl-C.
+    #[command(after_help = "\
+The data directory is locked: a second daemon on it refuses to start. A node
+restarted on its data directory resumes its cluster state. On SIGTERM the node
+stops the VMs it runs (drain it first to keep them), closes its store and exits 0.
+
+Example: ferry node run --config ./cluster/node-1/node.toml")]
+    /// (The node's configuration is the global `--config PATH`.)
+    Run,
+    /// List the nodes.
+    List,
+    /// Show one node.
+    Show { node: String },
+    /// Put a node in maintenance mode; with --drain move its VMs off first.
+    #[command(after_help = "\
+Example: ferry node pause node-1 --drain
+With --drain the command follows the drain and exits 1 if VMs were left behind,
+naming each with the reason.")]
+    Pause {
+        node: String,
+        #[arg(long)]
+        drain: bool,
+        /// Return once the node is paused, without following the drain.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Take a node out of maintenance mode.
+    #[command(
+        after_help = "Examples:\n  ferry node resume node-1\n  ferry node resume node-1 --failback   (bring back the VMs its drain moved away)"
+    )]
+    Resume {
+        node: String,
+        /// Move back the VMs the node's drain moved away.
+        #[arg(long)]
+        failback: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// List the VMs and where they run.
+    List,
+    /// Show one VM.
+    Show { vm: String },
+    /// Define a simulated VM and start it.
+    #[command(
+        after_help = "Example: ferry vm create web-1 --node node-1 --memory-mib 256 --dirty-pages-per-sec 5000"
+    )]
+    Create {
+        name: String,
+        /// Node to run it on (default: the node you talk to).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Page writes per second of the guest's workload.
+        #[arg(long, default_value_t = 0)]
+        dirty_pages_per_sec: u64,
+        /// uniform, hot_set or sequential.
+        #[arg(long)]
+        pattern: Option<String>,
+        /// shared (cluster-shared volume) or local (the disk moves with the VM).
+        #[arg(long)]
+        storage: Option<String>,
+        /// Start with the cluster's common CPU baseline.
+        #[arg(long)]
+        processor_compatibility: bool,
+        /// Define it only.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Start a VM that is off.
+    Start {
+        vm: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Stop a VM.
+    Stop { vm: String },
+    /// Delete a VM that is off.
+    Delete { vm: String },
+    /// Change a VM's settings (while it is off).
+    #[command(after_help = "\
+Example (processor-compatibility mode, for a move between CPU families):
+  ferry vm stop web-1 && ferry vm set web-1 --processor-compatibility on && ferry vm start web-1")]
+    Set {
+        vm: String,
+        /// on or off.
+        #[arg(long, value_parser = ["on", "off"])]
+        processor_compatibility: Option<String>,
+    },
+    /// Move a running VM live to another node.
+    #[command(after_help = "\
+Examples:
+  ferry vm move web-1 --to node-2
+  ferry vm move web-1              (placement picks the target)
+  ferry vm move web-1 --to node-3 --json --no-wait
+Shows the estimate, then a progress bar per copy round; exits 0 when the VM runs
+on the target, 1 if the move aborted (the VM runs on the source).")]
+    Move {
+        vm: String,
+        /// Target node (default: the one with the fewest VMs that can take it).
+        #[arg(long)]
+        to: Option<String>,
+        /// Compare memory digests of source and target in the blackout.
+        #[arg(long)]
+        verify: bool,
+        /// Return once the migration is recorded.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Cancel the move of a VM under way.
+    Cancel { vm: String },
+    /// How long a move would take, and how long the VM would be paused.
+    Estimate { vm: String },
+    /// Append a record to the VM's service, as a client would.
+    Append { vm: String, record: String },
+}
+
+#[derive(Subcommand)]
+pub enum NetworkCmd {
+    /// List the networks, their roles and migration order.
+    List,
+    /// Allow or forbid live migration on a network, or set its gateway.
+    #[command(after_help = "\
+Examples:
+  ferry network set mig-2 --migration forbid
+  ferry network set public --gateway 10.0.0.1 --migration allow
+A change that would leave no network for live migration is refused (exit 4).")]
+    Set {
+        name: String,
+        /// default, allow or forbid.
+        #[arg(long)]
+        migration: Option<String>,
+        #[arg(long, conflicts_with = "no_gateway")]
+        gateway: Option<String>,
+        #[arg(long)]
+        no_gateway: bool,
+    },
+    /// Put networks first in the migration order.
+    #[command(after_help = "Example: ferry network order mig-2 mig-1")]
+    Order { names: Vec<String> },
+}
+
+#[derive(Subcommand)]
+pub enum MigrationsCmd {
+    /// Recent migrations, newest first.
+    List,
+    /// One migration with its rounds.
+    Show { id: u64 },
+    /// Follow migrations live, one progress line (or bar) per migration.
+    #[command(after_help = "\
+Examples:
+  ferry migrations watch
+  ferry migrations watch --json --count 1     (one JSON line per event; stop after one migration ends)")]
+    Watch {
+        /// Only this migration.
+        #[arg(long)]
+        migration: Option<u64>,
+        /// Stop after this many migrations ended.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TipsCmd {
+    List,
+    /// Accept a pending tip: the policy moves the VM.
+    Accept {
+        id: u64,
+    },
+    /// Dismiss a pending tip.
+    Dismiss {
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SettingsCmd {
+    Show,
+    /// Change settings.
+    #[command(
+        after_help = "Example: ferry settings set --downtime-limit-ms 200 --pro-tip-mode automatic"
+    )]
+    Set {
+        #[arg(long)]
+        downtime_limit_ms: Option<u32>,
+        #[arg(long)]
+        max_migrations_per_node: Option<u32>,
+        /// off, manual or automatic.
+        #[arg(long)]
+        pro_tip_mode: Option<String>,
+    },
+}
+
+/// What a command's failure means to a script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    Ok = 0,
+    Failed = 1,
+    Usage = 2,
+    NotFound = 3,
+    Refused = 4,
+    Unreachable = 5,
+    Unauthorized = 6,
+}
+
+impl ExitCode {
+    pub fn of_api(e: &ApiError) -> ExitCode {
+        match e.status {
+            401 | 403 => ExitCode::Unauthorized,
+            404 => ExitCode::NotFound,
+            400 | 405 | 409 | 413 | 422 => ExitCode::Refused,
+            502..=504 => ExitCode::Unreachable,
+            _ => ExitCode::Failed,
+        }
+    }
+}
+
+/// A command's failure: what to print and how to exit.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: ExitCode,
+    pub error: ApiError,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Api(error) => Failure {
+                code: ExitCode::of_api(&error),
+                error,
+            },
+            ClientError::Io { .. } => Failure {
+                code: ExitCode::Unreachable,
+                error: ApiError::unavailable("node_unreachable", e.to_string()),
+            },
+            ClientError::Protocol { .. } => Failure {
+                code: ExitCode::Failed,
+                error: ApiError::internal(e.to_string()),
+            },
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure {
+            code: ExitCode::Failed,
+            error: ApiError::internal(format!("{e:#}")),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: ExitCode::Usage,
+        error: ApiError::bad_request("usage", message),
+    }
+}
+
+type Outcome = Result<ExitCode, Failure>;
+
+/// Runs the parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> std::process::ExitCode {
+    let json = cli.conn.json;
+    let result = dispatch(cli);
+    let code = match result {
+        Ok(code) => code,
+        Err(f) => {
+            if json {
+                println!("{}", f.error.body());
+            }
+            eprintln!("error: {} [{}]", f.error.message, f.error.code);
+            f.code
+        }
+    };
+    std::process::ExitCode::from(code as u8)
+}
+
+fn client(conn: &Conn) -> Result<Client, Failure> {
+    let mut api = conn.api.clone();
+    let mut token = conn.token.clone();
+    if let Some(path) = &conn.config {
+        let config = NodeConfig::load(path)?;
+        api.get_or_insert(config.api.listen.to_string());
+        token.get_or_insert(config.api.token);
+    }
+    let api = api.ok_or_else(|| {
+        usage("no node to talk to: give --api, --config, FERRY_API or FERRY_CONFIG")
+    })?;
+    Ok(Client::new(&api, token))
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: {e}"),
+    }
+}
+
+/// Prints rows under headers, each column as wide as its widest cell.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{}", bytes >> 20)
+}
+
+fn dispatch(cli: Cli) -> Outcome {
+    let conn = cli.conn;
+    match cli.command {
+        Command::Demo {
+            memory_mib,
+            vcpus,
+            dirty_pages_per_sec,
+        } => {
+            if memory_mib < 8 {
+                return Err(usage("--memory-mib must be at least 8"));
+            }
+            let outcome = crate::demo::run(&crate::demo::DemoConfig {
+                memory_mib,
+                vcpus,
+                dirty_pages_per_sec,
+            })?;
+            println!("{outcome}");
+            Ok(ExitCode::Ok)
+        }
+        Command::Cluster(ClusterCmd::Init {
+            nodes,
+            dir,
+            networks,
+            port,
+            api_port,
+            memory_mib,
+            max_vms,
+            name,
+        }) => {
+            let mut opts = InitOptions::local(dir, nodes);
+            opts.port = port;
+            opts.api_port = api_port;
+            opts.memory_mib = memory_mib;
+            opts.max_vms = max_vms;
+            opts.cluster_name = name;
+            if !networks.is_empty() {
+                opts.networks = networks
+                    .iter()
+                    .map(|n| {
+                        let (name, subnet) = n.split_once('=').ok_or_else(|| {
+                            usage(format!("--network {n:?}: expected name=address/prefix"))
+                        })?;
+                        let subnet = subnet
+                            .parse()
+                            .map_err(|e| usage(format!("--network {n:?}: {e}")))?;
+                        Ok((name.to_string(), subnet))
+                    })
+                    .collect::<Result<_, Failure>>()?;
+            }
+            let paths = crate::config::init_cluster(&opts)?;
+            if conn.json {
+                print_json(&paths);
+            } else {
+                for p in &paths {
+                    println!("wrote {}", p.display());
+                }
+                if let Some(first) = paths.first() {
+                    println!("\nstart each node:  ferry node run --config <path>");
+                    println!("then talk to one: export FERRY_CONFIG={}", first.display());
+                }
+            }
+            Ok(ExitCode::Ok)
+        }
+        Command::Node(NodeCmd::Run) => {
+            let path = conn
+                .config
+                .ok_or_else(|| usage("ferry node run needs --config PATH (or FERRY_CONFIG)"))?;
+            crate::daemon::run(&path)?;
+            Ok(ExitCode::Ok)
+        }
+        Command::Node(cmd) => node_cmd(&client(&conn)?, conn.json, cmd),
+        Command::Vm(cmd) => vm_cmd(&client(&conn)?, conn.json, cmd),
+        Command::Network(cmd) => network_cmd(&client(&conn)?, conn.json, cmd),
+        Command::Migrations(cmd) => migrations_cmd(&client(&conn)?, conn.json, cmd),
+        Command::Tips { command } => {
+            tips_cmd(&client(&conn)?, conn.json, command.unwrap_or(TipsCmd::List))
+        }
+        Command::Settings(cmd) => settings_cmd(&client(&conn)?, conn.json, cmd),
+        Command::Status => {
+            let c = client(&conn)?;
+            let s: StatusView = c.get("/api/status")?;
+            if conn.json {
+                print_json(&s);
+            } else {
+                let leader = s
+                    .leader
+                    .map(|l| format!("node {l}"))
+                    .unwrap_or_else(|| "none".into());
+                println!("answering node  {} (id {})", s.name, s.node);
+                println!(
+                    "raft            leader {leader}, term {}, voters {:?}",
+                    s.term, s.voters
+                );
+                println!("nodes           {} ({} up)", s.nodes, s.nodes_up);
+                println!("vms             {} ({} running)", s.vms, s.vms_running);
+                println!("migrations      {} active", s.active_migrations);
+                println!("tips            {} pending", s.pending_tips);
+            }
+            Ok(ExitCode::Ok)
+        }
+    }
+}
+
+fn print_nodes(nodes: &[NodeView]) {
+    table(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "DRAIN",
+            "VMS",
+            "MEM USED MiB",
+            "MIGRATIONS",
+            "LEADER",
+        ],
+        &nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.id.to_string(),
+                    n.name.clone(),
+                    n.state.clone(),
+                    n.drain.clone(),
+                    format!("{}/{}", n.vms, n.max_vms),
+                    format!("{}/{}", mib(n.memory_used_bytes), mib(n.memory_bytes)),
+                    n.active_migrations.to_string(),
+                    if n.leader { "*".into() } else { String::new() },
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+}
+
+fn node_cmd(c: &Client, json: bool, cmd: NodeCmd) -> Outcome {
+    match cmd {
+        NodeCmd::Run => Err(usage("ferry node run needs --config PATH")),
+        NodeCmd::List => {
+            let nodes: Vec<NodeView> = c.get("/api/nodes")?;
+            if json {
+                print_json(&nodes);
+            } else {
+                print_nodes(&nodes);
+            }
+            Ok(ExitCode::Ok)
+        }
+        NodeCmd::Show { node } => {
+            let n: NodeView = c.get(&format!("/api/nodes/{node}"))?;
+            if json {
+                print_json(&n);
+            } else {
+                print_nodes(std::slice::from_ref(&n));
+                for s in &n.stuck {
+                    println!("stuck: {} — {}", s.vm, s.reason);
+                }
+            }
+            Ok(ExitCode::Ok)
+        }
+        NodeCmd::Resume { node, failback } => {
+            let r: ResumedView = c.post(
+                &format!("/api/nodes/{node}/resume"),
+                &requests::ResumeNode { failback },
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("{} is {}", r.node.name, r.node.state);
+                for m in &r.failback.moved {
+                    println!("back: {} (epoch {})", m.vm, m.epoch);
+                }
+                for f in &r.failback.failed {
+                    println!("stayed: {} — {}", f.vm, f.reason);
+                }
+            }
+            Ok(if r.failback.failed.is_empty() {
+                ExitCode::Ok
+            } else {
+                ExitCode::Failed
+            })
+        }
+        NodeCmd::Pause {
+            node,
+            drain,
+            no_wait,
+        } => {
+            let before: Vec<VmView> = c.get("/api/vms")?;
+            let n: NodeView = c.post(
+                &format!("/api/nodes/{node}/pause"),
+                &requests::PauseNode { drain },
+            )?;
+            if !drain || no_wait {
+                if json {
+                    print_json(&n);
+                } else {
+                    println!(
+                        "{} is {}{}",
+                        n.name,
+                        n.state,
+                        if drain { ", draining" } else { "" }
+                    );
+                }
+                return Ok(ExitCode::Ok);
+            }
+            follow_drain(c, json, &n, &before)
+        }
+    }
+}
+
+fn on_node(vms: &[VmView], node: u64) -> Vec<String> {
+    vms.iter()
+        .filter(|v| v.owner == node && (v.state == "running" || v.state == "migrating"))
+        .map(|v| v.name.clone())
+        .collect()
+}
+
+fn follow_drain(c: &Client, json: bool, n: &NodeView, before: &[VmView]) -> Outcome {
+    let leaving = on_node(before, n.id);
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(leaving.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "draining {prefix} [{bar:30}] {pos}/{len} VMs moved  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(n.name.clone());
+        bar
+    };
+    let started = Instant::now();
+    let node = loop {
+        let node: NodeView = c.get(&format!("/api/nodes/{}", n.id))?;
+        let vms: Vec<VmView> = c.get("/api/vms")?;
+        let left = on_node(&vms, n.id);
+        bar.set_position(leaving.iter().filter(|v| !left.contains(v)).count() as u64);
+        bar.set_message(left.join(" "));
+        if node.drain != "draining" || node.state != "paused" {
+            break node;
+        }
+        if started.elapsed() > Duration::from_secs(3600) {
+            break node;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    bar.finish_and_clear();
+    let vms: Vec<VmView> = c.get("/api/vms")?;
+    if json {
+        print_json(&serde_json::json!({ "node": node, "vms": vms }));
+    } else {
+        println!("{}: {} in {:.1?}", node.name, node.drain, started.elapsed());
+        let rows: Vec<Vec<String>> = vms
+            .iter()
+            .filter(|v| leaving.contains(&v.name))
+            .map(|v| vec![v.name.clone(), v.owner_name.clone(), v.state.clone()])
+            .collect();
+        if !rows.is_empty() {
+            table(&["VM", "NOW ON", "STATE"], &rows);
+        }
+        for s in &node.stuck {
+            println!("left behind: {} — {}", s.vm, s.reason);
+        }
+    }
+    Ok(if node.drain == "drained" {
+        ExitCode::Ok
+    } else {
+        ExitCode::Failed
+    })
+}
+
+fn print_vms(vms: &[VmView]) {
+    table(
+        &[
+            "NAME",
+            "STATE",
+            "OWNER",
+            "MEM MiB",
+            "VCPUS",
+            "EPOCH",
+            "STORAGE",
+            "MIGRATION",
+        ],
+        &vms.iter()
+            .map(|v| {
+                vec![
+                    v.name.clone(),
+                    v.state.clone(),
+                    v.owner_name.clone(),
+                    mib(v.memory_bytes),
+                    v.vcpus.to_string(),
+                    v.epoch.to_string(),
+                    v.storage.clone(),
+                    v.migration.map(|m| m.to_string()).unwrap_or_default(),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+}
+
+fn vm_cmd(c: &Client, json: bool, cmd: VmCmd) -> Outcome {
+    let show = |v: &VmView| {
+        if json {
+            print_json(v);
+        } else {
+            print_vms(std::slice::from_ref(v));
+        }
+    };
+    match cmd {
+        VmCmd::List => {
+            let vms: Vec<VmView> = c.get("/api/vms")?;
+            if json {
+                print_json(&vms);
+            } else {
+                print_vms(&vms);
+            }
+        }
+        VmCmd::Show { vm } => show(&c.get(&format!("/api/vms/{vm}"))?),
+        VmCmd::Create {
+            name,
+            node,
+            memory_mib,
+            vcpus,
+            dirty_pages_per_sec,
+            pattern,
+            storage,
+            processor_compatibility,
+            no_start,
+        } => {
+            let req = requests::CreateVm {
+                name,
+                node,
+                memory_mib,
+                vcpus,
+                dirty_pages_per_sec,
+                pattern,
+                storage,
+                processor_compatibility,
+                tcp_connections: 0,
+                start: !no_start,
+            };
+            show(&c.post("/api/vms", &req)?);
+        }
+        VmCmd::Start { vm, node } => {
+            show(&c.post(&format!("/api/vms/{vm}/start"), &requests::StartVm { node })?)
+        }
+        VmCmd::Stop { vm } => {
+            show(&c.post(&format!("/api/vms/{vm}/stop"), &serde_json::json!({}))?)
+        }
+        VmCmd::Set {
+            vm,
+            processor_compatibility,
+        } => show(&c.call(
+            "PATCH",
+            &format!("/api/vms/{vm}"),
+            Some(&requests::VmPatch {
+                processor_compatibility: processor_compatibility.map(|v| v == "on"),
+            }),
+        )?),
+        VmCmd::Delete { vm } => {
+            c.call::<serde_json::Value>("DELETE", &format!("/api/vms/{vm}"), None::<&()>)?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": vm }));
+            } else {
+                println!("deleted {vm}");
+            }
+        }
+        VmCmd::Cancel { vm } => {
+            let v: serde_json::Value =
+                c.post(&format!("/api/vms/{vm}/cancel"), &serde_json::json!({}))?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("cancelling the move of {vm}; it stays on its source");
+            }
+        }
+        VmCmd::Estimate { vm } => {
+            let e: EstimateView = c.get(&format!("/api/vms/{vm}/estimate"))?;
+            if json {
+                print_json(&e);
+            } else {
+                println!("{vm}: {}", e.summary);
+                println!(
+                    "from {} MiB, {:.0} pages/s dirtied, {:.0} MB/s ({})",
+                    mib(e.memory_bytes),
+                    e.dirty_rate,
+                    e.bandwidth / 1e6,
+                    e.bandwidth_source
+                );
+            }
+        }
+        VmCmd::Append { vm, record } => {
+            let a: AppendView = c.post(
+                &format!("/api/vms/{vm}/append"),
+                &requests::Append { record },
+            )?;
+            if json {
+                print_json(&a);
+            } else {
+                println!("{vm}: appended as #{} on node {}", a.seq, a.node);
+            }
+        }
+        VmCmd::Move {
+            vm,
+            to,
+            verify,
+            no_wait,
+        } => return vm_move(c, json, &vm, to, verify, no_wait),
+    }
+    Ok(ExitCode::Ok)
+}
+
+/// Spawns a reader of the node's event stream; events arrive on the channel.
+fn subscribe(c: &Client, path: &str) -> Result<std::sync::mpsc::Receiver<Event>, Failure> {
+    let stream = c.events(path)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for sse in stream {
+            let Ok(sse) = sse else { return };
+            if let Ok(event) = serde_json::from_str::<Event>(&sse.data) {
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn round_message(p: &ProgressView) -> String {
+    match p.phase.as_str() {
+        "copying" => format!(
+            "round {}: {} pages dirty, {:.0} MB/s",
+            p.round,
+            p.remaining_pages,
+            p.bandwidth / 1e6
+        ),
+        other => other.replace('_', " "),
+    }
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix:<24} [{bar:30}] {pos:>3}%  {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+fn vm_move(
+    c: &Client,
+    json: bool,
+    vm: &str,
+    to: Option<String>,
+    verify: bool,
+    no_wait: bool,
+) -> Outcome {
+    let events = if no_wait {
+        None
+    } else {
+        Some(subscribe(c, "/api/events")?)
+    };
+    let started: MoveStarted = c.post(
+        &format!("/api/vms/{vm}/move"),
+        &requests::MoveVm { target: to, verify },
+    )?;
+    if no_wait {
+        if json {
+            print_json(&started);
+        } else {
+            println!(
+                "migration {}: {vm} node {} -> {}",
+                started.migration, started.source, started.target_name
+            );
+        }
+        return Ok(ExitCode::Ok);
+    }
+    if !json {
+        println!(
+            "migration {}: moving {vm} to {}",
+            started.migration, started.target_name
+        );
+        if let Some(e) = &started.estimate {
+            println!("estimate: {}", e.summary);
+        }
+    }
+    let bar = if json || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(100).with_style(bar_style());
+        bar.set_prefix(format!("{vm} -> {}", started.target_name));
+        bar
+    };
+    let id = started.migration;
+    let mut last_poll = Instant::now();
+    if let Some(rx) = events {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(300)) {
+                Ok(Event::Progress(p)) if p.migration == id => {
+                    bar.set_position(p.percent.clamp(0.0, 100.0) as u64);
+                    bar.set_message(round_message(&p));
+                    if p.is_final() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+            }
+            if last_poll.elapsed() > Duration::from_millis(500) {
+                last_poll = Instant::now();
+                let m: MigrationView = c.get(&format!("/api/migrations/{id}"))?;
+                if m.outcome != "active" {
+                    break;
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    // The store decides; the report may trail the outcome by a moment.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let m = loop {
+        let m: MigrationView = c.get(&format!("/api/migrations/{id}"))?;
+        if m.outcome != "active"
+            && (m.report.is_some() || m.outcome != "completed" || Instant::now() > deadline)
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if json {
+        print_json(&m);
+    } else {
+        print_migration_result(&m);
+    }
+    Ok(if m.outcome == "completed" {
+        ExitCode::Ok
+    } else {
+        ExitCode::Failed
+    })
+}
+
+fn print_migration_result(m: &MigrationView) {
+    match (m.outcome.as_str(), &m.report) {
+        ("completed", Some(r)) => println!(
+            "{} now runs on node {}: {} rounds, {:.1} MiB sent, {:.0} ms total, {:.1} ms blackout",
+            m.vm,
+            m.target,
+            r.rounds,
+            r.bytes as f64 / (1u64 << 20) as f64,
+            r.total_ms,
+            r.blackout_ms
+        ),
+        ("completed", None) => println!("{} now runs on node {}", m.vm, m.target),
+        _ => println!(
+            "migration {} of {} {}: {} — the VM runs on node {}",
+            m.id,
+            m.vm,
+            m.outcome,
+            m.reason.clone().unwrap_or_default(),
+            m.source
+        ),
+    }
+}
+
+fn print_networks(nets: &[NetworkView]) {
+    table(
+        &[
+            "ORDER",
+            "NAME",
+            "SUBNET",
+            "GATEWAY",
+            "ROLE",
+            "MIGRATION",
+            "ALLOWED",
+        ],
+        &nets
+            .iter()
+            .map(|n| {
+                vec![
+                    n.order.to_string(),
+                    n.name.clone(),
+                    n.subnet.clone(),
+                    n.gateway.clone().unwrap_or_else(|| "-".into()),
+                    n.role.clone(),
+                    n.migration.clone(),
+                    if n.allowed { "yes".into() } else { "no".into() },
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+}
+
+fn network_cmd(c: &Client, json: bool, cmd: NetworkCmd) -> Outcome {
+    let nets: Vec<NetworkView> = match cmd {
+        NetworkCmd::List => c.get("/api/networks")?,
+        NetworkCmd::Set {
+            name,
+            migration,
+            gateway,
+            no_gateway,
+        } => {
+            let patch = requests::NetworkPatch {
+                migration,
+                gateway: if no_gateway {
+                    Some(None)
+                } else {
+                    gateway.map(Some)
+                },
+            };
+            if patch == requests::NetworkPatch::default() {
+                return Err(usage(
+                    "nothing to set: give --migration, --gateway or --no-gateway",
+                ));
+            }
+            let n: NetworkView = c.call("PATCH", &format!("/api/networks/{name}"), Some(&patch))?;
+            vec![n]
+        }
+        NetworkCmd::Order { names } => c.call(
+            "PUT",
+            "/api/networks/order",
+            Some(&requests::NetworkOrder { order: names }),
+        )?,
+    };
+    if json {
+        print_json(&nets);
+    } else {
+        print_networks(&nets);
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn migrations_cmd(c: &Client, json: bool, cmd: MigrationsCmd) -> Outcome {
+    match cmd {
+        MigrationsCmd::List => {
+            let ms: Vec<MigrationView> = c.get("/api/migrations")?;
+            if json {
+                print_json(&ms);
+            } else {
+                table(
+                    &[
+                        "ID",
+                        "VM",
+                        "FROM",
+                        "TO",
+                        "TRIGGER",
+                        "PHASE",
+                        "OUTCOME",
+                        "BLACKOUT ms",
+                        "REASON",
+                    ],
+                    &ms.iter()
+                        .map(|m| {
+                            vec![
+                                m.id.to_string(),
+                                m.vm.clone(),
+                                m.source.to_string(),
+                                m.target.to_string(),
+                                m.trigger.clone(),
+                                m.phase.clone(),
+                                m.outcome.clone(),
+                                m.report
+                                    .as_ref()
+                                    .map(|r| format!("{:.1}", r.blackout_ms))
+                                    .unwrap_or_default(),
+                                m.reason.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        MigrationsCmd::Show { id } => {
+            let m: MigrationView = c.get(&format!("/api/migrations/{id}"))?;
+            if json {
+                print_json(&m);
+            } else {
+                print_migration_result(&m);
+                table(
+                    &[
+                        "ROUND",
+                        "PHASE",
+                        "MiB SENT",
+                        "DIRTY PAGES",
+                        "DIRTY/s",
+                        "MB/s",
+                        "THROTTLE",
+                    ],
+                    &m.rounds
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.round.to_string(),
+                                p.phase.clone(),
+                                format!("{:.1}", p.bytes_sent as f64 / (1u64 << 20) as f64),
+                                p.remaining_pages.to_string(),
+                                format!("{:.0}", p.dirty_rate),
+                                format!("{:.0}", p.bandwidth / 1e6),
+                                format!("{:.0}%", p.throttle * 100.0),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        MigrationsCmd::Watch {
+            migration,
+            count,
+            timeout,
+        } => {
+            let path = match migration {
+                Some(id) => format!("/api/events?migration={id}"),
+                None => "/api/events".into(),
+            };
+            let rx = subscribe(c, &path)?;
+            let deadline = timeout.map(|s| Instant::now() + Duration::from_secs(s));
+            let bars = MultiProgress::new();
+            let tty = !json && std::io::stderr().is_terminal();
+            let mut shown: HashMap<u64, ProgressBar> = HashMap::new();
+            let mut ended = 0u64;
+            loop {
+                if deadline.is_some_and(|d| Instant::now() > d) || count.is_some_and(|n| ended >= n)
+                {
+                    break;
+                }
+                let event = match rx.recv_timeout(Duration::from_millis(250)) {
+                    Ok(e) => e,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(Failure::from(ClientError::Api(ApiError::unavailable(
+                            "node_unreachable",
+                            "the event stream ended",
+                        ))))
+                    }
+                };
+                let Event::Progress(p) = event else {
+                    if json {
+                        if let Event::Report(r) = &event {
+                            println!("{}", serde_json::json!({ "type": "report", "report": r }));
+                        }
+                    }
+                    continue;
+                };
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "type": "progress", "progress": p })
+                    );
+                } else if tty {
+                    let bar = shown.entry(p.migration).or_insert_with(|| {
+                        let bar = bars.add(ProgressBar::new(100).with_style(bar_style()));
+                        bar.set_prefix(format!("#{} {}", p.migration, p.vm));
+                        bar
+                    });
+                    bar.set_position(p.percent.clamp(0.0, 100.0) as u64);
+                    bar.set_message(round_message(&p));
+                    if p.is_final() {
+                        bar.finish();
+                    }
+                } else {
+                    println!(
+                        "migration {} {} from node {}: {} ({:.0}%)",
+                        p.migration,
+                        p.vm,
+                        p.node,
+                        round_message(&p),
+                        p.percent
+                    );
+                }
+                if p.is_final() {
+                    ended += 1;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn print_tips(tips: &[TipView]) {
+    table(
+        &["ID", "VM", "FROM", "TO", "STATE", "REASON"],
+        &tips
+            .iter()
+            .map(|t| {
+                vec![
+                    t.id.to_string(),
+                    t.vm.clone(),
+                    t.source.to_string(),
+                    t.target.to_string(),
+                    t.state.clone(),
+                    t.failure.clone().unwrap_or_else(|| t.reason.clone()),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+}
+
+fn tips_cmd(c: &Client, json: bool, cmd: TipsCmd) -> Outcome {
+    let tips: Vec<TipView> = match cmd {
+        TipsCmd::List => c.get("/api/tips")?,
+        TipsCmd::Accept { id } => {
+            vec![c.post(&format!("/api/tips/{id}/accept"), &serde_json::json!({}))?]
+        }
+        TipsCmd::Dismiss { id } => {
+            vec![c.post(&format!("/api/tips/{id}/dismiss"), &serde_json::json!({}))?]
+        }
+    };
+    if json {
+        print_json(&tips);
+    } else {
+        print_tips(&tips);
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn settings_cmd(c: &Client, json: bool, cmd: SettingsCmd) -> Outcome {
+    let s: SettingsView = match cmd {
+        SettingsCmd::Show => c.get("/api/settings")?,
+        SettingsCmd::Set {
+            downtime_limit_ms,
+            max_migrations_per_node,
+            pro_tip_mode,
+        } => c.call(
+            "PATCH",
+            "/api/settings",
+            Some(&requests::SettingsPatch {
+                downtime_limit_ms,
+                bandwidth_cap_bytes_per_sec: None,
+                max_migrations_per_node,
+                pro_tip_mode,
+            }),
+        )?,
+    };
+    if json {
+        print_json(&s);
+    } else {
+        println!("downtime limit           {} ms", s.downtime_limit_ms);
+        println!("migrations per node      {}", s.max_migrations_per_node);
+        println!("policy tips              {}", s.pro_tip_mode);
+    }
+    Ok(ExitCode::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

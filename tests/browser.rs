@@ -1,0 +1,131 @@
+//! The dashboard in a real headless browser (Debian's chromium), driven over
+//! the DevTools protocol: it shows a migration's progress (percent, phase and
+//! the per-round chart of dirty pages and throughput), and a click on a
+//! node's Drain button starts a drain that empties the node.
+//!
+//! Three nodes run in this process through the library (the same `Node` the
+//! daemon runs), each serving the API; the browser talks to node 1.
+//! Without chromium the test prints a SKIPPED line and passes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::cdp::{find_chromium, Browser};
+use common::*;
+use ferry::views::{NodeView, VmView};
+use std::time::{Duration, Instant};
+
+#[test]
+fn dashboard_shows_progress_and_a_click_on_drain_starts_a_drain() {
+    let Some(chromium) = find_chromium() else {
+        println!(
+            "SKIPPED dashboard_shows_progress_and_a_click_on_drain_starts_a_drain: \
+             no chromium on PATH (apt-get install -y chromium)"
+        );
+        return;
+    };
+    let started = Instant::now();
+    let dir = TempDir::new("browser");
+    let cluster = InProcess::start(&dir.0, 3, 45, 46);
+    let api = client(&cluster.configs[0]);
+    for (name, node, mib, rate) in [
+        ("web-1", "node-1", 192, 30_000),
+        ("db-1", "node-2", 48, 1_000),
+    ] {
+        let _: VmView = api
+            .post(
+                "/api/vms",
+                &serde_json::json!({
+                    "name": name, "node": node, "memory_mib": mib,
+                    "dirty_pages_per_sec": rate, "pattern": "uniform"
+                }),
+            )
+            .unwrap();
+    }
+    let url = format!("http://{}/?token={}", api.addr, api.token.clone().unwrap());
+    let mut browser = Browser::launch(&chromium, &dir.0.join("profile"), &url);
+    browser.wait_for(
+        "the dashboard to load and follow the event stream",
+        "document.body.dataset.loaded === '1' && document.body.dataset.live === '1' \
+         && document.querySelectorAll('#nodes tr[data-node]').length === 3",
+        Duration::from_secs(30),
+    );
+    // The token left the address bar.
+    assert_eq!(browser.eval("location.search"), "");
+    assert_eq!(
+        browser.eval("document.querySelector('#vms tr[data-vm=\"web-1\"]').dataset.owner"),
+        "node-1"
+    );
+
+    // Move web-1 to node 3 with the dashboard's own controls.
+    browser.eval("document.getElementById('target-web-1').value = 'node-3'");
+    browser.click("#move-web-1");
+    // Its progress shows: phases as they come, then completion with the chart.
+    let sel = "document.querySelector('[data-migration][data-vm=\"web-1\"]')";
+    let mut phases = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = browser.eval(&format!(
+            "(() => {{ const m = {sel}; return m ? [m.dataset.phase, m.dataset.percent, \
+             m.querySelector('svg.chart').dataset.rounds] : null; }})()"
+        ));
+        if let Some(v) = seen.as_array() {
+            let phase = v[0].as_str().unwrap().to_string();
+            if phases.last() != Some(&phase) {
+                println!("dashboard: web-1 {phase} {}% ({} rounds drawn)", v[1], v[2]);
+                phases.push(phase.clone());
+            }
+            if phase == "completed" {
+                assert_eq!(v[1], "100");
+                assert!(v[2].as_str().unwrap().parse::<u32>().unwrap() >= 1);
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the move did not complete: {phases:?}"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let dots = browser.eval(&format!("{sel}.querySelectorAll('circle.dirty').length"));
+    assert!(dots.as_u64().unwrap() >= 1, "no round on the chart");
+    let summary = browser.wait_for(
+        "the move's measured figures",
+        &format!("{sel}.textContent.includes('ms blackout') && {sel}.textContent"),
+        Duration::from_secs(10),
+    );
+    println!(
+        "dashboard: {}",
+        summary
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let web: VmView = api.get("/api/vms/web-1").unwrap();
+    assert_eq!(web.owner, 3);
+    browser.wait_for(
+        "the VM table to show web-1 on node-3",
+        "document.querySelector('#vms tr[data-vm=\"web-1\"]').dataset.owner === 'node-3'",
+        Duration::from_secs(10),
+    );
+
+    // A click on node-2's Drain button drains it.
+    browser.click("#drain-node-2");
+    let n2: NodeView = wait_for("node-2 to drain", Duration::from_secs(60), || {
+        let n: NodeView = api.get("/api/nodes/node-2").ok()?;
+        (n.drain == "drained").then_some(n)
+    });
+    assert_eq!(n2.state, "paused");
+    let db: VmView = api.get("/api/vms/db-1").unwrap();
+    assert_ne!(db.owner, 2, "db-1 still on the drained node");
+    browser.wait_for(
+        "the dashboard to show node-2 paused and drained",
+        "(() => { const n = document.querySelector('#nodes tr[data-node=\"node-2\"]'); \
+         return n.dataset.state === 'paused' && n.dataset.drain === 'drained' \
+         && !!document.getElementById('resume-node-2'); })()",
+        Duration::from_secs(10),
+    );
+    println!("browser test took {:.1?}", started.elapsed());
+}
