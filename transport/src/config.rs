@@ -1,0 +1,201 @@
+//! Network settings of a node: MTU per network, socket buffers, timeouts, and the
+//! page stream's budgets. Defaults are safe on any network; the jumbo settings are
+//! documented where they matter.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A UDP payload every IPv4 path with a 1500-byte MTU carries
+/// (1500 - 20 IPv4 - 8 UDP - 20 spare for tunnels and IPv6).
+pub const DEFAULT_MTU: u16 = 1452;
+/// Largest UDP payload we recommend for jumbo-frame migration networks and loopback.
+///
+/// Measured on loopback with quinn 0.11 (`stream_bench --mtu-sweep`): 1452 gives
+/// roughly a third to a half of the throughput of 6000. Above ~7000 quinn's
+/// segmentation offload batches exceed what the kernel accepts and throughput
+/// collapses, so Ferry turns GSO off above [`GSO_MAX_MTU`]; without GSO, 7000–9000
+/// run at about two thirds of 6000. Hence 6000 even on 9000-byte networks.
+pub const JUMBO_MTU: u16 = 6000;
+/// Above this MTU, generic segmentation offload is disabled (see [`JUMBO_MTU`]).
+pub const GSO_MAX_MTU: u16 = 6400;
+/// QUIC's floor: every path must carry 1200-byte datagrams.
+pub const MIN_MTU: u16 = 1200;
+/// Largest MTU used (Ethernet jumbo frames); larger settings are clamped to it.
+pub const MAX_MTU: u16 = 9000;
+
+/// MTU of one network, chosen for a local address by longest-prefix match.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubnetMtu {
+    pub network: IpAddr,
+    pub prefix_len: u8,
+    pub mtu: u16,
+}
+
+/// Page stream tuning. Both ends read it: the sender for budgets and heartbeats, the
+/// receiver for its own "every path is gone" deadline.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PageStreamConfig {
+    /// Pages per chunk: the unit of sequence numbers, acknowledgement and resend.
+    pub chunk_pages: u32,
+    /// Bytes sent but not yet acknowledged, over all paths. `send` waits when full.
+    pub inflight_budget_bytes: usize,
+    /// Most unacknowledged bytes one path may hold (also capped by an equal share of
+    /// the budget).
+    pub path_window_bytes: usize,
+    /// Below that cap, a path holds what it delivers in this time (plus four chunks):
+    /// a slow path holds little, so rounds do not end waiting for it.
+    pub path_window_time: Duration,
+    /// How often the sender pings each path.
+    pub heartbeat_interval: Duration,
+    /// A path that shows no sign of life for this long is dropped. Also the QUIC idle
+    /// timeout of page-stream connections.
+    pub path_dead_after: Duration,
+    /// When no path has been up for this long, the stream fails.
+    pub fail_after: Duration,
+    /// Pause between attempts to bring a dead path back.
+    pub reconnect_interval: Duration,
+}
+
+impl Default for PageStreamConfig {
+    fn default() -> Self {
+        PageStreamConfig {
+            chunk_pages: 64,
+            inflight_budget_bytes: 64 << 20,
+            path_window_bytes: 32 << 20,
+            path_window_time: Duration::from_millis(200),
+            heartbeat_interval: Duration::from_millis(50),
+            path_dead_after: Duration::from_millis(300),
+            fail_after: Duration::from_secs(2),
+            reconnect_interval: Duration::from_millis(150),
+        }
+    }
+}
+
+/// Settings of one node's transport.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// Initial and largest UDP payload on every network without a [`SubnetMtu`] entry.
+    /// If a larger datagram is lost repeatedly, quinn falls back to 1200.
+    pub mtu: u16,
+    /// Per-network MTUs (migration networks often run jumbo frames, see [`JUMBO_MTU`]).
+    pub network_mtu: Vec<SubnetMtu>,
+    /// Requested SO_SNDBUF / SO_RCVBUF. The kernel caps it at `net.core.[rw]mem_max`
+    /// (raise those for 10G+ links); the effective size is logged.
+    pub socket_buffer_bytes: usize,
+    /// QUIC idle timeout of RPC connections.
+    pub idle_timeout: Duration,
+    /// QUIC keep-alive of RPC connections.
+    pub keepalive_interval: Duration,
+    /// Bound on establishing a connection and exchanging hellos.
+    pub connect_timeout: Duration,
+    /// Largest frame (request, response, message, chunk) accepted or sent.
+    pub max_frame_bytes: u32,
+    /// Concurrent requests one peer connection may have open.
+    pub max_concurrent_requests: u32,
+    pub page_stream: PageStreamConfig,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            mtu: DEFAULT_MTU,
+            network_mtu: Vec::new(),
+            socket_buffer_bytes: 8 << 20,
+            idle_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
+            max_frame_bytes: 16 << 20,
+            max_concurrent_requests: 256,
+            page_stream: PageStreamConfig::default(),
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// Defaults with a jumbo MTU everywhere: for loopback clusters and tests.
+    pub fn loopback() -> Self {
+        NetworkConfig {
+            mtu: JUMBO_MTU,
+            ..Default::default()
+        }
+    }
+
+    /// The MTU used by the endpoint bound to `ip`.
+    pub fn mtu_for(&self, ip: IpAddr) -> u16 {
+        let mut best: Option<(u8, u16)> = None;
+        for rule in &self.network_mtu {
+            if prefix_matches(rule.network, rule.prefix_len, ip)
+                && best.is_none_or(|(len, _)| rule.prefix_len > len)
+            {
+                best = Some((rule.prefix_len, rule.mtu));
+            }
+        }
+        best.map_or(self.mtu, |(_, mtu)| mtu)
+            .clamp(MIN_MTU, MAX_MTU)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let ps = &self.page_stream;
+        let chunk_bytes = ps.chunk_pages as usize * crate::protocol::PAGE_SIZE
+            + crate::protocol::CHUNK_HEADER_LEN
+            + 1;
+        if ps.chunk_pages == 0 || ps.chunk_pages > crate::protocol::MAX_CHUNK_PAGES {
+            return Err(format!("chunk_pages {} out of range", ps.chunk_pages));
+        }
+        if chunk_bytes > self.max_frame_bytes as usize {
+            return Err(format!(
+                "a chunk of {} pages ({chunk_bytes} bytes) exceeds max_frame_bytes {}",
+                ps.chunk_pages, self.max_frame_bytes
+            ));
+        }
+        if ps.heartbeat_interval.is_zero() || ps.path_dead_after <= ps.heartbeat_interval {
+            return Err("path_dead_after must exceed a non-zero heartbeat_interval".into());
+        }
+        Ok(())
+    }
+}
+
+/// Number of leading bits two addresses share (0 across families).
+pub(crate) fn common_prefix_len(a: IpAddr, b: IpAddr) -> u32 {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) ^ u32::from(b)).leading_zeros(),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a) ^ u128::from(b)).leading_zeros(),
+        _ => 0,
+    }
+}
+
+fn prefix_matches(network: IpAddr, prefix_len: u8, ip: IpAddr) -> bool {
+    let same_family = network.is_ipv4() == ip.is_ipv4();
+    same_family && common_prefix_len(network, ip) >= u32::from(prefix_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mtu_by_longest_prefix() {
+        let cfg = NetworkConfig {
+            network_mtu: vec![
+                SubnetMtu {
+                    network: "127.2.0.0".parse().unwrap(),
+                    prefix_len: 16,
+                    mtu: 6000,
+                },
+                SubnetMtu {
+                    network: "127.2.3.0".parse().unwrap(),
+                    prefix_len: 24,
+                    mtu: 4000,
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(cfg.mtu_for("127.1.0.1".parse().unwrap()), DEFAULT_MTU);
+        assert_eq!(cfg.mtu_for("127.2.0.1".parse().unwrap()), 6000);
+        assert_eq!(cfg.mtu_for("127.2.3.9".parse().unwrap()), 4000);
+        assert_eq!(cfg.mtu_for("::1".parse().unwrap()), DEFAULT_MTU);
+        assert!(cfg.validate().is_ok());
+    }
+}

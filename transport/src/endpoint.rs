@@ -1,0 +1,139 @@
+//! One quinn endpoint per local network address, with UDP buffers sized for bulk
+//! transfer and QUIC transport settings derived from [`NetworkConfig`]. Everything
+//! here is set-up; nothing runs after a connection exists.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{AckFrequencyConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{NetworkConfig, GSO_MAX_MTU, MIN_MTU};
+use crate::error::TransportError;
+use crate::identity::TlsConfigs;
+
+/// A bound endpoint and the client configurations used to dial from it.
+#[derive(Clone)]
+pub(crate) struct LocalEndpoint {
+    pub addr: SocketAddr,
+    pub endpoint: quinn::Endpoint,
+    /// RPC connections: long idle timeout, slow keep-alive.
+    pub rpc_client: quinn::ClientConfig,
+    /// Page-stream paths: idle timeout = the dead-path deadline, fast keep-alive.
+    pub stream_client: quinn::ClientConfig,
+}
+
+fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: the kernel caps both at net.core.[rw]mem_max.
+    if let Err(e) = socket.set_recv_buffer_size(buffer) {
+        tracing::debug!(%addr, error = %e, "cannot set SO_RCVBUF");
+    }
+    if let Err(e) = socket.set_send_buffer_size(buffer) {
+        tracing::debug!(%addr, error = %e, "cannot set SO_SNDBUF");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    tracing::debug!(
+        %addr,
+        requested = buffer,
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers"
+    );
+    Ok(socket.into())
+}
+
+/// QUIC settings for bulk transfer on a network with the given MTU.
+pub(crate) fn transport_config(
+    cfg: &NetworkConfig,
+    mtu: u16,
+    idle: Duration,
+    keepalive: Duration,
+) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    let mtu = mtu.max(MIN_MTU);
+    t.initial_mtu(mtu);
+    t.min_mtu(MIN_MTU);
+    // Probe no higher than the operator said the network carries; quinn's black-hole
+    // detection still falls back to MIN_MTU if `mtu` turns out to be too large.
+    let mut disc = MtuDiscoveryConfig::default();
+    disc.upper_bound(mtu);
+    t.mtu_discovery_config(Some(disc));
+    t.enable_segmentation_offload(mtu <= GSO_MAX_MTU);
+    t.max_idle_timeout(IdleTimeout::try_from(idle).ok());
+    t.keep_alive_interval(Some(keepalive));
+    // Windows large enough that one path can keep a whole per-path budget in flight.
+    let window = cfg
+        .page_stream
+        .path_window_bytes
+        .max(cfg.max_frame_bytes as usize)
+        .max(8 << 20) as u64;
+    t.stream_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
+    t.receive_window(VarInt::from_u64(window * 2).unwrap_or(VarInt::MAX));
+    t.send_window(window * 2);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_concurrent_requests));
+    t.max_concurrent_uni_streams(VarInt::from_u32(cfg.max_concurrent_requests));
+    // Loopback and LAN: start from a realistic RTT instead of the 333 ms default, so
+    // loss recovery and handshake retransmits react within the dead-path deadline.
+    t.initial_rtt(Duration::from_millis(10));
+    t
+}
+
+pub(crate) fn bind(
+    addr: SocketAddr,
+    cfg: &NetworkConfig,
+    tls: &TlsConfigs,
+) -> Result<LocalEndpoint, TransportError> {
+    let mtu = cfg.mtu_for(addr.ip());
+    let socket = bind_udp(addr, cfg.socket_buffer_bytes)
+        .map_err(|source| TransportError::Bind { addr, source })?;
+    let mut server = quinn::ServerConfig::with_crypto(tls.server.clone());
+    server.transport_config(Arc::new(transport_config(
+        cfg,
+        mtu,
+        cfg.idle_timeout,
+        cfg.keepalive_interval,
+    )));
+    // Quinn accepts (and tells peers it accepts) only 1472-byte datagrams by default,
+    // which would silently cap every larger MTU: accept what this network carries.
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    endpoint_config
+        .max_udp_payload_size(mtu.max(MIN_MTU))
+        .map_err(|e| TransportError::Config(format!("MTU {mtu}: {e}")))?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr, source })?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|source| TransportError::Bind { addr, source })?;
+
+    let mut rpc_client = quinn::ClientConfig::new(tls.client.clone());
+    rpc_client.transport_config(Arc::new(transport_config(
+        cfg,
+        mtu,
+        cfg.idle_timeout,
+        cfg.keepalive_interval,
+    )));
+    let ps = &cfg.page_stream;
+    let mut stream_transport =
+        transport_config(cfg, mtu, ps.path_dead_after, ps.heartbeat_interval);
+    // Bulk one-way data: ask the receiver to acknowledge every 8th packet instead of
+    // every 2nd, which saves both sides a good share of per-packet work.
+    let mut ack = AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(8));
+    stream_transport.ack_frequency_config(Some(ack));
+    let mut stream_client = quinn::ClientConfig::new(tls.client.clone());
+    stream_client.transport_config(Arc::new(stream_transport));
+    Ok(LocalEndpoint {
+        addr: local,
+        endpoint,
+        rpc_client,
+        stream_client,
+    })
+}

@@ -1,0 +1,180 @@
+//! Reading and writing `protocol.rs` frames on quinn streams, and turning quinn's
+//! connection errors into [`RpcError`]s a caller can act on. The only async code that
+//! touches frame boundaries lives here.
+
+use bytes::Bytes;
+use quinn::{ConnectionError, ReadError, ReadExactError, RecvStream, SendStream, WriteError};
+
+use crate::error::RpcError;
+use crate::protocol::{parse_frame_header, CloseCode, ProtocolError, Tag, FRAME_HEADER_LEN};
+use crate::NodeId;
+
+/// Why reading a frame failed.
+#[derive(Debug)]
+pub(crate) enum FrameError {
+    /// The peer broke the protocol: close the connection with `close_code()`.
+    Protocol(ProtocolError),
+    /// The connection is gone.
+    Connection(ConnectionError),
+    /// This stream was reset or stopped; the connection may be fine.
+    Stream(String),
+}
+
+impl From<ReadError> for FrameError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::ConnectionLost(c) => FrameError::Connection(c),
+            other => FrameError::Stream(other.to_string()),
+        }
+    }
+}
+
+impl From<WriteError> for FrameError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::ConnectionLost(c) => FrameError::Connection(c),
+            other => FrameError::Stream(other.to_string()),
+        }
+    }
+}
+
+impl FrameError {
+    pub(crate) fn into_rpc(self, peer: NodeId) -> RpcError {
+        match self {
+            FrameError::Protocol(p) => match p {
+                ProtocolError::FrameTooLarge { .. } => RpcError::FrameTooLarge(p.to_string()),
+                ProtocolError::VersionMismatch { .. } => RpcError::VersionMismatch(p.to_string()),
+                p => RpcError::Protocol(p.to_string()),
+            },
+            FrameError::Connection(c) => connection_error(&c, peer),
+            FrameError::Stream(s) => RpcError::Closed(s),
+        }
+    }
+}
+
+/// Reads one frame. `Ok(None)` means the stream ended cleanly at a frame boundary.
+/// The length is checked against `max` before the body is allocated.
+pub(crate) async fn read_frame(
+    recv: &mut RecvStream,
+    max: u32,
+) -> Result<Option<(Tag, Vec<u8>)>, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(n)) => {
+            return Err(FrameError::Protocol(ProtocolError::Malformed(format!(
+                "stream ended inside a frame header ({n} bytes)"
+            ))))
+        }
+        Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let (tag, len) = parse_frame_header(header, max).map_err(FrameError::Protocol)?;
+    let mut body = vec![0u8; len];
+    read_body(recv, &mut body).await?;
+    Ok(Some((tag, body)))
+}
+
+async fn read_body(recv: &mut RecvStream, body: &mut [u8]) -> Result<(), FrameError> {
+    match recv.read_exact(body).await {
+        Ok(()) => Ok(()),
+        Err(ReadExactError::FinishedEarly(n)) => {
+            Err(FrameError::Protocol(ProtocolError::Malformed(format!(
+                "stream ended after {n} of {} body bytes",
+                body.len()
+            ))))
+        }
+        Err(ReadExactError::ReadError(e)) => Err(e.into()),
+    }
+}
+
+/// Like [`read_frame`], but reads the body into `buf` (reused across frames, so bulk
+/// streams do not allocate per frame) and returns the tag; the body is `buf[..]`.
+pub(crate) async fn read_frame_into(
+    recv: &mut RecvStream,
+    max: u32,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Tag>, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(n)) => {
+            return Err(FrameError::Protocol(ProtocolError::Malformed(format!(
+                "stream ended inside a frame header ({n} bytes)"
+            ))))
+        }
+        Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let (tag, len) = parse_frame_header(header, max).map_err(FrameError::Protocol)?;
+    // Grows to the largest frame seen (bounded by `max`), never shrinks.
+    buf.resize(len, 0);
+    read_body(recv, buf).await?;
+    Ok(Some(tag))
+}
+
+/// Reads one frame that must be there and must have tag `want`.
+pub(crate) async fn expect_frame(
+    recv: &mut RecvStream,
+    max: u32,
+    want: Tag,
+    what: &'static str,
+) -> Result<Vec<u8>, FrameError> {
+    match read_frame(recv, max).await? {
+        Some((tag, body)) if tag == want => Ok(body),
+        Some((tag, _)) => Err(FrameError::Protocol(ProtocolError::Unexpected {
+            got: tag,
+            expected: what,
+        })),
+        None => Err(FrameError::Protocol(ProtocolError::Malformed(format!(
+            "stream ended before the {what}"
+        )))),
+    }
+}
+
+pub(crate) async fn write_bytes(send: &mut SendStream, bytes: &[u8]) -> Result<(), FrameError> {
+    send.write_all(bytes).await.map_err(FrameError::from)
+}
+
+pub(crate) async fn write_chunks(
+    send: &mut SendStream,
+    chunks: &mut [Bytes],
+) -> Result<(), FrameError> {
+    send.write_all_chunks(chunks)
+        .await
+        .map_err(FrameError::from)
+}
+
+/// TLS alerts travel as QUIC transport errors 0x100–0x1ff.
+fn is_crypto(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+/// What a connection error means for the caller.
+pub(crate) fn connection_error(e: &ConnectionError, peer: NodeId) -> RpcError {
+    match e {
+        ConnectionError::ApplicationClosed(c) => RpcError::from_close(
+            CloseCode::from_u64(c.error_code.into_inner()),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+            peer,
+        ),
+        ConnectionError::ConnectionClosed(c) if is_crypto(c.error_code) => {
+            RpcError::PeerIdentity(format!("node {peer} refused the TLS handshake: {c}"))
+        }
+        ConnectionError::TransportError(t) if is_crypto(t.code) => {
+            RpcError::PeerIdentity(format!("node {peer}: {t}"))
+        }
+        ConnectionError::ConnectionClosed(c) => RpcError::Protocol(c.to_string()),
+        ConnectionError::TransportError(t) => RpcError::Protocol(t.to_string()),
+        ConnectionError::VersionMismatch => {
+            RpcError::VersionMismatch("peer speaks no common QUIC version".into())
+        }
+        ConnectionError::LocallyClosed => RpcError::Shutdown,
+        ConnectionError::TimedOut | ConnectionError::Reset | ConnectionError::CidsExhausted => {
+            RpcError::Unreachable {
+                peer,
+                reason: e.to_string(),
+            }
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! The Ferry wire protocol: every byte two nodes exchange is defined in this file
+//! and nowhere else, so a reader can check compatibility in one place (the way
+//! Cloud Hypervisor keeps its migration protocol in `vm-migration/src/protocol.rs`).
+//!
+//! Everything here is pure: encoders build byte vectors, decoders take byte slices.
+//! The async reading and writing lives in `framing.rs`.
+//!
+//! # Frames
+//!
+//! Every QUIC stream carries a sequence of frames:
+//!
+//! ```text
+//! +----------------+---------+------------------------+
+//! | length: u32 LE | tag: u8 | body: length - 1 bytes |
+//! +----------------+---------+------------------------+
+//! ```
+//!
+//! `length` counts the tag and the body. A receiver checks it against its maximum
+//! frame size *before* allocating anything, and closes the connection with
+//! [`CloseCode::FrameTooLarge`] when it is exceeded.
+//!
+//! # Connections
+//!
+//! The client opens a bidirectional stream and sends [`Tag::Hello`]: the magic
+//! `FRRY`, the protocol version as a `u16`, then (bincode) the node id it claims and
+//! the purpose of the connection. The magic and version come first and never move, so
+//! any future version can still read them and refuse clearly
+//! ([`CloseCode::VersionMismatch`]). The server checks the claimed id against the
+//! client's certificate, then answers [`Tag::HelloOk`]. Until that answer arrives a
+//! connection is not "up": quinn only reports a refused client certificate at the first
+//! stream operation, and the hello is that operation.
+//!
+//! * `Purpose::Rpc`: each request is one bidirectional stream carrying one
+//!   [`Tag::Request`] frame and answered by one [`Tag::Response`] frame; a one-way
+//!   message is one unidirectional stream carrying one [`Tag::Message`] frame.
+//! * `Purpose::PageStream`: the hello stream stays open as the path's control channel
+//!   ([`Tag::Control`] frames both ways: pings, acknowledgements, finish, cancel), and
+//!   the sender opens one unidirectional data stream of [`Tag::Chunk`] frames.
+//!
+//! Any violation (unknown tag, malformed body, oversized length, wrong version, wrong
+//! identity) closes that one connection with a [`CloseCode`] and a readable reason.
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// ALPN identifier. Deliberately without a version: a version mismatch must reach the
+/// hello, where it is reported clearly, instead of failing the TLS handshake.
+pub const ALPN: &[u8] = b"ferry";
+/// First bytes of every hello body.
+pub const MAGIC: [u8; 4] = *b"FRRY";
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Bytes before the body: the `u32` length and the tag.
+pub const FRAME_HEADER_LEN: usize = 5;
+/// Guest page size carried by the page stream.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages one chunk frame may cover (zero chunks included): bounds the work one
+/// frame can cause on the receiver.
+pub const MAX_CHUNK_PAGES: u32 = 1 << 16;
+/// Rounds and sequence numbers are packed into one `u64` page version on the receiver
+/// (see `stream::versions`), which bounds both.
+pub const MAX_ROUND: u32 = (1 << 24) - 1;
+/// See [`MAX_ROUND`]. Sequence numbers start at 1: version 0 means "never written".
+pub const MAX_SEQ: u64 = (1 << 40) - 1;
+/// Largest hello or control frame accepted regardless of the configured maximum.
+pub const MAX_CONTROL_FRAME: u32 = 1 << 20;
+/// Size of the fixed header inside a chunk body.
+pub const CHUNK_HEADER_LEN: usize = 8 + 4 + 8 + 4 + 1;
+
+/// Frame types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tag {
+    Hello = 1,
+    HelloOk = 2,
+    Request = 3,
+    Message = 4,
+    Response = 5,
+    Control = 6,
+    Chunk = 7,
+}
+
+impl Tag {
+    pub fn from_u8(v: u8) -> Option<Tag> {
+        Some(match v {
+            1 => Tag::Hello,
+            2 => Tag::HelloOk,
+            3 => Tag::Request,
+            4 => Tag::Message,
+            5 => Tag::Response,
+            6 => Tag::Control,
+            7 => Tag::Chunk,
+            _ => return None,
+        })
+    }
+}
+
+/// Application close codes: why a connection was closed. The reason bytes that
+/// accompany them are human-readable UTF-8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    Normal = 0,
+    Protocol = 1,
+    FrameTooLarge = 2,
+    VersionMismatch = 3,
+    PeerIdentity = 4,
+    UnknownStream = 5,
+    Shutdown = 6,
+    Cancelled = 7,
+    SinkFailed = 8,
+    PathDead = 9,
+}
+
+impl CloseCode {
+    pub fn from_u64(v: u64) -> Option<CloseCode> {
+        Some(match v {
+            0 => CloseCode::Normal,
+            1 => CloseCode::Protocol,
+            2 => CloseCode::FrameTooLarge,
+            3 => CloseCode::VersionMismatch,
+            4 => CloseCode::PeerIdentity,
+            5 => CloseCode::UnknownStream,
+            6 => CloseCode::Shutdown,
+            7 => CloseCode::Cancelled,
+            8 => CloseCode::SinkFailed,
+            9 => CloseCode::PathDead,
+            _ => return None,
+        })
+    }
+
+    pub fn to_varint(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(self as u32)
+    }
+}
+
+/// A violation of this protocol by the peer (or by a local caller, for sizes).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge { len: u64, max: u64 },
+    #[error("unknown frame tag {0}")]
+    UnknownTag(u8),
+    #[error("unexpected {got:?} frame, expected {expected}")]
+    Unexpected { got: Tag, expected: &'static str },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("peer speaks protocol version {theirs}, this node speaks version {ours}")]
+    VersionMismatch { ours: u16, theirs: u16 },
+}
+
+impl ProtocolError {
+    /// The close code a receiver uses when this error ends a connection.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            ProtocolError::FrameTooLarge { .. } => CloseCode::FrameTooLarge,
+            ProtocolError::VersionMismatch { .. } => CloseCode::VersionMismatch,
+            _ => CloseCode::Protocol,
+        }
+    }
+}
+
+/// Why a connection is opened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    /// Requests and one-way messages between services.
+    Rpc,
+    /// One path of a page stream.
+    PageStream { stream_id: u64, path: u32 },
+}
+
+/// First frame on every connection, client to server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// The id the client claims; the server checks it against the client certificate.
+    pub node_id: NodeId,
+    pub purpose: Purpose,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HelloRest {
+    node_id: NodeId,
+    purpose: Purpose,
+}
+
+/// The server's answer once it accepted the hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloOk {
+    pub node_id: NodeId,
+}
+
+/// Page-stream control messages, carried on the path's hello stream in both directions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Sender to receiver: liveness probe, answered by `Pong` with the same nonce.
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// Receiver to sender: these chunks are applied to the sink.
+    Ack {
+        seqs: Vec<u64>,
+    },
+    /// Sender to receiver: every chunk was acknowledged; the stream is complete.
+    Finish {
+        chunks: u64,
+        bytes: u64,
+    },
+    /// Receiver to sender: completion recorded.
+    FinishAck,
+    /// Either side: stop the stream.
+    Cancel {
+        reason: String,
+    },
+}
+
+/// The fixed header of a chunk frame. `data` follows it unless `zero` is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub seq: u64,
+    pub round: u32,
+    pub first: u64,
+    pub count: u32,
+    pub zero: bool,
+}
+
+/// Outcome of a request, as carried in a response frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResponseBody {
+    Ok(Vec<u8>),
+    HandlerError(String),
+    UnknownService(String),
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_CONTROL_FRAME as usize }>()
+}
+
+fn encode_bincode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Only our own plain enums and structs pass through here; bincode cannot fail on them.
+    bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
+}
+
+fn decode_bincode<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ProtocolError> {
+    let (value, used) = bincode::serde::decode_from_slice(body, bincode_config())
+        .map_err(|e| ProtocolError::Malformed(format!("{what}: {e}")))?;
+    if used != body.len() {
+        return Err(ProtocolError::Malformed(format!(
+            "{what}: {} trailing bytes",
+            body.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+/// The 5-byte frame header for a body of `body_len` bytes.
+pub fn frame_header(tag: Tag, body_len: usize) -> [u8; FRAME_HEADER_LEN] {
+    let len = (body_len + 1) as u32;
+    let l = len.to_le_bytes();
+    [l[0], l[1], l[2], l[3], tag as u8]
+}
+
+/// A whole frame (header and body) as one vector.
+pub fn frame(tag: Tag, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+    out.extend_from_slice(&frame_header(tag, body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+/// Checks a frame header against `max` (the largest `length` accepted) and returns the
+/// tag and the body length. Called before the body is allocated or read.
+pub fn parse_frame_header(
+    header: [u8; FRAME_HEADER_LEN],
+    max: u32,
+) -> Result<(Tag, usize), ProtocolError> {
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    if len > max {
+        return Err(ProtocolError::FrameTooLarge {
+            len: u64::from(len),
+            max: u64::from(max),
+        });
+    }
+    if len == 0 {
+        return Err(ProtocolError::Malformed("zero-length frame".into()));
+    }
+    let tag = Tag::from_u8(header[4]).ok_or(ProtocolError::UnknownTag(header[4]))?;
+    Ok((tag, (len - 1) as usize))
+}
+
+/// Encodes a hello frame. `hello.version` is written as given so tests can speak a
+/// version this build does not.
+pub fn encode_hello(hello: &Hello) -> Vec<u8> {
+    let mut body = Vec::with_capacity(32);
+    body.extend_from_slice(&MAGIC);
+    body.extend_from_slice(&hello.version.to_le_bytes());
+    body.extend_from_slice(&encode_bincode(&HelloRest {
+        node_id: hello.node_id,
+        purpose: hello.purpose.clone(),
+    }));
+    frame(Tag::Hello, &body)
+}
+
+/// Decodes a hello body. The version is checked before anything after it is read.
+pub fn decode_hello(body: &[u8]) -> Result<Hello, ProtocolError> {
+    if body.len() < 6 || body[..4] != MAGIC {
+        return Err(ProtocolError::Malformed(
+            "hello does not start with the Ferry magic".into(),
+        ));
+    }
+    let version = u16::from_le_bytes([body[4], body[5]]);
+    if version != VERSION {
+        return Err(ProtocolError::VersionMismatch {
+            ours: VERSION,
+            theirs: version,
+        });
+    }
+    let rest: HelloRest = decode_bincode(&body[6..], "hello")?;
+    Ok(Hello {
+        version,
+        node_id: rest.node_id,
+        purpose: rest.purpose,
+    })
+}
+
+pub fn encode_hello_ok(ok: &HelloOk) -> Vec<u8> {
+    frame(Tag::HelloOk, &encode_bincode(ok))
+}
+
+pub fn decode_hello_ok(body: &[u8]) -> Result<HelloOk, ProtocolError> {
+    decode_bincode(body, "hello-ok")
+}
+
+/// Body of a request or message frame: service name length, name, payload.
+pub fn encode_request(tag: Tag, service: &str, payload: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+    let name = service.as_bytes();
+    if name.len() > usize::from(u8::MAX) {
+        return Err(ProtocolError::Malformed(format!(
+            "service name of {} bytes is too long",
+            name.len()
+        )));
+    }
+    let mut body = Vec::with_capacity(1 + name.len() + payload.len());
+    body.push(name.len() as u8);
+    body.extend_from_slice(name);
+    body.extend_from_slice(payload);
+    Ok(frame(tag, &body))
+}
+
+/// Splits a request or message body into service name and payload.
+pub fn decode_request(mut body: Vec<u8>) -> Result<(String, Vec<u8>), ProtocolError> {
+    let Some(&n) = body.first() else {
+        return Err(ProtocolError::Malformed("empty request".into()));
+    };
+    let n = usize::from(n);
+    if body.len() < 1 + n {
+        return Err(ProtocolError::Malformed("truncated service name".into()));
+    }
+    let name = std::str::from_utf8(&body[1..1 + n])
+        .map_err(|_| ProtocolError::Malformed("service name is not UTF-8".into()))?
+        .to_owned();
+    body.drain(..1 + n);
+    Ok((name, body))
+}
+
+pub fn encode_response(resp: &ResponseBody) -> Vec<u8> {
+    let (status, bytes): (u8, &[u8]) = match resp {
+        ResponseBody::Ok(b) => (0, b),
+        ResponseBody::HandlerError(s) => (1, s.as_bytes()),
+        ResponseBody::UnknownService(s) => (2, s.as_bytes()),
+    };
+    let mut body = Vec::with_capacity(1 + bytes.len());
+    body.push(status);
+    body.extend_from_slice(bytes);
+    frame(Tag::Response, &body)
+}
+
+pub fn decode_response(mut body: Vec<u8>) -> Result<ResponseBody, ProtocolError> {
+    let Some(&status) = body.first() else {
+        return Err(ProtocolError::Malformed("empty response".into()));
+    };
+    body.remove(0);
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    Ok(match status {
+        0 => ResponseBody::Ok(body),
+        1 => ResponseBody::HandlerError(text(body)),
+        2 => ResponseBody::UnknownService(text(body)),
+        s => {
+            return Err(ProtocolError::Malformed(format!(
+                "unknown response status {s}"
+            )))
+        }
+    })
+}
+
+pub fn encode_control(c: &Control) -> Vec<u8> {
+    frame(Tag::Control, &encode_bincode(c))
+}
+
+pub fn decode_control(body: &[u8]) -> Result<Control, ProtocolError> {
+    decode_bincode(body, "control")
+}
+
+/// Frame header plus chunk header, to be followed by the page data (if not zero).
+pub fn encode_chunk_header(h: &ChunkHeader) -> Vec<u8> {
+    let data_len = if h.zero {
+        0
+    } else {
+        h.count as usize * PAGE_SIZE
+    };
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + CHUNK_HEADER_LEN);
+    out.extend_from_slice(&frame_header(Tag::Chunk, CHUNK_HEADER_LEN + data_len));
+    out.extend_from_slice(&h.seq.to_le_bytes());
+    out.extend_from_slice(&h.round.to_le_bytes());
+    out.extend_from_slice(&h.first.to_le_bytes());
+    out.extend_from_slice(&h.count.to_le_bytes());
+    out.push(u8::from(h.zero));
+    out
+}
+
+/// Parses and validates a chunk body; returns the header and the page data (empty for
+/// a zero chunk).
+pub fn decode_chunk(body: &[u8]) -> Result<(ChunkHeader, &[u8]), ProtocolError> {
+    if body.len() < CHUNK_HEADER_LEN {
+        return Err(ProtocolError::Malformed("truncated chunk header".into()));
+    }
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&body[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    let u32_at = |i: usize| {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&body[i..i + 4]);
+        u32::from_le_bytes(b)
+    };
+    let h = ChunkHeader {
+        seq: u64_at(0),
+        round: u32_at(8),
+        first: u64_at(12),
+        count: u32_at(20),
+        zero: match body[24] {
+            0 => false,
+            1 => true,
+            f => return Err(ProtocolError::Malformed(format!("chunk flags {f}"))),
+        },
+    };
+    if h.count == 0 || h.count > MAX_CHUNK_PAGES {
+        return Err(ProtocolError::Malformed(format!(
+            "chunk of {} pages (allowed 1..={MAX_CHUNK_PAGES})",
+            h.count
+        )));
+    }
+    if h.round > MAX_ROUND || h.seq == 0 || h.seq > MAX_SEQ {
+        return Err(ProtocolError::Malformed(format!(
+            "chunk round {} / seq {} out of range",
+            h.round, h.seq
+        )));
+    }
+    if h.first.checked_add(u64::from(h.count)).is_none() {
+        return Err(ProtocolError::Malformed(
+            "chunk page range overflows".into(),
+        ));
+    }
+    let data = &body[CHUNK_HEADER_LEN..];
+    let expected = if h.zero {
+        0
+    } else {
+        h.count as usize * PAGE_SIZE
+    };
+    if data.len() != expected {
+        return Err(ProtocolError::Malformed(format!(
+            "chunk of {} pages carries {} bytes, expected {expected}",
+            h.count,
+            data.len()
+        )));
+    }
+    Ok((h, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(frame: &[u8]) -> &[u8] {
+        &frame[FRAME_HEADER_LEN..]
+    }
+
+    #[test]
+    fn hello_round_trips_and_version_is_checked_first() {
+        let h = Hello {
+            version: VERSION,
+            node_id: 7,
+            purpose: Purpose::PageStream {
+                stream_id: 42,
+                path: 1,
+            },
+        };
+        let f = encode_hello(&h);
+        let hdr: [u8; 5] = f[..5].try_into().unwrap();
+        assert_eq!(
+            parse_frame_header(hdr, 1024).unwrap(),
+            (Tag::Hello, f.len() - 5)
+        );
+        assert_eq!(decode_hello(body(&f)).unwrap(), h);
+
+        let mut future = encode_hello(&Hello { version: 9, ..h });
+        // Whatever a future version puts after the version field must not matter.
+        future.truncate(FRAME_HEADER_LEN + 6);
+        future.extend_from_slice(&[0xff; 40]);
+        assert_eq!(
+            decode_hello(body(&future)),
+            Err(ProtocolError::VersionMismatch {
+                ours: VERSION,
+                theirs: 9
+            })
+        );
+        assert!(matches!(
+            decode_hello(b"HTTP/1.1"),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn oversized_and_unknown_frames_are_refused_before_reading_the_body() {
+        let mut hdr = frame_header(Tag::Chunk, 100);
+        assert!(matches!(
+            parse_frame_header(hdr, 50),
+            Err(ProtocolError::FrameTooLarge { len: 101, max: 50 })
+        ));
+        hdr[4] = 99;
+        assert_eq!(
+            parse_frame_header(hdr, 1000),
+            Err(ProtocolError::UnknownTag(99))
+        );
+        assert!(parse_frame_header([0, 0, 0, 0, 1], 1000).is_err());
+    }
+
+    #[test]
+    fn chunk_round_trip_and_validation() {
+        let h = ChunkHeader {
+            seq: 5,
+            round: 2,
+            first: 100,
+            count: 2,
+            zero: false,
+        };
+        let mut f = encode_chunk_header(&h);
+        f.extend_from_slice(&[7u8; 2 * PAGE_SIZE]);
+        let (got, data) = decode_chunk(body(&f)).unwrap();
+        assert_eq!(got, h);
+        assert_eq!(data.len(), 2 * PAGE_SIZE);
+        // Wrong payload length.
+        assert!(decode_chunk(&body(&f)[..body(&f).len() - 1]).is_err());
+        // Zero chunk carries no data.
+        let z = ChunkHeader { zero: true, ..h };
+        let f = encode_chunk_header(&z);
+        assert_eq!(decode_chunk(body(&f)).unwrap(), (z, &[][..]));
+        // Overflowing range.
+        let bad = ChunkHeader {
+            first: u64::MAX,
+            zero: true,
+            ..h
+        };
+        assert!(decode_chunk(body(&encode_chunk_header(&bad))).is_err());
+    }
+
+    #[test]
+    fn request_response_control_round_trip() {
+        let f = encode_request(Tag::Request, "raft", b"abc").unwrap();
+        let (s, p) = decode_request(body(&f).to_vec()).unwrap();
+        assert_eq!((s.as_str(), p.as_slice()), ("raft", &b"abc"[..]));
+        for r in [
+            ResponseBody::Ok(vec![1, 2]),
+            ResponseBody::HandlerError("no".into()),
+            ResponseBody::UnknownService("x".into()),
+        ] {
+            assert_eq!(
+                decode_response(body(&encode_response(&r)).to_vec()).unwrap(),
+                r
+            );
+        }
+        let c = Control::Ack {
+            seqs: vec![1, 2, 300],
+        };
+        assert_eq!(decode_control(body(&encode_control(&c))).unwrap(), c);
+        assert!(decode_control(&[200, 1, 2]).is_err());
+    }
+}

@@ -1,0 +1,514 @@
+//! The target side of a page stream. Each incoming path (a connection whose hello
+//! names this stream) gets a chunk reader, which applies chunks through
+//! [`PageVersions`] to the [`PageSink`], and a control task that answers pings and
+//! sends acknowledgements. Acknowledgements go out only after the sink has applied a
+//! chunk, so the sender's barrier means "applied", not "received".
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+
+use super::versions::{round_of, version, Admitted, PageVersions};
+use super::PageSink;
+use crate::config::PageStreamConfig;
+use crate::error::PageStreamError;
+use crate::framing::{read_frame, read_frame_into, write_bytes, FrameError};
+use crate::protocol::{
+    decode_chunk, decode_control, encode_control, CloseCode, Control, ProtocolError, Tag,
+    MAX_CONTROL_FRAME, PAGE_SIZE,
+};
+use crate::rpc::RpcNode;
+use crate::NodeId;
+
+/// A snapshot of a receiver.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReceiverStats {
+    pub chunks_received: u64,
+    /// Chunks of which no page was applied (duplicates and superseded copies).
+    pub chunks_superseded: u64,
+    pub pages_applied: u64,
+    /// Pages skipped because the receiver already held the same or a newer copy.
+    pub pages_stale: u64,
+    pub zero_pages_applied: u64,
+    pub bytes_received: u64,
+    pub paths_up: usize,
+    /// Path connections accepted over the stream's life (rejoins included).
+    pub path_connections: u64,
+    pub finished: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    chunks: AtomicU64,
+    superseded: AtomicU64,
+    applied: AtomicU64,
+    stale: AtomicU64,
+    zero: AtomicU64,
+    bytes: AtomicU64,
+    connections: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    outcome: Option<Result<(), PageStreamError>>,
+    conns: HashMap<usize, Connection>,
+    ever_connected: bool,
+    no_path_since: Option<Instant>,
+}
+
+/// Shared between the receiver handle, the node's accept path and the path tasks.
+pub(crate) struct ReceiverShared {
+    stream_id: u64,
+    peer: NodeId,
+    sink: Arc<dyn PageSink>,
+    cfg: PageStreamConfig,
+    versions: Mutex<PageVersions>,
+    state: Mutex<State>,
+    counters: Counters,
+    done: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ReceiverShared {
+    pub(crate) fn expected_peer(&self) -> NodeId {
+        self.peer
+    }
+
+    fn is_over(&self) -> bool {
+        lock(&self.state).outcome.is_some()
+    }
+
+    /// Ends the stream with `e` (first outcome wins) and closes every path with the
+    /// matching close code, so the sender learns why.
+    pub(crate) fn fail(&self, e: PageStreamError) {
+        let conns: Vec<Connection> = {
+            let mut st = lock(&self.state);
+            if st.outcome.is_some() {
+                return;
+            }
+            tracing::warn!(stream = self.stream_id, peer = self.peer, error = %e, "page stream failed");
+            st.outcome = Some(Err(e.clone()));
+            st.conns.drain().map(|(_, c)| c).collect()
+        };
+        let (code, reason) = match &e {
+            PageStreamError::SinkFailed(r) => (CloseCode::SinkFailed, r.clone()),
+            PageStreamError::Cancelled(r) => (CloseCode::Cancelled, r.clone()),
+            PageStreamError::Shutdown => (CloseCode::Shutdown, "node shutting down".into()),
+            other => (CloseCode::Cancelled, other.to_string()),
+        };
+        for c in conns {
+            c.close(code.to_varint(), reason.as_bytes());
+        }
+        self.done.notify_waiters();
+    }
+
+    fn complete(&self) {
+        let mut st = lock(&self.state);
+        if st.outcome.is_none() {
+            st.outcome = Some(Ok(()));
+            drop(st);
+            self.done.notify_waiters();
+        }
+    }
+
+    fn apply(
+        &self,
+        first: u64,
+        count: u32,
+        round: u32,
+        seq: u64,
+        data: Option<&[u8]>,
+    ) -> Result<Admitted, String> {
+        let mut versions = lock(&self.versions);
+        versions.admit(first, count, version(round, seq), |start, n| {
+            let part = data.map(|d| {
+                let off = (start - first) as usize * PAGE_SIZE;
+                &d[off..off + n as usize * PAGE_SIZE]
+            });
+            self.sink.apply(start, n, part)
+        })
+    }
+
+    fn stats(&self) -> ReceiverStats {
+        let c = &self.counters;
+        let st = lock(&self.state);
+        ReceiverStats {
+            chunks_received: c.chunks.load(Ordering::Relaxed),
+            chunks_superseded: c.superseded.load(Ordering::Relaxed),
+            pages_applied: c.applied.load(Ordering::Relaxed),
+            pages_stale: c.stale.load(Ordering::Relaxed),
+            zero_pages_applied: c.zero.load(Ordering::Relaxed),
+            bytes_received: c.bytes.load(Ordering::Relaxed),
+            paths_up: st.conns.len(),
+            path_connections: c.connections.load(Ordering::Relaxed),
+            finished: matches!(st.outcome, Some(Ok(()))),
+        }
+    }
+}
+
+/// Receives one page stream. Obtained from [`RpcNode::accept_page_stream`]; dropping
+/// it before the stream finished cancels the stream.
+pub struct PageStreamReceiver {
+    shared: Arc<ReceiverShared>,
+    node: Weak<RpcNode>,
+    watchdog: tokio::task::JoinHandle<()>,
+}
+
+impl RpcNode {
+    /// Expects page stream `stream_id` from node `from` and applies its pages to
+    /// `sink`. Register before the sender opens the stream: paths naming an unknown
+    /// stream are refused.
+    pub fn accept_page_stream(
+        self: &Arc<Self>,
+        stream_id: u64,
+        from: NodeId,
+        sink: Arc<dyn PageSink>,
+    ) -> Result<PageStreamReceiver, PageStreamError> {
+        if self.is_shut() {
+            return Err(PageStreamError::Shutdown);
+        }
+        let shared = Arc::new(ReceiverShared {
+            stream_id,
+            peer: from,
+            sink,
+            cfg: self.config().page_stream.clone(),
+            versions: Mutex::new(PageVersions::new()),
+            state: Mutex::new(State::default()),
+            counters: Counters::default(),
+            done: Notify::new(),
+        });
+        {
+            let mut receivers = lock(&self.receivers);
+            if receivers.contains_key(&stream_id) {
+                return Err(PageStreamError::AlreadyRegistered(stream_id));
+            }
+            receivers.insert(stream_id, shared.clone());
+        }
+        let watchdog = tokio::spawn(watchdog(Arc::downgrade(&shared)));
+        Ok(PageStreamReceiver {
+            shared,
+            node: Arc::downgrade(self),
+            watchdog,
+        })
+    }
+}
+
+impl PageStreamReceiver {
+    pub fn stream_id(&self) -> u64 {
+        self.shared.stream_id
+    }
+
+    /// Waits until the sender finished (every chunk applied) or the stream failed.
+    pub async fn wait(&self) -> Result<ReceiverStats, PageStreamError> {
+        loop {
+            let notified = self.shared.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let outcome = lock(&self.shared.state).outcome.clone();
+            match outcome {
+                Some(Ok(())) => return Ok(self.shared.stats()),
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+            notified.await;
+        }
+    }
+
+    pub fn stats(&self) -> ReceiverStats {
+        self.shared.stats()
+    }
+
+    /// The round of the copy page `page` holds, if any was applied.
+    pub fn page_round(&self, page: u64) -> Option<u32> {
+        let v = lock(&self.shared.versions).get(page);
+        (v != 0).then(|| round_of(v))
+    }
+
+    /// Stops the stream; the sender sees [`PageStreamError::PeerCancelled`].
+    pub fn cancel(&self, reason: &str) {
+        self.shared
+            .fail(PageStreamError::Cancelled(reason.to_owned()));
+    }
+}
+
+impl Drop for PageStreamReceiver {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+        if let Some(node) = self.node.upgrade() {
+            let mut receivers = lock(&node.receivers);
+            if receivers
+                .get(&self.shared.stream_id)
+                .is_some_and(|r| Arc::ptr_eq(r, &self.shared))
+            {
+                receivers.remove(&self.shared.stream_id);
+            }
+        }
+        if !self.shared.is_over() {
+            self.shared
+                .fail(PageStreamError::Cancelled("receiver dropped".into()));
+        }
+    }
+}
+
+/// Fails the stream when it had paths and none has been up for `fail_after`.
+async fn watchdog(shared: Weak<ReceiverShared>) {
+    let Some(tick) = shared.upgrade().map(|s| s.cfg.heartbeat_interval) else {
+        return;
+    };
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let failure = {
+            let st = lock(&shared.state);
+            if st.outcome.is_some() {
+                return;
+            }
+            st.no_path_since.and_then(|since| {
+                let after = since.elapsed();
+                (st.ever_connected && st.conns.is_empty() && after >= shared.cfg.fail_after).then(
+                    || PageStreamError::AllPathsDead {
+                        peer: shared.peer,
+                        after,
+                        last_error: "no path from the sender".into(),
+                    },
+                )
+            })
+        };
+        if let Some(e) = failure {
+            shared.fail(e);
+            return;
+        }
+    }
+}
+
+enum Out {
+    Ack(u64),
+    Control(Control),
+}
+
+/// Serves one path of a registered stream after its hello was answered.
+pub(crate) async fn serve_path(
+    shared: Arc<ReceiverShared>,
+    conn: Connection,
+    ctrl_send: SendStream,
+    ctrl_recv: RecvStream,
+    path: u32,
+    max_frame: u32,
+    on_violation: impl Fn(&Connection, &ProtocolError) + Send + Sync + 'static,
+) {
+    let id = conn.stable_id();
+    {
+        let mut st = lock(&shared.state);
+        if st.outcome.is_some() {
+            drop(st);
+            conn.close(
+                CloseCode::UnknownStream.to_varint(),
+                b"page stream already ended",
+            );
+            return;
+        }
+        st.conns.insert(id, conn.clone());
+        st.ever_connected = true;
+        st.no_path_since = None;
+    }
+    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(stream = shared.stream_id, path, remote = %conn.remote_address(), "path accepted");
+
+    let on_violation = Arc::new(on_violation);
+    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(control_writer(ctrl_send, out_rx));
+    tasks.spawn(control_reader(
+        shared.clone(),
+        ctrl_recv,
+        out_tx.clone(),
+        conn.clone(),
+        on_violation.clone(),
+    ));
+    tasks.spawn(chunk_reader(
+        shared.clone(),
+        conn.clone(),
+        out_tx,
+        max_frame,
+        on_violation,
+    ));
+    tokio::select! {
+        _ = tasks.join_next() => {}
+        _ = conn.closed() => {}
+    }
+    tasks.abort_all();
+    if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
+        if CloseCode::from_u64(c.error_code.into_inner()) == Some(CloseCode::Cancelled) {
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            shared.fail(PageStreamError::PeerCancelled(reason));
+        }
+    }
+    let mut st = lock(&shared.state);
+    st.conns.remove(&id);
+    if st.conns.is_empty() {
+        st.no_path_since = Some(Instant::now());
+    }
+}
+
+async fn control_writer(mut send: SendStream, mut outbox: mpsc::UnboundedReceiver<Out>) {
+    let _ = send.set_priority(1);
+    let mut acks = Vec::new();
+    while let Some(first) = outbox.recv().await {
+        let mut next = Some(first);
+        // Batch whatever else is ready into one ack frame.
+        while let Some(out) = next.take().or_else(|| outbox.try_recv().ok()) {
+            match out {
+                Out::Ack(s) => {
+                    acks.push(s);
+                    if acks.len() >= 4096 {
+                        break;
+                    }
+                }
+                Out::Control(c) => {
+                    if write_bytes(&mut send, &encode_control(&c)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if !acks.is_empty() {
+            let msg = Control::Ack {
+                seqs: std::mem::take(&mut acks),
+            };
+            if write_bytes(&mut send, &encode_control(&msg)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn control_reader(
+    shared: Arc<ReceiverShared>,
+    mut recv: RecvStream,
+    out: mpsc::UnboundedSender<Out>,
+    conn: Connection,
+    on_violation: Arc<impl Fn(&Connection, &ProtocolError)>,
+) {
+    loop {
+        let msg = match read_frame(&mut recv, MAX_CONTROL_FRAME).await {
+            Ok(Some((Tag::Control, body))) => decode_control(&body),
+            Ok(Some((tag, _))) => Err(ProtocolError::Unexpected {
+                got: tag,
+                expected: "control frame",
+            }),
+            Ok(None) => return,
+            Err(FrameError::Protocol(p)) => Err(p),
+            Err(_) => return,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(p) => {
+                on_violation(&conn, &p);
+                return;
+            }
+        };
+        match msg {
+            Control::Ping { nonce } => {
+                let _ = out.send(Out::Control(Control::Pong { nonce }));
+            }
+            Control::Finish { chunks, bytes } => {
+                tracing::debug!(stream = shared.stream_id, chunks, bytes, "sender finished");
+                shared.complete();
+                let _ = out.send(Out::Control(Control::FinishAck));
+            }
+            Control::Cancel { reason } => {
+                shared.fail(PageStreamError::PeerCancelled(reason));
+                return;
+            }
+            Control::Pong { .. } | Control::Ack { .. } | Control::FinishAck => {
+                on_violation(
+                    &conn,
+                    &ProtocolError::Malformed("sender sent a receiver's control message".into()),
+                );
+                return;
+            }
+        }
+    }
+}
+
+async fn chunk_reader(
+    shared: Arc<ReceiverShared>,
+    conn: Connection,
+    out: mpsc::UnboundedSender<Out>,
+    max_frame: u32,
+    on_violation: Arc<impl Fn(&Connection, &ProtocolError)>,
+) {
+    let Ok(mut recv) = conn.accept_uni().await else {
+        return;
+    };
+    let mut body = Vec::new();
+    loop {
+        let header = match read_frame_into(&mut recv, max_frame, &mut body).await {
+            Ok(Some(Tag::Chunk)) => match decode_chunk(&body) {
+                Ok((h, _)) => h,
+                Err(p) => {
+                    on_violation(&conn, &p);
+                    return;
+                }
+            },
+            Ok(Some(tag)) => {
+                on_violation(
+                    &conn,
+                    &ProtocolError::Unexpected {
+                        got: tag,
+                        expected: "chunk",
+                    },
+                );
+                return;
+            }
+            Ok(None) => return,
+            Err(FrameError::Protocol(p)) => {
+                on_violation(&conn, &p);
+                return;
+            }
+            Err(_) => return,
+        };
+        if shared.is_over() {
+            return;
+        }
+        let data = (!header.zero).then(|| &body[crate::protocol::CHUNK_HEADER_LEN..]);
+        let c = &shared.counters;
+        c.chunks.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+        match shared.apply(header.first, header.count, header.round, header.seq, data) {
+            Ok(a) => {
+                c.applied.fetch_add(u64::from(a.applied), Ordering::Relaxed);
+                c.stale.fetch_add(u64::from(a.stale), Ordering::Relaxed);
+                if a.applied == 0 {
+                    c.superseded.fetch_add(1, Ordering::Relaxed);
+                }
+                if header.zero {
+                    c.zero.fetch_add(u64::from(a.applied), Ordering::Relaxed);
+                }
+                if out.send(Out::Ack(header.seq)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                shared.fail(PageStreamError::SinkFailed(format!(
+                    "pages {}..{}: {e}",
+                    header.first,
+                    header.first + u64::from(header.count)
+                )));
+                return;
+            }
+        }
+    }
+}
