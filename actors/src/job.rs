@@ -7,6 +7,7 @@
 //! guest; once sent, it resumes only if the store says the migration was
 //! aborted, and it waits (paused) for as long as the store cannot tell it.
 
+use crate::history::HistoryEvent;
 use crate::node::{lock, now_ms, NodeShared, Role, PROBE_SERVICE};
 use crate::placement::{self, NetworkPath};
 use crate::policy::{ConvergenceConfig, ConvergencePolicy, Decision, RoundStats};
@@ -194,6 +195,8 @@ struct Job {
     /// The device state as saved before the offload push-back, to put back
     /// if the move aborts after the blackout began.
     unpushed: std::sync::Mutex<Option<ferry_vmm::DeviceState>>,
+    /// The digest taken in the blackout (when verifying), for the history.
+    digest_at_pause: std::sync::Mutex<Option<ferry_vmm::MemoryDigest>>,
 }
 
 /// Runs the source side of a migration to its end.
@@ -235,6 +238,15 @@ pub async fn run(
         Err(ClusterError::Rejected(e)) => return Err(MigrationError::Rejected(e)),
         Err(e) => return Err(MigrationError::Refused(e.to_string())),
     };
+    node.record(|| HistoryEvent::MigrationBegun {
+        migration,
+        vm: req.vm.clone(),
+        source: node.id,
+        target: req.target,
+        budget: req
+            .policy
+            .time_budget(guest.page_count() * PAGE_SIZE as u64),
+    });
     let job = Job {
         node,
         req,
@@ -245,6 +257,7 @@ pub async fn run(
         target_rpc: peer.rpc,
         paths: Default::default(),
         unpushed: Default::default(),
+        digest_at_pause: Default::default(),
     };
     job.progress(Phase::Preparing, 0, 0, 0, None, 0.0);
     let paths = match job.choose_paths().await {
@@ -256,7 +269,15 @@ pub async fn run(
         Err(reason) => return Err(job.abort(reason, false).await),
     };
     match job.precopy_and_switch(sender, started).await {
-        Ok(report) => Ok(report),
+        Ok(report) => {
+            job.node.record(|| HistoryEvent::MigrationEnded {
+                migration,
+                vm: report.vm.clone(),
+                completed: true,
+                reason: None,
+            });
+            Ok(report)
+        }
         Err(Failure::BeforeCommit { reason, paused }) => Err(job.abort(reason, paused).await),
         Err(Failure::Cancelled { paused }) => {
             let _ = job.abort("cancelled by the user".into(), paused).await;
@@ -537,6 +558,11 @@ impl Job {
         let mut round = 0u32;
         let expected_downtime = loop {
             self.record_phase(MigrationPhase::Copying { round });
+            self.node.record(|| HistoryEvent::CopyRound {
+                migration: self.migration,
+                vm: self.req.vm.clone(),
+                round,
+            });
             let t = Instant::now();
             let (sent, zero, bytes) = self.send_round(&sender, round, &pages).await?;
             let elapsed = t.elapsed();
@@ -593,6 +619,11 @@ impl Job {
         // Blackout.
         let blackout = Instant::now();
         self.guest.pause().map_err(not_paused)?;
+        self.node.record(|| HistoryEvent::SourcePaused {
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            node: self.node.id,
+        });
         // Announced once the guest is paused: a watcher that sees this event
         // knows no vCPU of the source runs.
         self.progress(
@@ -621,7 +652,14 @@ impl Job {
             .map_err(|e| paused_err(e.to_string()))?;
         let offload = self.push_back_offload(&mut state).map_err(paused_err)?;
         let digest = if self.req.verify {
-            Some(self.guest.digest().map_err(|e| paused_err(e.to_string()))?)
+            let digest = self.guest.digest().map_err(|e| paused_err(e.to_string()))?;
+            *lock(&self.digest_at_pause) = Some(digest);
+            self.node.record(|| HistoryEvent::DigestAtPause {
+                vm: self.req.vm.clone(),
+                node: self.node.id,
+                digest,
+            });
+            Some(digest)
         } else {
             None
         };
@@ -664,6 +702,12 @@ impl Job {
             "committing switchover"
         );
         let epoch = self.commit().await?;
+        self.node.record(|| HistoryEvent::SwitchoverCommitted {
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            owner: self.req.target,
+            epoch,
+        });
         let _ = self
             .call(&Request::Resume {
                 migration: self.migration,
@@ -852,6 +896,10 @@ impl Job {
         };
         if let Some(h) = hosted {
             h.guest.destroy();
+            self.node.record(|| HistoryEvent::CopyDestroyed {
+                vm: self.req.vm.clone(),
+                node: self.node.id,
+            });
         }
     }
 
@@ -867,6 +915,17 @@ impl Job {
             .await;
         let _ = self.guest.set_throttle(0.0);
         if paused || self.guest.is_paused() {
+            // For the history: the guest as it paused (before its NIC takes
+            // offloaded connections back), only when a digest was taken then.
+            if self.node.records_history() && lock(&self.digest_at_pause).is_some() {
+                if let Ok(digest) = self.guest.digest() {
+                    self.node.record(|| HistoryEvent::DigestAtResume {
+                        vm: self.req.vm.clone(),
+                        node: self.node.id,
+                        digest,
+                    });
+                }
+            }
             // The source's NIC takes its offloaded connections back.
             if let Some(original) = lock(&self.unpushed).take() {
                 if let Err(e) = self.guest.restore_state(&original) {
@@ -874,7 +933,14 @@ impl Job {
                 }
             }
             // Safe: this job never proposed the switchover (see module doc).
-            let _ = self.guest.resume();
+            if self.guest.resume().is_ok() {
+                self.node.record(|| HistoryEvent::SourceResumed {
+                    migration: self.migration,
+                    vm: self.req.vm.clone(),
+                    node: self.node.id,
+                    epoch: self.epoch,
+                });
+            }
         }
         // Record the abort; keep trying in the background if the store is
         // unreachable right now, so the migration slot is released eventually.
@@ -901,6 +967,12 @@ impl Job {
             }
         });
         self.progress(Phase::Aborted, 0, 0, 0, None, 0.0);
+        self.node.record(|| HistoryEvent::MigrationEnded {
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            completed: false,
+            reason: Some(reason.clone()),
+        });
         MigrationError::Aborted(reason)
     }
 }

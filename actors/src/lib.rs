@@ -15,10 +15,13 @@
 //! - [`drain`]: maintenance mode — moving every VM off a paused node, failback.
 //! - [`tips`]: policy (PRO) tips — load reports, the leader's policy, applying
 //!   tips.
+//! - [`history`]: an optional recorder of what a node did to its guests and
+//!   migrations, for the chaos suite's invariant checker.
 
 pub mod actors;
 pub mod drain;
 pub mod estimate;
+pub mod history;
 pub mod job;
 pub mod local;
 pub mod node;
