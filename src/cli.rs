@@ -202,7 +202,7 @@ pub enum VmCmd {
     List,
     /// Show one VM.
     Show { vm: String },
-    /// Define a simulated VM and start it.
+    /// Define a VM (simulated, or KVM with --backend kvm) and start it.
     #[command(
         after_help = "Example: ferry vm create web-1 --node node-1 --memory-mib 256 --dirty-pages-per-sec 5000"
     )]
@@ -224,6 +224,9 @@ pub enum VmCmd {
         /// shared (cluster-shared volume) or local (the disk moves with the VM).
         #[arg(long)]
         storage: Option<String>,
+        /// sim (simulated guest) or kvm (a real KVM guest; needs usable /dev/kvm).
+        #[arg(long)]
+        backend: Option<String>,
         /// Start with the cluster's common CPU baseline.
         #[arg(long)]
         processor_compatibility: bool,
@@ -819,6 +822,7 @@ fn vm_cmd(c: &Client, json: bool, cmd: VmCmd) -> Outcome {
             dirty_pages_per_sec,
             pattern,
             storage,
+            backend,
             processor_compatibility,
             no_start,
         } => {
@@ -830,6 +834,7 @@ fn vm_cmd(c: &Client, json: bool, cmd: VmCmd) -> Outcome {
                 dirty_pages_per_sec,
                 pattern,
                 storage,
+                backend,
                 processor_compatibility,
                 tcp_connections: 0,
                 start: !no_start,

@@ -43,6 +43,12 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             node.id(),
             node.config().api.listen
         );
+        // Say at start whether this node can run KVM guests; without usable
+        // KVM it refuses them with the same reason.
+        match ferry_vmm::kvm::probe() {
+            Ok(caps) => println!("KVM: usable ({})", caps.summary()),
+            Err(reason) => println!("KVM: not usable here ({reason}); KVM VMs will be refused"),
+        }
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),

@@ -960,6 +960,16 @@ impl Node {
                 ))
             }
         };
+        let backend = match req.backend.as_deref() {
+            None | Some("sim") => Backend::Sim,
+            Some("kvm") => Backend::Kvm,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    format!("backend {other:?} is not sim or kvm"),
+                ))
+            }
+        };
         let state = self.fresh().await?;
         let node = match &req.node {
             Some(r) => node_ref(&state, r)?,
@@ -983,7 +993,7 @@ impl Node {
             memory_bytes,
             vcpus: req.vcpus,
             mac,
-            backend: Backend::Sim,
+            backend,
             workload: encode_program(&GuestProgram {
                 workload: Workload {
                     dirty_pages_per_sec: Some(req.dirty_pages_per_sec),

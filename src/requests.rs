@@ -26,6 +26,10 @@ pub struct CreateVm {
     /// moves with the VM).
     #[serde(default)]
     pub storage: Option<String>,
+    /// `sim` (a simulated guest, the default) or `kvm` (a real KVM guest; refused
+    /// by nodes without usable KVM).
+    #[serde(default)]
+    pub backend: Option<String>,
     #[serde(default)]
     pub processor_compatibility: bool,
     /// TCP connections the guest holds open from boot (offloaded to the NIC
@@ -56,6 +60,7 @@ impl CreateVm {
             dirty_pages_per_sec: 0,
             pattern: None,
             storage: None,
+            backend: None,
             processor_compatibility: false,
             tcp_connections: 0,
             start: true,

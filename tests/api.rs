@@ -117,6 +117,14 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     );
     expect_error(
         &api,
+        "POST",
+        "/api/vms",
+        Some(b"{\"name\": \"x\", \"backend\": \"xen\"}"),
+        400,
+        "invalid_value",
+    );
+    expect_error(
+        &api,
         "PATCH",
         "/api/settings",
         Some(b"{\"pro_tip_mode\": \"sometimes\"}"),
