@@ -29,7 +29,11 @@ pub type Recorder = Arc<dyn Fn(HistoryEvent) + Send + Sync>;
 pub enum HistoryEvent {
     /// The guest booted here; the store made this node its owner at `epoch`
     /// just before.
-    VmStarted { vm: String, node: NodeId, epoch: u64 },
+    VmStarted {
+        vm: String,
+        node: NodeId,
+        epoch: u64,
+    },
     /// This node (the source) recorded the migration in the store. `budget`
     /// is the convergence policy's time budget for the guest's memory.
     MigrationBegun {

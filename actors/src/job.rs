@@ -218,6 +218,7 @@ pub async fn run(
     })?;
     ConvergencePolicy::new(req.policy.clone(), guest.page_count() * PAGE_SIZE as u64)
         .map_err(|e| MigrationError::Refused(e.to_string()))?;
+    let at_ms = now_ms();
     let begun = node
         .cluster
         .write(Command::BeginMigration {
@@ -225,7 +226,7 @@ pub async fn run(
             source: node.id,
             target: req.target,
             trigger: req.trigger,
-            at_ms: now_ms(),
+            at_ms,
         })
         .await;
     let (migration, epoch) = match begun {
@@ -236,7 +237,10 @@ pub async fn run(
             )))
         }
         Err(ClusterError::Rejected(e)) => return Err(MigrationError::Rejected(e)),
-        Err(e) => return Err(MigrationError::Refused(e.to_string())),
+        Err(e) => {
+            abort_if_begun(node.clone(), req.vm.clone(), req.target, at_ms);
+            return Err(MigrationError::Refused(e.to_string()));
+        }
     };
     node.record(|| HistoryEvent::MigrationBegun {
         migration,
@@ -284,6 +288,58 @@ pub async fn run(
             Err(MigrationError::Cancelled)
         }
     }
+}
+
+/// How long after an unanswered `BeginMigration` the store is watched for
+/// the migration it may have recorded.
+const ORPHAN_WATCH: Duration = Duration::from_secs(30);
+
+/// A `BeginMigration` whose answer this node never got (no leader, a
+/// partition) may still have committed — or commit later, if the request is
+/// still on its way to the leader. Left alone, such a migration would stay
+/// active with no job behind it, holding the VM in `Migrating` for good (the
+/// chaos suite found this). Watch the store for a while and abort it if it
+/// shows up; it is recognized by VM, source, target and the proposal's time.
+fn abort_if_begun(node: Arc<NodeShared>, vm: String, target: NodeId, at_ms: u64) {
+    tokio::spawn(async move {
+        let deadline = Instant::now() + ORPHAN_WATCH;
+        while Instant::now() < deadline && !node.is_dead() {
+            if let Ok(state) = node.cluster.read_linearizable().await {
+                let orphan = state
+                    .migrations
+                    .values()
+                    .find(|m| {
+                        m.vm == vm
+                            && m.source == node.id
+                            && m.target == target
+                            && m.begun_at_ms == at_ms
+                    })
+                    .map(|m| (m.id, m.is_active()));
+                match orphan {
+                    Some((_, false)) => return,
+                    Some((migration, true)) => {
+                        match node
+                            .cluster
+                            .write(Command::AbortMigration {
+                                migration,
+                                reason: "its source never learned that it began".into(),
+                                at_ms: now_ms(),
+                            })
+                            .await
+                        {
+                            Ok(_) | Err(ClusterError::Rejected(_) | ClusterError::Shutdown) => {
+                                tracing::info!(migration, %vm, "aborted a migration whose beginning went unanswered");
+                                return;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    None => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
 }
 
 /// Whether `target` answers on `path` within [`PROBE_TIMEOUT`].

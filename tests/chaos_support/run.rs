@@ -1,0 +1,750 @@
+//! One chaos run: a seed's fault schedule against a small cluster doing
+//! migrations and a drain, then the history through the invariant checker.
+//!
+//! A run: three nodes on two migration networks (every link through a
+//! proxy), three small guests (16–64 MiB) with workloads and a client each,
+//! two lanes of moves plus one drain while the schedule's faults fire against
+//! the migrations' phases. When the schedule is done (or the run's time is
+//! up, and what is still broken is repaired) the run settles: every
+//! migration ended, every VM running on its owner. The clients stop, the
+//! final records are read, and the checker replays the history. A continuous
+//! sampler watching where each VM runs is a second, independent witness of
+//! "never twice".
+
+use super::cluster::{ChaosCluster, Shape};
+use super::recording::Recording;
+use ferry_actors::actors::{DrainNode, MoveVm, ResumeNode};
+use ferry_actors::drain::DrainOptions;
+use ferry_actors::job::MoveRequest;
+use ferry_actors::local::vm_config;
+use ferry_actors::switch::ClientError;
+use ferry_chaos::checker::{self, Invariant, Report, Timed, Violation};
+use ferry_chaos::schedule::{
+    Fault, FaultKind, Phase, Schedule, ScheduleShape, SplitMix64, Trigger,
+};
+use ferry_cluster::model::{NodeState, VmState};
+use ferry_cluster::{Command, NodeId};
+use ferry_vmm::{Pattern, Workload};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const NODES: u64 = 3;
+const NETWORKS: u64 = 2;
+const VMS: usize = 3;
+/// Moves (and the drain) at least, over both lanes.
+const MIN_OPS: usize = 8;
+/// The workload stops starting moves after this long, schedule done or not.
+const MAX_WORKLOAD: Duration = Duration::from_secs(25);
+/// Longest a run may take to settle after the faults are repaired.
+const SETTLE: Duration = Duration::from_secs(75);
+/// Longest the fault driver waits for a phase a step aims at.
+const PHASE_WAIT: Duration = Duration::from_secs(4);
+/// Longest the workload waits for one move's answer.
+const MOVE_WAIT: Duration = Duration::from_secs(100);
+
+/// Disruptive faults per schedule: `FERRY_CHAOS_FAULTS`, or 4.
+pub fn faults_per_run() -> usize {
+    std::env::var("FERRY_CHAOS_FAULTS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(4)
+}
+
+/// The schedules the suite plans: the default kinds, four faults (see
+/// [`faults_per_run`]), short holds so a run stays short.
+pub fn shape() -> ScheduleShape {
+    ScheduleShape {
+        nodes: (1..=NODES).collect(),
+        networks: (1..=NETWORKS).collect(),
+        faults: faults_per_run(),
+        kinds: FaultKind::DISRUPTIVE.to_vec(),
+        phase_share: 0.6,
+        gap: (Duration::from_millis(50), Duration::from_millis(800)),
+        hold: (Duration::from_millis(200), Duration::from_millis(1500)),
+        max_overlap: 1,
+    }
+}
+
+/// What one run did and found.
+pub struct Outcome {
+    pub seed: u64,
+    pub schedule: Schedule,
+    /// Steps of the schedule that fired (the rest were stopped and repaired).
+    pub fired: usize,
+    /// Faults injected, by kind (fired steps and the repairs run at the end).
+    pub injected: BTreeMap<FaultKind, usize>,
+    pub completed: usize,
+    pub aborted: usize,
+    pub report: Report,
+    /// Double-run checks by the sampler.
+    pub samples: u64,
+    pub history: Vec<Timed>,
+    pub vm_names: BTreeMap<u64, String>,
+    pub log: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn is_clean(&self) -> bool {
+        self.report.is_clean()
+    }
+
+    /// What a failing seed prints: how to replay it, its schedule, the
+    /// violations, and the history around the first one.
+    pub fn describe(&self) -> String {
+        let verdict = if self.is_clean() { "passed" } else { "FAILED" };
+        let faults = match faults_per_run() {
+            4 => String::new(),
+            n => format!("FERRY_CHAOS_FAULTS={n} "),
+        };
+        let mut out = format!(
+            "chaos seed {} {verdict} (replay: {faults}FERRY_CHAOS_SEED={} cargo test --release --test chaos -- --nocapture)\n{}{}",
+            self.seed, self.seed, self.schedule, self.report
+        );
+        out.push_str(&format!(
+            "fired {} of {} steps; VMs {:?}\n",
+            self.fired,
+            self.schedule.steps.len(),
+            self.vm_names
+        ));
+        for line in &self.log {
+            out.push_str(&format!("  log: {line}\n"));
+        }
+        if let Some(first) = self.report.violations.first() {
+            let from = first.index.saturating_sub(30);
+            let to = (first.index + 10).min(self.history.len());
+            out.push_str(&format!("history #{from}..#{to}:\n"));
+            for (i, t) in self.history.iter().enumerate().take(to).skip(from) {
+                if !matches!(t.event, checker::Event::AppendAcked { .. }) {
+                    out.push_str(&format!(
+                        "  #{i} {:>8.3} s {:?}\n",
+                        t.at.as_secs_f64(),
+                        t.event
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A client appending to one VM's service through the virtual switch the
+/// whole run, recording each acknowledgement in the history.
+struct Client {
+    stop: Arc<AtomicBool>,
+    acks: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Client {
+    fn start(cluster: &ChaosCluster, vm: &str) -> Client {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acks = Arc::new(AtomicU64::new(0));
+        let (flag, count) = (stop.clone(), acks.clone());
+        let switch = cluster.switch.clone();
+        let recording = cluster.recording.clone();
+        let vm = vm.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !flag.load(Ordering::Acquire) {
+                let generation = recording.generation(&vm);
+                match switch.append(&vm, format!("o-{n}").as_bytes()) {
+                    Ok(seq) => {
+                        if recording.acked(&vm, seq, generation) {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        n += 1;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    // Refused (blackout, node gone, no route yet): try again.
+                    Err(
+                        ClientError::Service { .. }
+                        | ClientError::NotHere { .. }
+                        | ClientError::Unreachable { .. }
+                        | ClientError::NoRoute(_),
+                    ) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        Client {
+            stop,
+            acks,
+            thread: Some(thread),
+        }
+    }
+
+    fn acks(&self) -> u64 {
+        self.acks.load(Ordering::Relaxed)
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Watches where every VM runs, every millisecond: two live nodes running
+/// the same VM at once (confirmed by a second look) is a violation.
+fn start_sampler(
+    cluster: Arc<ChaosCluster>,
+    vms: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let mut samples = 0u64;
+        let mut found = Vec::new();
+        while !stop.load(Ordering::Acquire) {
+            for vm in &vms {
+                samples += 1;
+                let running = cluster.running(vm);
+                if running.len() > 1 {
+                    // A node read just before it paused and another just after
+                    // it resumed can look like two; look again.
+                    let again = cluster.running(vm);
+                    let both: Vec<_> = running.iter().filter(|r| again.contains(r)).collect();
+                    if both.len() > 1 {
+                        found.push(format!(
+                            "at {:.3} s vm {vm} runs on {both:?} at once",
+                            cluster.recording.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        (samples, found)
+    })
+}
+
+/// Applies one fault. `killed_leader` remembers whom `KillLeader` killed.
+async fn fire(
+    cluster: &ChaosCluster,
+    fault: Fault,
+    killed_leader: &mut Option<NodeId>,
+    log: &Mutex<Vec<String>>,
+) -> Result<(), String> {
+    let note = |s: String| {
+        log.lock().unwrap().push(format!(
+            "{:>7.3} s {s}",
+            cluster.recording.elapsed().as_secs_f64()
+        ))
+    };
+    note(format!("fault: {fault}"));
+    match fault {
+        Fault::CutLink { node, network } => cluster.edit_links(|l| {
+            l.cut.insert((node, network));
+        }),
+        Fault::RestoreLink { node, network } => cluster.edit_links(|l| {
+            l.cut.remove(&(node, network));
+            l.shaped.remove(&(node, network));
+        }),
+        Fault::Delay { node, network, ms } => cluster.edit_links(|l| {
+            l.shaped
+                .entry((node, network))
+                .or_insert_with(Shape::default)
+                .delay = Duration::from_millis(u64::from(ms));
+        }),
+        Fault::Loss { node, network, pct } => cluster.edit_links(|l| {
+            l.shaped
+                .entry((node, network))
+                .or_insert_with(Shape::default)
+                .loss_pct = f64::from(pct);
+        }),
+        Fault::RateLimit {
+            node,
+            network,
+            bytes_per_sec,
+        } => cluster.edit_links(|l| {
+            l.shaped
+                .entry((node, network))
+                .or_insert_with(Shape::default)
+                .rate = Some(bytes_per_sec);
+        }),
+        Fault::PartitionNode { node } => cluster.edit_links(|l| {
+            l.partitioned.insert(node);
+        }),
+        Fault::HealPartition { node } => cluster.edit_links(|l| {
+            l.partitioned.remove(&node);
+        }),
+        Fault::KillNode { node } => cluster.kill(node).await?,
+        Fault::RestartNode { node } => cluster.restart(node).await?,
+        Fault::KillLeader => match cluster.leader(Duration::from_secs(10)).await {
+            Some(leader) => {
+                note(format!("the leader is node {leader}"));
+                *killed_leader = Some(leader);
+                cluster.kill(leader).await?;
+            }
+            None => note("no leader to kill".into()),
+        },
+        Fault::RestartLeader => {
+            if let Some(node) = killed_leader.take() {
+                cluster.restart(node).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fires the schedule's steps in order; stops (and repairs what is still
+/// broken) when `stop` is set. Returns the steps fired and the faults
+/// injected by kind.
+async fn drive_faults(
+    cluster: &ChaosCluster,
+    schedule: &Schedule,
+    stop: &AtomicBool,
+    done: &AtomicBool,
+    log: &Mutex<Vec<String>>,
+) -> Result<(usize, BTreeMap<FaultKind, usize>), String> {
+    let mut injected = BTreeMap::new();
+    let mut killed_leader = None;
+    let mut fired = 0;
+    'steps: for step in &schedule.steps {
+        match step.trigger {
+            Trigger::After(d) => {
+                let until = Instant::now() + d;
+                while Instant::now() < until {
+                    if stop.load(Ordering::Acquire) {
+                        break 'steps;
+                    }
+                    tokio::time::sleep(
+                        until
+                            .saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(20)),
+                    )
+                    .await;
+                }
+            }
+            Trigger::Phase { phase, delay } => {
+                let mut hits = cluster.recording.phases();
+                let armed = Instant::now();
+                loop {
+                    if stop.load(Ordering::Acquire) {
+                        break 'steps;
+                    }
+                    // A phase may not come while the faults so far hold (every
+                    // VM on a partitioned node): fire on time rather than stall.
+                    if armed.elapsed() > PHASE_WAIT {
+                        log.lock().unwrap().push(format!(
+                            "{:>7.3} s no migration reached {phase} within {PHASE_WAIT:?}: firing anyway",
+                            cluster.recording.elapsed().as_secs_f64()
+                        ));
+                        break;
+                    }
+                    match tokio::time::timeout(Duration::from_millis(20), hits.recv()).await {
+                        Ok(Ok(hit)) if hit.phase == phase => break,
+                        Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break 'steps,
+                        _ => {}
+                    }
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        fire(cluster, step.fault, &mut killed_leader, log).await?;
+        *injected.entry(step.fault.kind()).or_insert(0) += 1;
+        fired += 1;
+    }
+    done.store(true, Ordering::Release);
+    // Stopped early: undo what is still broken (links, partitions, nodes).
+    for fault in schedule.repairs_after(fired) {
+        let fault = match fault {
+            Fault::RestartLeader => match killed_leader {
+                Some(node) => Fault::RestartNode { node },
+                None => continue,
+            },
+            f => f,
+        };
+        fire(cluster, fault, &mut killed_leader, log).await?;
+        *injected.entry(fault.kind()).or_insert(0) += 1;
+    }
+    Ok((fired, injected))
+}
+
+/// What the workload's lanes share.
+struct Lanes<'a> {
+    cluster: &'a ChaosCluster,
+    seed: u64,
+    /// VMs a lane is moving now.
+    busy: Mutex<BTreeSet<String>>,
+    /// Moves and drains started so far, over all lanes.
+    ops: AtomicU64,
+    schedule_done: &'a AtomicBool,
+    log: &'a Mutex<Vec<String>>,
+}
+
+/// One lane of the workload: moves, and (with `drain_at`) one drain, until
+/// the schedule is done and enough was done, or the time is up.
+async fn lane(lanes: &Lanes<'_>, lane: u64, drain_at: Option<u64>) {
+    let Lanes {
+        cluster,
+        seed,
+        busy,
+        ops,
+        schedule_done,
+        log,
+    } = lanes;
+    let (cluster, seed, schedule_done, log) = (*cluster, *seed, *schedule_done, *log);
+    let mut rng = SplitMix64::new(seed ^ (0x5eed_0000 + lane));
+    let started = Instant::now();
+    let note = |s: String| {
+        log.lock().unwrap().push(format!(
+            "{:>7.3} s lane {lane}: {s}",
+            cluster.recording.elapsed().as_secs_f64()
+        ))
+    };
+    let mut mine = 0u64;
+    loop {
+        let done = schedule_done.load(Ordering::Acquire)
+            && ops.load(Ordering::Acquire) >= MIN_OPS as u64
+            && drain_at.is_none_or(|d| mine > d);
+        if done || started.elapsed() > MAX_WORKLOAD {
+            return;
+        }
+        let Some(state) = cluster.fresh_state(Duration::from_secs(2)).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let live: Vec<NodeId> = cluster
+            .reachable_nodes()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let up: Vec<NodeId> = live
+            .iter()
+            .copied()
+            .filter(|id| {
+                state
+                    .nodes
+                    .get(id)
+                    .is_some_and(|n| n.state == NodeState::Up)
+            })
+            .collect();
+
+        if drain_at == Some(mine) {
+            mine += 1;
+            ops.fetch_add(1, Ordering::AcqRel);
+            let Some(&node) = rng.pick(&up) else {
+                continue;
+            };
+            let Some(live) = cluster.live(node) else {
+                continue;
+            };
+            note(format!("drain node {node}"));
+            let options = DrainOptions {
+                verify: true,
+                ..DrainOptions::default()
+            };
+            let drained = tokio::time::timeout(MOVE_WAIT, async {
+                let mut progress = live
+                    .actor
+                    .send(DrainNode(options))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                ferry_actors::drain::wait(&mut progress, MOVE_WAIT).await
+            })
+            .await;
+            note(format!("drain of node {node}: {drained:?}"));
+            let failback = rng.chance(0.5);
+            // Out of maintenance mode again (through whatever incarnation is
+            // alive now), with or without bringing the VMs back.
+            let resumed = match cluster.live(node) {
+                Some(live) => tokio::time::timeout(
+                    MOVE_WAIT,
+                    live.actor.send(ResumeNode {
+                        failback,
+                        verify: true,
+                    }),
+                )
+                .await
+                .map(|r| r.map(|r| r.map(|f| (f.moved.len(), f.failed.len())))),
+                None => Ok(Ok(Err("node is down".into()))),
+            };
+            note(format!(
+                "resume node {node} (failback {failback}): {resumed:?}"
+            ));
+            continue;
+        }
+
+        let candidates: Vec<(String, NodeId)> = state
+            .vms
+            .values()
+            .filter(|v| v.state == VmState::Running && live.contains(&v.owner))
+            .filter(|v| !busy.lock().unwrap().contains(&v.name))
+            .map(|v| (v.name.clone(), v.owner))
+            .collect();
+        let Some((vm, source)) = rng.pick(&candidates).cloned() else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let targets: Vec<NodeId> = up.iter().copied().filter(|&n| n != source).collect();
+        let Some(&target) = rng.pick(&targets) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(live) = cluster.live(source) else {
+            continue;
+        };
+        busy.lock().unwrap().insert(vm.clone());
+        mine += 1;
+        ops.fetch_add(1, Ordering::AcqRel);
+        let mut request = MoveRequest::new(vm.clone(), target);
+        request.verify = true;
+        // Tight blackout promises make dirty rounds (and throttling) likely.
+        request.policy.downtime_limit =
+            Duration::from_millis([15, 30, 100, 300][rng.below(4) as usize]);
+        let result = tokio::time::timeout(MOVE_WAIT, live.actor.send(MoveVm(request))).await;
+        let said = match &result {
+            Ok(Ok(Ok(r))) => format!("completed, epoch {}, {:?}", r.epoch, r.total),
+            Ok(Ok(Err(e))) => format!("{e}"),
+            Ok(Err(e)) => format!("actor gone: {e}"),
+            Err(_) => format!("no answer within {MOVE_WAIT:?}"),
+        };
+        note(format!("move {vm} {source}->{target}: {said}"));
+        busy.lock().unwrap().remove(&vm);
+        if !matches!(result, Ok(Ok(Ok(_)))) {
+            // Refused or failed: give the cluster a moment before the next.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Waits until the cluster is quiet and whole: every migration ended (the
+/// store's word taken for those whose source died), every VM running on its
+/// owner at the store's epoch. Returns what is still wrong at the deadline.
+async fn settle(cluster: &ChaosCluster, within: Duration) -> Vec<String> {
+    cluster.edit_links(|l| *l = Default::default());
+    let deadline = Instant::now() + within;
+    loop {
+        let mut wrong = Vec::new();
+        for id in cluster.ids() {
+            if cluster.live(id).is_none() {
+                if let Err(e) = cluster.restart(id).await {
+                    wrong.push(e);
+                }
+            }
+        }
+        cluster.restart_lost_vms(Duration::from_secs(5)).await;
+        match cluster.fresh_state(Duration::from_secs(5)).await {
+            None => wrong.push("the store does not answer".into()),
+            Some(state) => {
+                wrong.extend(cluster.resolve_dead_sources(&state));
+                for (id, begun) in cluster.recording.open_migrations() {
+                    wrong.push(format!(
+                        "migration {id} of {}: its job has not ended",
+                        begun.vm
+                    ));
+                }
+                for m in state.active_migrations() {
+                    wrong.push(format!("migration {} of {} is still active", m.id, m.vm));
+                }
+                for vm in state.vms.values() {
+                    let running = cluster.running(&vm.name);
+                    let fine = match vm.state {
+                        VmState::Running => running == vec![(vm.owner, vm.epoch)],
+                        _ => false,
+                    };
+                    if !fine {
+                        wrong.push(format!(
+                            "vm {}: the store says {:?} on node {} at epoch {}; it runs on {running:?}",
+                            vm.name, vm.state, vm.owner, vm.epoch
+                        ));
+                    }
+                }
+            }
+        }
+        if wrong.is_empty() || Instant::now() > deadline {
+            return wrong;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs seed `seed` to its end and checks its history.
+pub fn run_seed(seed: u64) -> Result<Outcome, String> {
+    let started = Instant::now();
+    let schedule = Schedule::plan(seed, &shape());
+    ferry_actors::local::run(run(seed, schedule, started))
+        .map_err(|e| format!("seed {seed}: actix system: {e}"))?
+}
+
+async fn run(seed: u64, schedule: Schedule, started: Instant) -> Result<Outcome, String> {
+    let recording = Recording::new();
+    let cluster = Arc::new(
+        ChaosCluster::start("chaos", NODES, NETWORKS, seed, recording.clone())
+            .await
+            .map_err(|e| format!("seed {seed}: starting the cluster: {e}"))?,
+    );
+    let mut rng = SplitMix64::new(seed ^ 0x0076_6d73);
+    let mut vms = Vec::new();
+    for i in 0..VMS {
+        let name = format!("vm-{}", i + 1);
+        let memory = [16, 32, 64][rng.below(3) as usize] * MIB;
+        // Busy enough that most moves need dirty rounds, some throttling.
+        let workload = Workload {
+            dirty_pages_per_sec: Some([2_000, 5_000, 10_000, 20_000][rng.below(4) as usize]),
+            pattern: if rng.chance(0.7) {
+                Pattern::HotSet {
+                    write_percent: 80,
+                    page_percent: 10,
+                }
+            } else {
+                Pattern::Uniform
+            },
+            seed: seed.wrapping_add(i as u64),
+        };
+        let mut config = vm_config(memory, workload, i as u8 + 1);
+        config.vcpus = 1;
+        let node = i as u64 % NODES + 1;
+        cluster
+            .write(Command::CreateVm {
+                name: name.clone(),
+                config,
+                node,
+            })
+            .await
+            .map_err(|e| format!("seed {seed}: creating {name}: {e}"))?;
+        let live = cluster.live(node).ok_or("node down at start")?;
+        live.actor
+            .send(ferry_actors::actors::StartVm(name.clone()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("seed {seed}: starting {name}: {e}"))?;
+        vms.push(name);
+    }
+    let clients: Vec<Client> = vms.iter().map(|vm| Client::start(&cluster, vm)).collect();
+    let sampling = Arc::new(AtomicBool::new(false));
+    let sampler = start_sampler(cluster.clone(), vms.clone(), sampling.clone());
+
+    let log = Mutex::new(Vec::new());
+    let stop_faults = AtomicBool::new(false);
+    let schedule_done = AtomicBool::new(false);
+    let lanes = Lanes {
+        cluster: &cluster,
+        seed,
+        busy: Mutex::new(BTreeSet::new()),
+        ops: AtomicU64::new(0),
+        schedule_done: &schedule_done,
+        log: &log,
+    };
+    let drain_at = rng.below(3);
+    let workload = async {
+        tokio::join!(lane(&lanes, 0, Some(drain_at)), lane(&lanes, 1, None));
+        // No more moves: whatever the schedule still waits for will not come.
+        stop_faults.store(true, Ordering::Release);
+    };
+    let (faults, ()) = tokio::join!(
+        drive_faults(&cluster, &schedule, &stop_faults, &schedule_done, &log),
+        workload
+    );
+    let (fired, injected) = faults.map_err(|e| format!("seed {seed}: injecting faults: {e}"))?;
+
+    let mut wrong = settle(&cluster, SETTLE).await;
+    // The services answer after the storm: a few more acknowledgements each.
+    let before: Vec<u64> = clients.iter().map(Client::acks).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while clients.iter().zip(&before).any(|(c, b)| c.acks() < b + 20) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for (vm, (c, b)) in vms.iter().zip(clients.iter().zip(&before)) {
+        if c.acks() < b + 20 {
+            wrong.push(format!(
+                "vm {vm}: its service took {} appends after the run settled",
+                c.acks() - b
+            ));
+        }
+    }
+    for c in clients {
+        c.stop();
+    }
+    for vm in &vms {
+        if let Some((node, _)) = cluster.running(vm).first() {
+            if let Some(guest) = cluster.live(*node).and_then(|l| l.shared.guest(vm)) {
+                match guest.service_records() {
+                    Ok(records) => cluster
+                        .recording
+                        .final_records(vm, records.iter().map(|(s, _)| *s).collect()),
+                    Err(e) => wrong.push(format!("vm {vm}: records unreadable: {e}")),
+                }
+            }
+        }
+    }
+    sampling.store(true, Ordering::Release);
+    let (samples, doubles) = sampler.await.map_err(|e| e.to_string())?;
+    cluster.shutdown().await;
+
+    let history = recording.events();
+    let mut report = checker::check(&history);
+    let at_end = history.len().saturating_sub(1);
+    let mut extra = |invariant: Invariant, index: usize, message: String| {
+        report.violations.push(Violation {
+            invariant,
+            index,
+            at: history.get(index).map_or(Duration::ZERO, |t| t.at),
+            message,
+        })
+    };
+    for message in doubles {
+        extra(
+            Invariant::OneRunningCopy,
+            at_end,
+            format!("sampler: {message}"),
+        );
+    }
+    for (index, message) in recording.notes() {
+        extra(
+            Invariant::MigrationsEnd,
+            index,
+            format!("harness: {message}"),
+        );
+    }
+    for message in wrong {
+        let invariant = if message.contains("migration") {
+            Invariant::MigrationsEnd
+        } else {
+            Invariant::NoLostVm
+        };
+        extra(invariant, at_end, format!("after settling: {message}"));
+    }
+    *report.checked.entry(Invariant::OneRunningCopy).or_insert(0) += samples;
+    let (completed, aborted) = recording.outcomes();
+    let mut log = log.into_inner().unwrap_or_default();
+    log.extend(recording.remarks());
+    Ok(Outcome {
+        seed,
+        schedule,
+        fired,
+        injected,
+        completed,
+        aborted,
+        report,
+        samples,
+        history,
+        vm_names: recording.vm_names(),
+        log,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The phases a schedule aims at, for choosing seeds that cover them.
+pub fn phases_of(schedule: &Schedule) -> BTreeSet<Phase> {
+    schedule
+        .steps
+        .iter()
+        .filter_map(|s| match s.trigger {
+            Trigger::Phase { phase, .. } => Some(phase),
+            Trigger::After(_) => None,
+        })
+        .collect()
+}
