@@ -24,7 +24,16 @@ fn a_running_kvm_guest_moves_between_nodes_over_the_page_stream() {
         let source = cluster.node(1).shared.guest("kvm-1").unwrap();
         assert_eq!(source.kind(), "kvm");
         let client = Client::start(cluster.switch.clone(), "kvm-1");
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // The client is being served before the move starts.
+        let served = source.service_records().unwrap().len();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while source.service_records().unwrap().len() < served + 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the KVM guest's service does not answer"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
 
         let mut request = MoveRequest::new("kvm-1", 2);
         // Digests of memory and device state are compared in the blackout;

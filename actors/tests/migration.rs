@@ -17,7 +17,8 @@ fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
             .unwrap();
         let client = Client::start(cluster.switch.clone(), "web-1");
         let watch = TwiceWatch::start(&cluster, "web-1");
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // The client is being served before the move starts.
+        appends_continue(&cluster, 1, "web-1").await;
 
         let mut request = MoveRequest::new("web-1", 2);
         request.verify = true;
@@ -137,21 +138,8 @@ fn target_killed_mid_migration_aborts_and_the_vm_runs_on_the_source() {
             .await
             .unwrap();
         let client = Client::start(cluster.switch.clone(), "db-1");
-        let mut events = cluster.node(1).shared.events.subscribe();
-        let moving = {
-            let actor = cluster.node(1).actor.clone();
-            tokio::spawn(async move {
-                actor
-                    .send(ferry_actors::actors::MoveVm(MoveRequest::new("db-1", 2)))
-                    .await
-                    .unwrap()
-            })
-        };
-        wait_progress(&mut events, |p| {
-            p.phase == ferry_actors::job::Phase::Preparing
-        })
-        .await;
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let moving = start_move(&cluster, "db-1", 1, 2).await;
+        wait_for_target_shell(&cluster, 2, "db-1").await;
         cluster.node(2).shared.kill().await;
         let outcome = moving.await.unwrap();
         assert!(
@@ -163,7 +151,7 @@ fn target_killed_mid_migration_aborts_and_the_vm_runs_on_the_source() {
             vec![(1, 1)],
             "runs on the source only, at its epoch"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        appends_continue(&cluster, 1, "db-1").await;
         let log = client.stop();
         assert_no_acked_append_lost(&cluster, 1, "db-1", &log);
         println!("target killed: {outcome:?}");
@@ -179,21 +167,8 @@ fn a_user_cancel_mid_migration_aborts_cleanly() {
             .await
             .unwrap();
         let client = Client::start(cluster.switch.clone(), "app-1");
-        let mut events = cluster.node(1).shared.events.subscribe();
-        let moving = {
-            let actor = cluster.node(1).actor.clone();
-            tokio::spawn(async move {
-                actor
-                    .send(ferry_actors::actors::MoveVm(MoveRequest::new("app-1", 2)))
-                    .await
-                    .unwrap()
-            })
-        };
-        wait_progress(&mut events, |p| {
-            p.phase == ferry_actors::job::Phase::Preparing
-        })
-        .await;
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let moving = start_move(&cluster, "app-1", 1, 2).await;
+        wait_for_target_shell(&cluster, 2, "app-1").await;
         assert!(cluster
             .node(1)
             .actor
@@ -390,7 +365,7 @@ fn both_paths_cut_mid_migration_aborts_and_the_vm_runs_on_the_source() {
             "the abort came in bounded time: {took:?}"
         );
         assert_eq!(cluster.running("web-3"), vec![(1, 1)]);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        appends_continue(&cluster, 1, "web-3").await;
         let log = client.stop();
         assert_no_acked_append_lost(&cluster, 1, "web-3", &log);
         println!("both paths cut: aborted {took:?} after the cut: {outcome:?}");
@@ -469,4 +444,34 @@ fn source_partitioned_from_the_store_at_switchover_never_runs_the_vm_twice() {
         assert_no_acked_append_lost(&cluster, 2, "ledger", &log);
         println!("partitioned source: completed after heal, blackout {:?}, {samples} samples, no double run", report.blackout);
     });
+}
+
+/// Waits (bounded) until `node` holds the VM's shell: the copy has begun.
+async fn wait_for_target_shell(cluster: &TestCluster, node: u64, vm: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cluster.node(node).shared.holds(vm) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target never prepared {vm}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+/// Waits (bounded) until the VM's service on `node` takes more appends.
+async fn appends_continue(cluster: &TestCluster, node: u64, vm: &str) {
+    let guest = cluster
+        .node(node)
+        .shared
+        .guest(vm)
+        .expect("the VM runs there");
+    let seen = guest.service_records().unwrap().len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while guest.service_records().unwrap().len() < seen + 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service stopped answering on node {node}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
 }
