@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 
 /// Pages read from the guest and queued on the stream at a time (256 KiB).
 const RUN_PAGES: u64 = 64;
+/// How long an abort waits for the store to record it before answering
+/// (it keeps trying in the background after that).
+const ABORT_RECORD_WAIT: Duration = Duration::from_secs(2);
 /// Deadline of each control call to the target.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a migration network of the target may take to answer a probe
@@ -998,13 +1001,32 @@ impl Job {
                 });
             }
         }
-        // Record the abort; keep trying in the background if the store is
-        // unreachable right now, so the migration slot is released eventually.
+        // Record the abort before answering, so a caller that moves the VM
+        // again right away does not find it still migrating. If the store is
+        // unreachable now, keep trying in the background so the migration
+        // slot is released eventually; the guest already runs either way.
         let cluster = self.node.cluster.clone();
         let migration = self.migration;
         let why = reason.clone();
         let node = self.node.clone();
+        let recorded = cluster
+            .write_within(
+                Command::AbortMigration {
+                    migration,
+                    reason: why.clone(),
+                    at_ms: now_ms(),
+                },
+                ABORT_RECORD_WAIT,
+            )
+            .await;
+        let settled = matches!(
+            recorded,
+            Ok(_) | Err(ClusterError::Rejected(_)) | Err(ClusterError::Shutdown)
+        );
         tokio::spawn(async move {
+            if settled {
+                return;
+            }
             for _ in 0..100 {
                 if node.is_dead() {
                     return;
