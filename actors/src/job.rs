@@ -946,15 +946,22 @@ impl Job {
     }
 
     fn release_source_copy(&self) {
-        let hosted = {
+        // Only this job's copy: while the job waited for the store, the VM may
+        // have been restarted on this node as a new guest, which stays.
+        let ours = {
             let mut vms = lock(&self.node.vms);
-            match vms.get(&self.req.vm).map(|h| &h.role) {
-                Some(Role::Owner { .. }) => vms.remove(&self.req.vm),
-                _ => None,
+            match vms.get(&self.req.vm) {
+                Some(h)
+                    if matches!(h.role, Role::Owner { .. })
+                        && Arc::ptr_eq(&h.guest, &self.guest) =>
+                {
+                    vms.remove(&self.req.vm).is_some()
+                }
+                _ => false,
             }
         };
-        if let Some(h) = hosted {
-            h.guest.destroy();
+        self.guest.destroy();
+        if ours {
             self.node.record(|| HistoryEvent::CopyDestroyed {
                 vm: self.req.vm.clone(),
                 node: self.node.id,

@@ -405,7 +405,7 @@ impl NodeShared {
                 return Err(e);
             }
         };
-        lock(&self.vms).insert(
+        let stale = lock(&self.vms).insert(
             vm.into(),
             Hosted {
                 guest,
@@ -413,6 +413,12 @@ impl NodeShared {
                 role: Role::Owner { epoch },
             },
         );
+        // A copy this node still held (say, a paused source whose migration
+        // the store has since settled elsewhere) is superseded: the store
+        // started the VM here afresh at `epoch`.
+        if let Some(old) = stale {
+            old.guest.destroy();
+        }
         self.record(|| HistoryEvent::VmStarted {
             vm: vm.into(),
             node: self.id,
