@@ -118,7 +118,11 @@ fn dashboard_shows_progress_and_a_click_on_drain_starts_a_drain() {
         (n.drain == "drained").then_some(n)
     });
     assert_eq!(n2.state, "paused");
-    let db: VmView = api.get("/api/vms/db-1").unwrap();
+    // The answering node's replica may trail the drained node's by a commit.
+    let db: VmView = wait_for("db-1 to leave node-2", Duration::from_secs(20), || {
+        let v: VmView = api.get("/api/vms/db-1").ok()?;
+        (v.owner != 2).then_some(v)
+    });
     assert_ne!(db.owner, 2, "db-1 still on the drained node");
     browser.wait_for(
         "the dashboard to show node-2 paused and drained",

@@ -128,11 +128,23 @@ impl Browser {
         r["result"]["value"].clone()
     }
 
+    /// Evaluates `expr`; an exception (the page not loaded yet, an element
+    /// not rendered yet) counts as "not yet": `None`.
+    fn try_eval(&mut self, expr: &str) -> Option<Value> {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
+        );
+        r.get("exceptionDetails")
+            .is_none()
+            .then(|| r["result"]["value"].clone())
+    }
+
     /// Polls `expr` until it is truthy; returns its value.
     pub fn wait_for(&mut self, what: &str, expr: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let v = self.eval(expr);
+            let v = self.try_eval(expr).unwrap_or(Value::Null);
             if !(v.is_null() || v == false || v == 0 || v == "") {
                 return v;
             }
