@@ -310,11 +310,7 @@ fn one_path_cut_mid_migration_completes_on_the_other() {
         let client = Client::start(cluster.switch.clone(), "web-2");
         let moving = start_move(&cluster, "web-2", 1, 2).await;
         // Let round 0 get going on both paths, then cut one.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while proxies[0].stats().forwarded_bytes < (16 << 20) {
-            assert!(std::time::Instant::now() < deadline, "no traffic on path 1");
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
+        wait_for_traffic(&proxies[0], 16 << 20).await;
         proxies[0].cut();
         let cut_at = proxies[1].stats().forwarded_bytes;
         let report = moving
@@ -346,11 +342,7 @@ fn both_paths_cut_mid_migration_aborts_and_the_vm_runs_on_the_source() {
             .unwrap();
         let client = Client::start(cluster.switch.clone(), "web-3");
         let moving = start_move(&cluster, "web-3", 1, 2).await;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while proxies[0].stats().forwarded_bytes < (8 << 20) {
-            assert!(std::time::Instant::now() < deadline, "no traffic on path 1");
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
+        wait_for_traffic(&proxies[0], 8 << 20).await;
         let cut = std::time::Instant::now();
         proxies[0].cut();
         proxies[1].cut();
@@ -490,6 +482,18 @@ async fn appends_continue(cluster: &TestCluster, node: u64, vm: &str) {
         assert!(
             std::time::Instant::now() < deadline,
             "the service stopped answering on node {node}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// Waits (bounded) until `proxy` has carried `bytes`: the copy is under way on that path.
+async fn wait_for_traffic(proxy: &ferry_chaos::proxy::LinkProxy, bytes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while proxy.stats().forwarded_bytes < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no traffic on the path"
         );
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
