@@ -8,9 +8,9 @@
 //! `cargo run --release --example local_cluster`
 
 use ferry::actors::actors::DrainNode;
-use ferry::actors::drain::{self, DrainOptions};
-use ferry::actors::job::MoveRequest;
 use ferry::actors::local::{run, Client, LocalCluster, MIB};
+use ferry::actors::migration::source::MoveRequest;
+use ferry::actors::triggers::drain::{self, DrainOptions};
 use ferry::vmm::{Pattern, Workload};
 use ferry_chaos::proxy::LinkProxy;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -7,8 +7,8 @@
 //! `cargo run --release --example migration_bench`
 #![allow(clippy::unwrap_used)]
 
-use ferry::actors::job::MoveRequest;
 use ferry::actors::local::{run, LocalCluster, MIB};
+use ferry::actors::migration::source::MoveRequest;
 use ferry::transport::{ClusterCa, NetworkConfig, PageSink, RpcNode, PAGE_SIZE};
 use ferry::vmm::{Pattern, Workload};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -42,14 +42,15 @@ use crate::views::{self, *};
 use actix::prelude::*;
 use anyhow::{bail, Context as _};
 use ferry_actors::actors::{CancelMove, MoveVm, NodeActor, ResumeNode, StartVm};
-use ferry_actors::drain::FailbackReport;
-use ferry_actors::estimate::{estimate, Factors};
-use ferry_actors::job::{MigrationError, MoveRequest};
+use ferry_actors::migration::source::{MigrationError, MoveRequest};
 use ferry_actors::node::{encode_program, now_ms, Directory, GuestProgram, NodeShared, PeerAddrs};
-use ferry_actors::placement::{self, Placement};
-use ferry_actors::policy::ConvergenceConfig;
+use ferry_actors::policy::convergence::ConvergenceConfig;
+use ferry_actors::policy::estimate::{estimate, Factors};
+use ferry_actors::policy::placement::{self, Placement};
+use ferry_actors::policy::tips::TipConfig;
 use ferry_actors::switch::VirtualSwitch;
-use ferry_actors::tips::{TipConfig, Tips};
+use ferry_actors::triggers::drain::FailbackReport;
+use ferry_actors::triggers::tips::Tips;
 use ferry_cluster::model::{
     Backend, Capacity, ClusterState, MacAddr, MigrationTrigger, NodeState, StorageSpec, Subnet,
     TipState, VmConfig, VmState,
@@ -1207,7 +1208,7 @@ impl Node {
                 .append(vm, record)
                 .map_err(|e| refused(e.to_string()))?
         } else {
-            use ferry_actors::protocol::{Reply, Request, SERVICE};
+            use ferry_actors::migration::protocol::{Reply, Request, SERVICE};
             let addrs = self
                 .inner
                 .shared

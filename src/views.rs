@@ -6,7 +6,7 @@
 //! states are lower-case words, nodes are shown by id and name, times are
 //! milliseconds.
 
-use ferry_actors::job::{Phase, Progress};
+use ferry_actors::migration::source::{Phase, Progress};
 use ferry_cluster::model::{
     ClusterState, DrainStatus, MigrationOutcome, MigrationPhase, MigrationTrigger, MigrationUse,
     NetworkRole, NodeState, ProTipMode, Settings, StorageSpec, TipState, VmState,
@@ -186,7 +186,7 @@ pub struct MovedBack {
 }
 
 impl FailbackView {
-    pub fn from_report(r: &ferry_actors::drain::FailbackReport) -> FailbackView {
+    pub fn from_report(r: &ferry_actors::triggers::drain::FailbackReport) -> FailbackView {
         FailbackView {
             moved: r
                 .moved
@@ -385,7 +385,7 @@ fn finite(x: f64) -> f64 {
 }
 
 impl ReportView {
-    pub fn from_report(r: &ferry_actors::job::MigrationReport) -> ReportView {
+    pub fn from_report(r: &ferry_actors::migration::source::MigrationReport) -> ReportView {
         ReportView {
             migration: r.migration,
             vm: r.vm.clone(),

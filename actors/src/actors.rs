@@ -5,20 +5,20 @@
 //! be), and the node actor learns about the cluster through a task that feeds
 //! it the store's applied changes in order.
 //!
-//! The node actor also reacts to what the store asks of its node: when the
-//! node is paused with drain it runs the [drain](crate::drain), and when a
-//! policy tip about one of its VMs is accepted (or raised in automatic mode)
-//! it moves the VM ([`tips::tips_to_apply`]). Both are store-driven so that a
-//! request through any node — CLI, HTTP API, another node's actor — reaches
-//! the node that must act.
+//! The node actor also reacts to what the store asks of its node: when the node
+//! is paused with drain it runs the [drain], and when a policy tip about one of
+//! its VMs is accepted (or raised in automatic mode) it moves the VM
+//! ([`tips_to_apply`]). Both are store-driven so that a request through any
+//! node — CLI, HTTP API, another node's actor — reaches the node that must act.
 //!
 //! Messages others send: [`MoveVm`], [`CancelMove`], [`StartVm`],
 //! [`DrainNode`], [`WatchDrain`], [`ResumeNode`].
 
-use crate::drain::{self, DrainOptions, DrainReport, FailbackReport};
-use crate::job::{self, JobHandle, MigrationError, MigrationReport, MoveRequest};
+use crate::migration::source::{self, JobHandle, MigrationError, MigrationReport, MoveRequest};
 use crate::node::{now_ms, NodeShared};
-use crate::tips;
+use crate::policy::drain::{drain_requested, drained_vms, DrainReport};
+use crate::policy::tips::tips_to_apply;
+use crate::triggers::drain::{self, DrainOptions, FailbackReport};
 use actix::prelude::*;
 use ferry_cluster::model::{MigrationTrigger, TipState};
 use ferry_cluster::{Applied, Change, Command, Response, TipId};
@@ -107,9 +107,7 @@ impl NodeActor {
 
     /// Starts a drain if the store asks for one and none runs.
     fn maybe_start_drain(&mut self, ctx: &mut Context<Self>) {
-        if self.shared.is_dead()
-            || !drain::drain_requested(&self.shared.cluster.read(), self.shared.id)
-        {
+        if self.shared.is_dead() || !drain_requested(&self.shared.cluster.read(), self.shared.id) {
             return;
         }
         if self.drain.as_ref().is_some_and(|d| !d.task.is_finished()) {
@@ -131,7 +129,7 @@ impl NodeActor {
             return;
         }
         let state = self.shared.cluster.read();
-        let due: Vec<(TipId, String, u64)> = tips::tips_to_apply(&state, self.shared.id, now_ms())
+        let due: Vec<(TipId, String, u64)> = tips_to_apply(&state, self.shared.id, now_ms())
             .into_iter()
             .filter(|t| !self.applying.contains(&t.id))
             .map(|t| (t.id, t.vm.clone(), t.target))
@@ -321,7 +319,7 @@ impl Handler<DrainNode> for NodeActor {
                 .read_linearizable()
                 .await
                 .map_err(|e| e.to_string())?;
-            if !drain::drain_requested(&state, shared.id) {
+            if !drain_requested(&state, shared.id) {
                 shared
                     .cluster
                     .write(Command::PauseNode {
@@ -359,7 +357,7 @@ impl Handler<ResumeNode> for NodeActor {
                 .await
                 .map_err(|e| e.to_string())?;
             let back = if msg.failback {
-                drain::drained_vms(&state, shared.id)
+                drained_vms(&state, shared.id)
             } else {
                 Vec::new()
             };
@@ -419,7 +417,11 @@ impl Actor for MigrationJob {
         let Some(request) = self.request.take() else {
             return ctx.stop();
         };
-        let task = tokio::spawn(job::run(self.shared.clone(), request, self.handle.clone()));
+        let task = tokio::spawn(source::run(
+            self.shared.clone(),
+            request,
+            self.handle.clone(),
+        ));
         ctx.spawn(
             actix::fut::wrap_future::<_, Self>(task).map(|result, job, ctx| {
                 let result = result.unwrap_or_else(|e| {

@@ -5,7 +5,7 @@
 //! embeds Ferry can start its nodes the same way.
 
 use crate::actors::{MoveVm, NodeActor, StartVm};
-use crate::job::{MigrationError, MigrationReport, MoveRequest};
+use crate::migration::source::{MigrationError, MigrationReport, MoveRequest};
 use crate::node::{encode_program, Directory, GuestProgram, NodeShared, PeerAddrs};
 use crate::switch::{ClientError, VirtualSwitch};
 use actix::prelude::*;

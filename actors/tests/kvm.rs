@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use ferry_actors::job::MoveRequest;
 use ferry_actors::local::vm_config;
+use ferry_actors::migration::source::MoveRequest;
 use ferry_cluster::model::Backend;
 
 #[test]

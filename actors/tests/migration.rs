@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use ferry_actors::job::MoveRequest;
+use ferry_actors::migration::source::MoveRequest;
 
 #[test]
 fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
@@ -143,7 +143,10 @@ fn target_killed_mid_migration_aborts_and_the_vm_runs_on_the_source() {
         cluster.node(2).shared.kill().await;
         let outcome = moving.await.unwrap();
         assert!(
-            matches!(outcome, Err(ferry_actors::job::MigrationError::Aborted(_))),
+            matches!(
+                outcome,
+                Err(ferry_actors::migration::source::MigrationError::Aborted(_))
+            ),
             "{outcome:?}"
         );
         assert_eq!(
@@ -177,7 +180,10 @@ fn a_user_cancel_mid_migration_aborts_cleanly() {
             .unwrap());
         let outcome = moving.await.unwrap();
         assert!(
-            matches!(outcome, Err(ferry_actors::job::MigrationError::Cancelled)),
+            matches!(
+                outcome,
+                Err(ferry_actors::migration::source::MigrationError::Cancelled)
+            ),
             "{outcome:?}"
         );
         assert_eq!(cluster.running("app-1"), vec![(1, 1)]);
@@ -248,7 +254,7 @@ fn raft_leader_killed_mid_migration_keeps_the_guarantees() {
             })
         };
         wait_progress(&mut events, |p| {
-            p.phase == ferry_actors::job::Phase::Preparing
+            p.phase == ferry_actors::migration::source::Phase::Preparing
         })
         .await;
         cluster.node(leader).shared.kill().await;
@@ -279,7 +285,10 @@ async fn start_move(
     source: u64,
     target: u64,
 ) -> tokio::task::JoinHandle<
-    Result<ferry_actors::job::MigrationReport, ferry_actors::job::MigrationError>,
+    Result<
+        ferry_actors::migration::source::MigrationReport,
+        ferry_actors::migration::source::MigrationError,
+    >,
 > {
     let mut events = cluster.node(source).shared.events.subscribe();
     let actor = cluster.node(source).actor.clone();
@@ -292,7 +301,7 @@ async fn start_move(
             .unwrap()
     });
     wait_progress(&mut events, |p| {
-        p.phase == ferry_actors::job::Phase::Preparing
+        p.phase == ferry_actors::migration::source::Phase::Preparing
     })
     .await;
     moving
@@ -349,7 +358,10 @@ fn both_paths_cut_mid_migration_aborts_and_the_vm_runs_on_the_source() {
         let outcome = moving.await.unwrap();
         let took = cut.elapsed();
         assert!(
-            matches!(outcome, Err(ferry_actors::job::MigrationError::Aborted(_))),
+            matches!(
+                outcome,
+                Err(ferry_actors::migration::source::MigrationError::Aborted(_))
+            ),
             "{outcome:?}"
         );
         assert!(
@@ -401,7 +413,7 @@ fn source_partitioned_from_the_store_at_switchover_never_runs_the_vm_twice() {
         // The blackout has begun: cut the source off from the store before it
         // can propose the switchover.
         wait_progress(&mut events, |p| {
-            p.phase == ferry_actors::job::Phase::Blackout
+            p.phase == ferry_actors::migration::source::Phase::Blackout
         })
         .await;
         partition.isolate(1);

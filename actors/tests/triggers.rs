@@ -9,11 +9,15 @@ mod common;
 
 use common::*;
 use ferry_actors::actors::{CancelMove, DrainNode, MoveVm, ResumeNode, StartVm};
-use ferry_actors::drain::{self, DrainOptions, VmDrain};
-use ferry_actors::job::{MigrationError, MoveRequest, OffloadReport, Phase, StorageReport};
 use ferry_actors::local::{vm_config, LocalNetwork, LocalOptions};
+use ferry_actors::migration::source::{
+    MigrationError, MoveRequest, OffloadReport, Phase, StorageReport,
+};
 use ferry_actors::node::{encode_program, now_ms, GuestProgram};
-use ferry_actors::tips::{self, LoadReport, TipConfig, Tips, VmLoad};
+use ferry_actors::policy::drain::VmDrain;
+use ferry_actors::policy::tips::{LoadReport, TipConfig, VmLoad};
+use ferry_actors::triggers::drain::{self, DrainOptions};
+use ferry_actors::triggers::tips::{self, Tips};
 use ferry_cluster::command::CommandError;
 use ferry_cluster::model::{
     DrainStatus, MigrationOutcome, MigrationTrigger, MigrationUse, NodeState, ProTipMode,
@@ -642,7 +646,7 @@ fn three_networks(nodes: u64, third_public: bool) -> LocalOptions {
     options
 }
 
-fn networks_of(report: &ferry_actors::job::MigrationReport) -> Vec<&str> {
+fn networks_of(report: &ferry_actors::migration::source::MigrationReport) -> Vec<&str> {
     report.paths.iter().map(|p| p.network.as_str()).collect()
 }
 

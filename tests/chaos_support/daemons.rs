@@ -13,7 +13,7 @@
 use ferry::client::Client;
 use ferry::config::NodeConfig;
 use ferry::views::{MigrationView, StatusView, VmView};
-use ferry_actors::protocol::{Reply, Request, SERVICE};
+use ferry_actors::migration::protocol::{Reply, Request, SERVICE};
 use ferry_transport::{ClusterCa, NetworkConfig, RpcNode};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

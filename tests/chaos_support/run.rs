@@ -14,10 +14,10 @@
 use super::cluster::{ChaosCluster, Shape};
 use super::recording::Recording;
 use ferry_actors::actors::{DrainNode, MoveVm, ResumeNode};
-use ferry_actors::drain::DrainOptions;
-use ferry_actors::job::MoveRequest;
 use ferry_actors::local::vm_config;
+use ferry_actors::migration::source::MoveRequest;
 use ferry_actors::switch::ClientError;
+use ferry_actors::triggers::drain::DrainOptions;
 use ferry_chaos::checker::{self, Invariant, Report, Timed, Violation};
 use ferry_chaos::schedule::{
     Fault, FaultKind, Phase, Schedule, ScheduleShape, SplitMix64, Trigger,
@@ -452,7 +452,7 @@ async fn lane(lanes: &Lanes<'_>, lane: u64, drain_at: Option<u64>) {
                     .send(DrainNode(options))
                     .await
                     .map_err(|e| e.to_string())??;
-                ferry_actors::drain::wait(&mut progress, MOVE_WAIT).await
+                ferry_actors::triggers::drain::wait(&mut progress, MOVE_WAIT).await
             })
             .await;
             note(format!("drain of node {node}: {drained:?}"));

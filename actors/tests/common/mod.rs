@@ -86,9 +86,9 @@ impl TwiceWatch {
 
 /// Waits (bounded) for a progress event of the source node matching `pred`.
 pub async fn wait_progress(
-    events: &mut tokio::sync::broadcast::Receiver<ferry_actors::job::Progress>,
-    pred: impl Fn(&ferry_actors::job::Progress) -> bool,
-) -> ferry_actors::job::Progress {
+    events: &mut tokio::sync::broadcast::Receiver<ferry_actors::migration::source::Progress>,
+    pred: impl Fn(&ferry_actors::migration::source::Progress) -> bool,
+) -> ferry_actors::migration::source::Progress {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match tokio::time::timeout_at(deadline, events.recv()).await {

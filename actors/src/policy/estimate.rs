@@ -13,7 +13,7 @@
 //! constant dirty rate, cut by the throttle share (the throttle withholds
 //! vCPU time), and a dirty set no larger than memory.
 
-use crate::policy::{
+use crate::policy::convergence::{
     secs, ConfigError, ConvergenceConfig, ConvergencePolicy, Decision, GiveUpReason, HumanDuration,
     RoundStats,
 };
@@ -209,7 +209,7 @@ impl fmt::Display for Estimate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::PAGE_SIZE;
+    use crate::policy::convergence::PAGE_SIZE;
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

@@ -8,10 +8,10 @@
 //! aborted, and it waits (paused) for as long as the store cannot tell it.
 
 use crate::history::HistoryEvent;
+use crate::migration::protocol::{self, Reply, Request};
 use crate::node::{lock, now_ms, NodeShared, Role, PROBE_SERVICE};
-use crate::placement::{self, NetworkPath};
-use crate::policy::{ConvergenceConfig, ConvergencePolicy, Decision, RoundStats};
-use crate::protocol::{self, Reply, Request};
+use crate::policy::convergence::{ConvergenceConfig, ConvergencePolicy, Decision, RoundStats};
+use crate::policy::placement::{self, NetworkPath};
 use ferry_cluster::command::CommandError;
 use ferry_cluster::model::{MigrationOutcome, MigrationPhase, MigrationTrigger, StorageSpec};
 use ferry_cluster::{ClusterError, Command, NodeId, Response};

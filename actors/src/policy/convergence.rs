@@ -8,7 +8,7 @@
 //! blackout. This module is that judgement and nothing else: plain data in
 //! (pages sent and dirtied, bytes, elapsed time, throttle), a [`Decision`]
 //! out. It never reads a clock or touches a socket, so the migration job and
-//! the pre-move [estimate](crate::estimate) share one policy, and the tests
+//! the pre-move [estimate](crate::policy::estimate) share one policy, and the tests
 //! replay recorded traces deterministically (the way `quinn-proto` keeps QUIC
 //! free of I/O).
 //!

@@ -1,0 +1,337 @@
+//! The target side of a live migration: the [`protocol`] service that builds an
+//! incoming guest shell and accepts its page stream, restores and verifies the
+//! device state, and resumes the guest — only once this node's replica of the
+//! store shows the switchover committed to it — or discards the copy when the
+//! move is abandoned or aborted.
+//!
+//! These are methods on [`NodeShared`]: the incoming guest lives among the
+//! node's other guests, behind the same lock, so "resume only if the store
+//! says so" is one check under one lock.
+
+use crate::history::HistoryEvent;
+use crate::migration::protocol::{self, GuestSpec, Reply, Request};
+use crate::node::{build_guest, lock, Hosted, NodeShared, Role};
+use ferry_cluster::model::MigrationOutcome;
+use ferry_cluster::NodeId;
+use ferry_transport::{PageSink, RpcHandler};
+use ferry_vmm::{DeviceState, Guest};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl NodeShared {
+    fn prepare(
+        &self,
+        migration: u64,
+        vm: String,
+        epoch: u64,
+        spec: GuestSpec,
+        from: NodeId,
+    ) -> Reply {
+        if lock(&self.vms).contains_key(&vm) {
+            return Reply::Refused {
+                reason: format!("this node already holds VM {vm}"),
+            };
+        }
+        // The store must know of this migration, to this node, at this epoch.
+        let state = self.cluster.read();
+        match state.migrations.get(&migration) {
+            Some(m)
+                if m.target == self.id && m.source == from && m.epoch == epoch && m.is_active() => {
+            }
+            Some(m) => {
+                return Reply::Refused {
+                    reason: format!("migration {migration} does not match the store: {m:?}"),
+                }
+            }
+            None => {
+                return Reply::Refused {
+                    reason: format!("migration {migration} is not (yet) in this node's store"),
+                }
+            }
+        }
+        let guest = match build_guest(&spec, None) {
+            Ok(g) => g,
+            Err(reason) => return Reply::Refused { reason },
+        };
+        let receiver =
+            match self
+                .rpc
+                .accept_page_stream(migration, from, Arc::new(GuestSink(guest.clone())))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    guest.destroy();
+                    return Reply::Refused {
+                        reason: e.to_string(),
+                    };
+                }
+            };
+        lock(&self.vms).insert(
+            vm,
+            Hosted {
+                guest,
+                spec,
+                role: Role::Incoming {
+                    migration,
+                    receiver: Some(receiver),
+                    verified: false,
+                    verified_digest: None,
+                },
+            },
+        );
+        Reply::Prepared
+    }
+
+    fn incoming_guest(&self, migration: u64) -> Option<(String, Arc<dyn Guest>)> {
+        lock(&self.vms).iter().find_map(|(name, h)| match h.role {
+            Role::Incoming { migration: m, .. } if m == migration => {
+                Some((name.clone(), h.guest.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    fn complete(
+        &self,
+        migration: u64,
+        device_state: &[u8],
+        digest: Option<ferry_vmm::MemoryDigest>,
+    ) -> Reply {
+        let Some((vm, guest)) = self.incoming_guest(migration) else {
+            return Reply::Refused {
+                reason: format!("no incoming migration {migration} here"),
+            };
+        };
+        let state = match DeviceState::decode(device_state) {
+            Ok(s) => s,
+            Err(e) => {
+                return Reply::Refused {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        if let Err(e) = guest.restore_state(&state) {
+            return Reply::Refused {
+                reason: e.to_string(),
+            };
+        }
+        let mine = if digest.is_some() {
+            match guest.digest() {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    return Reply::Refused {
+                        reason: e.to_string(),
+                    }
+                }
+            }
+        } else {
+            None
+        };
+        if mine != digest {
+            return Reply::Refused {
+                reason: format!("digest mismatch: source {digest:?}, target {mine:?}"),
+            };
+        }
+        if let Some(h) = lock(&self.vms).get_mut(&vm) {
+            if let Role::Incoming {
+                verified,
+                verified_digest,
+                ..
+            } = &mut h.role
+            {
+                *verified = true;
+                *verified_digest = mine;
+            }
+        }
+        Reply::Verified { digest: mine }
+    }
+
+    /// Resumes an incoming VM if, and only if, the store shows the switchover
+    /// to this node committed. Idempotent.
+    pub(crate) fn resume_if_committed(&self, migration: u64) -> bool {
+        let state = self.cluster.read();
+        let Some(m) = state.migrations.get(&migration) else {
+            return false;
+        };
+        if m.outcome != MigrationOutcome::Completed || m.target != self.id {
+            return false;
+        }
+        let Some(vm) = state.vms.get(&m.vm) else {
+            return false;
+        };
+        if vm.owner != self.id {
+            return false;
+        }
+        let mut vms = lock(&self.vms);
+        let Some(h) = vms.get_mut(&m.vm) else {
+            return false;
+        };
+        match &mut h.role {
+            Role::Incoming {
+                migration: mig,
+                verified: true,
+                receiver,
+                verified_digest,
+            } if *mig == migration => {
+                // The NIC takes the capability of this host: connections the
+                // source pushed back into the guest are offloaded again only
+                // if this node's NIC offloads TCP.
+                let offload = state.nodes.get(&self.id).is_some_and(|n| n.tcp_offload);
+                if let Ok(mut device) = h.guest.save_state() {
+                    let before = device.nic.clone();
+                    device.nic.reoffload(offload);
+                    if device.nic != before {
+                        if let Err(e) = h.guest.restore_state(&device) {
+                            tracing::warn!(vm = %m.vm, "NIC offload not restored: {e}");
+                        }
+                    }
+                }
+                let digest = *verified_digest;
+                if h.guest.resume().is_err() {
+                    return false;
+                }
+                // Reported before the route moves, so every acknowledgement
+                // a client gets from this copy comes after it in a history.
+                if let Some(digest) = digest {
+                    self.record(|| HistoryEvent::DigestAtResume {
+                        vm: m.vm.clone(),
+                        node: self.id,
+                        digest,
+                    });
+                }
+                self.record(|| HistoryEvent::TargetResumed {
+                    migration,
+                    vm: m.vm.clone(),
+                    node: self.id,
+                    epoch: vm.epoch,
+                });
+                receiver.take();
+                h.role = Role::Owner { epoch: vm.epoch };
+                self.switch.announce(&m.vm, self.id, vm.epoch);
+                tracing::info!(node = self.id, vm = %m.vm, epoch = vm.epoch, "resumed after switchover");
+                true
+            }
+            Role::Owner { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Discards an incoming copy (the migration was aborted or abandoned).
+    pub(crate) fn discard_incoming(&self, migration: u64) {
+        let mut vms = lock(&self.vms);
+        let name = vms.iter().find_map(|(name, h)| match h.role {
+            Role::Incoming { migration: m, .. } if m == migration => Some(name.clone()),
+            _ => None,
+        });
+        if let Some((name, h)) = name.and_then(|n| vms.remove(&n).map(|h| (n, h))) {
+            h.guest.destroy();
+            self.record(|| HistoryEvent::CopyDestroyed {
+                vm: name,
+                node: self.id,
+            });
+        }
+    }
+
+    /// Reacts to the store's verdict on `migration`, on either side.
+    pub(crate) fn on_migration_outcome(&self, migration: u64) {
+        let state = self.cluster.read();
+        let Some(m) = state.migrations.get(&migration) else {
+            return;
+        };
+        match &m.outcome {
+            MigrationOutcome::Completed if m.target == self.id => {
+                self.resume_if_committed(migration);
+            }
+            MigrationOutcome::Aborted { .. } if m.target == self.id => {
+                self.discard_incoming(migration)
+            }
+            _ => {}
+        }
+    }
+
+    async fn resume_request(&self, migration: u64) -> Reply {
+        // The source heard the commit; this node's replica may lag by a few
+        // milliseconds. Wait for it, bounded.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.resume_if_committed(migration) {
+                return Reply::Resumed;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Reply::Refused {
+                    reason: format!("the store does not show migration {migration} committed here"),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Pages arriving on the page stream go straight into the incoming guest.
+struct GuestSink(Arc<dyn Guest>);
+
+impl PageSink for GuestSink {
+    fn apply(&self, first: u64, count: u32, data: Option<&[u8]>) -> Result<(), String> {
+        match data {
+            Some(bytes) => self.0.write_pages(first, bytes),
+            None => self.0.zero_pages(first, u64::from(count)),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// The target side of the migration exchange, as an RPC service.
+pub(crate) struct MigrationService(pub(crate) std::sync::Weak<NodeShared>);
+
+impl RpcHandler for MigrationService {
+    fn handle(
+        &self,
+        from: NodeId,
+        request: Vec<u8>,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+        Box::pin(async move {
+            let node = self.0.upgrade().ok_or("node is shutting down")?;
+            let request: Request = ferry_transport::decode(&request).map_err(|e| e.to_string())?;
+            let reply = match request {
+                Request::Prepare {
+                    version,
+                    migration,
+                    vm,
+                    epoch,
+                    spec,
+                } => {
+                    if version != protocol::PROTOCOL_VERSION {
+                        Reply::Refused {
+                            reason: format!(
+                                "migration protocol version {version} is not supported (this node speaks {})",
+                                protocol::PROTOCOL_VERSION
+                            ),
+                        }
+                    } else {
+                        node.prepare(migration, vm, epoch, spec, from)
+                    }
+                }
+                Request::Complete {
+                    migration,
+                    device_state,
+                    digest,
+                    ..
+                } => node.complete(migration, &device_state, digest),
+                Request::Resume { migration, .. } => node.resume_request(migration).await,
+                Request::Abandon { migration, .. } => {
+                    node.discard_incoming(migration);
+                    Reply::Abandoned
+                }
+                Request::Append { vm, record } => match node.append(&vm, &record) {
+                    Ok(seq) => Reply::Appended { seq },
+                    Err(e) => Reply::Refused {
+                        reason: e.to_string(),
+                    },
+                },
+            };
+            Ok(ferry_transport::encode(&reply))
+        })
+    }
+}
