@@ -55,11 +55,12 @@ pub struct CallOptions {
 impl CallOptions {
     /// `timeout` with a hedge delay of a quarter of it, within 100–250 ms: long enough
     /// that a healthy peer's acknowledgement arrives first, short enough that a dead
-    /// path costs little of the budget.
+    /// path costs little of the budget. A call shorter than 200 ms (Raft's heartbeat)
+    /// hedges at half its budget, so it still reaches the other network in time.
     pub fn new(timeout: Duration) -> CallOptions {
         CallOptions {
             timeout,
-            hedge_after: (timeout / 4).clamp(MIN_HEDGE, MAX_HEDGE),
+            hedge_after: (timeout / 4).clamp(MIN_HEDGE, MAX_HEDGE).min(timeout / 2),
         }
     }
 
@@ -120,6 +121,7 @@ impl RpcNode {
         launch(&mut attempts, order[0]);
         let mut pending = vec![order[0]];
         let mut next = 1;
+        let mut redialled: Vec<SocketAddr> = Vec::new();
         let mut last_err = None;
         loop {
             tokio::select! {
@@ -147,8 +149,21 @@ impl RpcNode {
                         Err(e) => {
                             tracing::debug!(peer, %addr, error = %e, "call failed on one path");
                             last_err = Some(e);
-                            if let Some(&addr) = order.get(next) {
-                                next += 1;
+                            // The next path; or, with none left, this one once more
+                            // on a fresh connection (a cached one may have died with
+                            // the peer's restart or a long outage: reset, closed).
+                            let again = match order.get(next) {
+                                Some(&a) => {
+                                    next += 1;
+                                    Some(a)
+                                }
+                                None if !redialled.contains(&addr) => {
+                                    redialled.push(addr);
+                                    Some(addr)
+                                }
+                                None => None,
+                            };
+                            if let Some(addr) = again {
                                 pending.push(addr);
                                 self.counters.failed_over.fetch_add(1, Ordering::Relaxed);
                                 launch(&mut attempts, addr);
@@ -158,10 +173,21 @@ impl RpcNode {
                         }
                     }
                 }
-                Some(quiet) = silent.recv(), if next < order.len() => {
-                    tracing::debug!(peer, %quiet, "path silent; the call also goes out on the next");
-                    let addr = order[next];
-                    next += 1;
+                Some(quiet) = silent.recv() => {
+                    // The next path, or (once) a fresh connection on this one: a
+                    // network that just came back may still hold a connection deep
+                    // in QUIC's retransmission backoff, which was dropped from the
+                    // cache when it fell silent.
+                    let addr = if let Some(&addr) = order.get(next) {
+                        next += 1;
+                        addr
+                    } else if !redialled.contains(&quiet) {
+                        redialled.push(quiet);
+                        quiet
+                    } else {
+                        continue;
+                    };
+                    tracing::debug!(peer, %quiet, %addr, "path silent; the call also goes out on another");
                     pending.push(addr);
                     self.counters.hedged.fetch_add(1, Ordering::Relaxed);
                     launch(&mut attempts, addr);
@@ -227,6 +253,12 @@ impl RpcNode {
                     _ = tokio::time::sleep(hedge_after) => {
                         let now = conn.stats().udp_rx.datagrams;
                         if now == received {
+                            // Silent for long enough to be dead, not merely between
+                            // keep-alives: no call waits on this connection again;
+                            // this one still takes an answer should it come.
+                            if hedge_after >= MIN_HEDGE {
+                                self.forget(peer, addr, &conn);
+                            }
                             say_silent();
                         }
                         received = now;
