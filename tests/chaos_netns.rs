@@ -17,9 +17,9 @@
 mod chaos_support;
 
 use chaos_support::daemons::{in_netns, wait_for, Daemons, TempDir};
+use chaos_support::netns::{cannot_run, ip, run, rx_bytes_here, Topology};
 use ferry::requests::{Append, CreateVm, MoveVm};
 use ferry::views::{MigrationView, MoveStarted, VmView};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,150 +27,8 @@ use std::time::{Duration, Instant};
 const NODES: usize = 3;
 const NETWORKS: usize = 2;
 
-/// Runs `ip args…` (or another iproute2 tool); stdout, or why it failed.
-fn run(tool: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{tool}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{tool} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn ip(args: &[&str]) -> Result<String, String> {
-    run("ip", args)
-}
-
-/// Why this test cannot run here, if it cannot.
-fn cannot_run() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("?");
-    if uid != "0" {
-        return Some(format!("not root (effective uid {uid})"));
-    }
-    if let Err(e) = ip(&["-V"]) {
-        return Some(format!("`ip` (iproute2) is not usable: {e}"));
-    }
-    if let Err(e) = run("tc", &["-V"]) {
-        return Some(format!("`tc` (iproute2) is not usable: {e}"));
-    }
-    None
-}
-
-/// The namespaces of one run; dropping it deletes them, and with them every
-/// interface inside.
-struct Topology {
-    switch: String,
-    nodes: Vec<String>,
-}
-
-const PREFIX: &str = "ferrych";
-
-impl Topology {
-    fn names() -> (String, Vec<String>) {
-        let run = format!("{PREFIX}-{}", std::process::id());
-        let nodes = (1..=NODES).map(|i| format!("{run}-n{i}")).collect();
-        (format!("{run}-sw"), nodes)
-    }
-
-    /// Deletes namespaces left by runs whose process is gone.
-    fn remove_stale() {
-        let Ok(list) = ip(&["netns", "list"]) else {
-            return;
-        };
-        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-            let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else {
-                continue;
-            };
-            let pid = rest.split('-').next().unwrap_or("");
-            if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = ip(&["netns", "del", name]);
-            }
-        }
-    }
-
-    fn build() -> Result<Topology, String> {
-        Self::remove_stale();
-        let (switch, nodes) = Self::names();
-        // Owned from here: whatever fails below, drop cleans up.
-        let topo = Topology {
-            switch: switch.clone(),
-            nodes: Vec::new(),
-        };
-        ip(&["netns", "add", &switch])?;
-        let mut topo = topo;
-        for ns in &nodes {
-            ip(&["netns", "add", ns])?;
-            topo.nodes.push(ns.clone());
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        for k in 1..=NETWORKS {
-            let br = format!("br{k}");
-            ip(&["-n", &switch, "link", "add", &br, "type", "bridge"])?;
-            ip(&["-n", &switch, "link", "set", &br, "up"])?;
-            for (i, ns) in nodes.iter().enumerate() {
-                let eth = format!("eth{k}");
-                let port = format!("p{}k{k}", i + 1);
-                ip(&[
-                    "-n", ns, "link", "add", &eth, "type", "veth", "peer", "name", &port, "netns",
-                    &switch,
-                ])?;
-                let addr = format!("10.201.{k}.{}/24", i + 1);
-                ip(&["-n", ns, "addr", "add", &addr, "dev", &eth])?;
-                ip(&["-n", ns, "link", "set", &eth, "up"])?;
-                ip(&["-n", &switch, "link", "set", &port, "master", &br])?;
-                ip(&["-n", &switch, "link", "set", &port, "up"])?;
-            }
-        }
-        Ok(topo)
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in self.nodes.iter().chain(std::iter::once(&self.switch)) {
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
-}
-
 /// When, and the bytes received so far per network.
-type Sample = (Instant, [u64; NETWORKS]);
-
-/// Bytes received on `eth1` and `eth2` of the calling thread's namespace.
-fn rx_bytes() -> [u64; NETWORKS] {
-    let text = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap_or_default();
-    let mut out = [0; NETWORKS];
-    for line in text.lines() {
-        let Some((name, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let Some(k) = name.trim().strip_prefix("eth") else {
-            continue;
-        };
-        if let Ok(k) = k.parse::<usize>() {
-            if (1..=NETWORKS).contains(&k) {
-                out[k - 1] = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    out
-}
+type Sample = (Instant, Vec<u64>);
 
 /// Shapes `dev` in `ns`: netem (delay and a little loss) if the kernel has
 /// it, else a token-bucket rate limit. Says which.
@@ -203,7 +61,7 @@ fn a_link_killed_mid_migration_the_move_continues_on_the_other_network() {
         println!("SKIPPED netns: {reason}");
         return;
     }
-    let topo = match Topology::build() {
+    let topo = match Topology::build("link", NODES, NETWORKS) {
         Ok(t) => t,
         Err(e) => {
             println!("SKIPPED netns: cannot build network namespaces: {e}");
@@ -258,7 +116,7 @@ fn a_link_killed_mid_migration_the_move_continues_on_the_other_network() {
         std::thread::spawn(move || {
             in_netns(&ns, || {
                 while !stop.load(Ordering::Acquire) {
-                    let rx = rx_bytes();
+                    let rx = rx_bytes_here(NETWORKS);
                     samples.lock().unwrap().push((Instant::now(), rx));
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -277,19 +135,19 @@ fn a_link_killed_mid_migration_the_move_continues_on_the_other_network() {
         .lock()
         .unwrap()
         .last()
-        .map(|s| s.1)
-        .unwrap_or([0; 2]);
+        .map(|s| s.1.clone())
+        .unwrap_or(vec![0; NETWORKS]);
     wait_for(
         "round 0 under way on mig-1",
         Duration::from_secs(60),
         || {
-            let last = samples.lock().unwrap().last().map(|s| s.1)?;
+            let last = samples.lock().unwrap().last().map(|s| s.1.clone())?;
             (last[0] > at_start[0] + (32 << 20)).then_some(())
         },
     );
     let killed = Instant::now();
     ip(&["-n", &target_ns, "link", "set", "eth1", "down"]).unwrap();
-    let at_kill = samples.lock().unwrap().last().map(|s| s.1).unwrap();
+    let at_kill = samples.lock().unwrap().last().map(|s| s.1.clone()).unwrap();
 
     let ended: MigrationView = wait_for("the migration to end", Duration::from_secs(120), || {
         d.migration(moving.migration)
@@ -338,7 +196,7 @@ fn a_link_killed_mid_migration_the_move_continues_on_the_other_network() {
         .iter()
         .find(|(_, total)| *total >= base + (4 << 20))
         .map(|(t, _)| t.duration_since(killed));
-    let last = samples.last().map(|s| s.1).unwrap();
+    let last = samples.last().map(|s| s.1.clone()).unwrap();
     let over_mig2 = last[1].saturating_sub(at_kill[1]);
     let over_mig1 = last[0].saturating_sub(at_kill[0]);
 

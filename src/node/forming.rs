@@ -44,6 +44,7 @@ impl Node {
             Ok(()) => {
                 tracing::info!(node = self.id(), "member of the cluster");
                 self.reconcile().await;
+                self.inner.reconciled.send_replace(true);
             }
             Err(e) => {
                 tracing::error!(node = self.id(), error = %e, "could not form or join the cluster")

@@ -23,6 +23,10 @@ use std::pin::Pin;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 
+/// How long a start request waits for this node to finish joining (the
+/// caller's own deadline is 5 s).
+const RECONCILE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl Node {
     pub(super) async fn call_peer(
         &self,
@@ -89,6 +93,17 @@ impl Node {
                 Ok(PeerReply::Joined)
             }
             PeerRequest::StartVm { vm } => {
+                let mut reconciled = self.inner.reconciled.subscribe();
+                let ready = reconciled.wait_for(|r| *r);
+                if !matches!(tokio::time::timeout(RECONCILE_WAIT, ready).await, Ok(Ok(_))) {
+                    return Err(ApiError::conflict(
+                        "node_joining",
+                        format!(
+                            "node {} is still joining the cluster; try again shortly",
+                            self.id()
+                        ),
+                    ));
+                }
                 let epoch = self
                     .inner
                     .actor

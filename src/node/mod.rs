@@ -126,6 +126,10 @@ struct Inner {
     stopping: AtomicBool,
     lock: Mutex<Option<DataDirLock>>,
     api: ApiCounters,
+    /// True once this node is a member and has reconciled the store with what
+    /// runs here after a restart (`forming`). VMs start here only after that,
+    /// so the reconcile never mistakes a VM starting now for one from before.
+    reconciled: tokio::sync::watch::Sender<bool>,
 }
 
 /// One Ferry node running in this process. Cheap to clone.
@@ -209,6 +213,7 @@ impl Node {
                 stopping: AtomicBool::new(false),
                 lock: Mutex::new(Some(dir_lock)),
                 api: ApiCounters::default(),
+                reconciled: tokio::sync::watch::channel(false).0,
             }),
         };
         node.refresh_directory();

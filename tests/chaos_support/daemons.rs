@@ -24,7 +24,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+/// The `ferry` binary the tests built; `None` in an example, which then runs
+/// itself as `ferry` (see [`ferry_command`]).
+pub const FERRY_BIN: Option<&str> = option_env!("CARGO_BIN_EXE_ferry");
+
+/// The `ferry` program: the built binary in a test; in an example (cargo
+/// does not build the binary for one) the example itself, which with
+/// `FERRY_EXAMPLE_AS_FERRY=1` is exactly the `ferry` command line.
+pub fn ferry_program() -> (PathBuf, Vec<(&'static str, &'static str)>) {
+    match FERRY_BIN {
+        Some(bin) => (PathBuf::from(bin), Vec::new()),
+        None => (
+            std::env::current_exe().expect("the path of this program"),
+            vec![("FERRY_EXAMPLE_AS_FERRY", "1")],
+        ),
+    }
+}
+
+/// A `Command` running [`ferry_program`].
+pub fn ferry_command() -> Command {
+    let (program, env) = ferry_program();
+    let mut c = Command::new(program);
+    c.envs(env);
+    c
+}
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -113,7 +136,7 @@ impl Daemons {
         api_port: u16,
         netns: Vec<Option<String>>,
     ) -> Daemons {
-        let mut cmd = Command::new(FERRY);
+        let mut cmd = ferry_command();
         cmd.args(["cluster", "init", "--nodes", &nodes.to_string(), "--dir"])
             .arg(dir)
             .args(["--port", &port.to_string()])
@@ -160,11 +183,12 @@ impl Daemons {
             .unwrap();
         let mut cmd = match &self.netns[i] {
             Some(ns) => {
+                let (program, env) = ferry_program();
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, FERRY]);
+                c.args(["netns", "exec", ns]).arg(program).envs(env);
                 c
             }
-            None => Command::new(FERRY),
+            None => ferry_command(),
         };
         let child = cmd
             .args(["node", "run", "--config"])

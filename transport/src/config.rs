@@ -84,7 +84,8 @@ pub struct NetworkConfig {
     /// Requested SO_SNDBUF / SO_RCVBUF. The kernel caps it at `net.core.[rw]mem_max`
     /// (raise those for 10G+ links); the effective size is logged.
     pub socket_buffer_bytes: usize,
-    /// QUIC idle timeout of RPC connections.
+    /// QUIC idle timeout of RPC connections: a path silent this long is dropped and
+    /// redialled. Calls do not wait for it; they hedge onto another path first.
     pub idle_timeout: Duration,
     /// QUIC keep-alive of RPC connections.
     pub keepalive_interval: Duration,
@@ -103,8 +104,10 @@ impl Default for NetworkConfig {
             mtu: DEFAULT_MTU,
             network_mtu: Vec::new(),
             socket_buffer_bytes: 8 << 20,
-            idle_timeout: Duration::from_secs(5),
-            keepalive_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_millis(1500),
+            // Often enough that a live path is never silent for a call's hedge
+            // delay (100 ms at least; see `rpc::client`).
+            keepalive_interval: Duration::from_millis(40),
             connect_timeout: Duration::from_secs(2),
             max_frame_bytes: 16 << 20,
             max_concurrent_requests: 256,

@@ -31,7 +31,7 @@ pub use config::{NetworkConfig, PageStreamConfig, SubnetMtu, DEFAULT_MTU, JUMBO_
 pub use error::{IdentityError, PageStreamError, RpcError, TransportError};
 pub use identity::{ClusterCa, NodeCredentials};
 pub use protocol::PAGE_SIZE;
-pub use rpc::{handler_fn, NodeStats, RpcHandler, RpcNode};
+pub use rpc::{handler_fn, CallOptions, NodeStats, RpcHandler, RpcNode};
 pub use stream::{
     PageSink, PageStreamReceiver, PageStreamSender, PathStats, ReceiverStats, SenderStats,
 };

@@ -50,7 +50,7 @@ pub const ALPN: &[u8] = b"ferry";
 /// First bytes of every hello body.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes before the body: the `u32` length and the tag.
 pub const FRAME_HEADER_LEN: usize = 5;
 /// Guest page size carried by the page stream.
@@ -338,8 +338,23 @@ pub fn decode_hello_ok(body: &[u8]) -> Result<HelloOk, ProtocolError> {
     decode_bincode(body, "hello-ok")
 }
 
-/// Body of a request or message frame: service name length, name, payload.
-pub fn encode_request(tag: Tag, service: &str, payload: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+/// A decoded request or message frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestFrame {
+    /// The caller's id for this logical request: every copy sent on another network
+    /// carries the same one, so the receiver runs it once. 0 for one-way messages.
+    pub id: u64,
+    pub service: String,
+    pub payload: Vec<u8>,
+}
+
+/// Body of a request or message frame: request id, service name length, name, payload.
+pub fn encode_request(
+    tag: Tag,
+    id: u64,
+    service: &str,
+    payload: &[u8],
+) -> Result<Vec<u8>, ProtocolError> {
     let name = service.as_bytes();
     if name.len() > usize::from(u8::MAX) {
         return Err(ProtocolError::Malformed(format!(
@@ -347,27 +362,37 @@ pub fn encode_request(tag: Tag, service: &str, payload: &[u8]) -> Result<Vec<u8>
             name.len()
         )));
     }
-    let mut body = Vec::with_capacity(1 + name.len() + payload.len());
+    let mut body = Vec::with_capacity(8 + 1 + name.len() + payload.len());
+    body.extend_from_slice(&id.to_le_bytes());
     body.push(name.len() as u8);
     body.extend_from_slice(name);
     body.extend_from_slice(payload);
     Ok(frame(tag, &body))
 }
 
-/// Splits a request or message body into service name and payload.
-pub fn decode_request(mut body: Vec<u8>) -> Result<(String, Vec<u8>), ProtocolError> {
-    let Some(&n) = body.first() else {
-        return Err(ProtocolError::Malformed("empty request".into()));
-    };
-    let n = usize::from(n);
-    if body.len() < 1 + n {
+/// Splits a request or message body into its parts.
+pub fn decode_request(mut body: Vec<u8>) -> Result<RequestFrame, ProtocolError> {
+    if body.len() < 9 {
+        return Err(ProtocolError::Malformed(format!(
+            "request of {} bytes is shorter than its header",
+            body.len()
+        )));
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&body[..8]);
+    let n = usize::from(body[8]);
+    if body.len() < 9 + n {
         return Err(ProtocolError::Malformed("truncated service name".into()));
     }
-    let name = std::str::from_utf8(&body[1..1 + n])
+    let service = std::str::from_utf8(&body[9..9 + n])
         .map_err(|_| ProtocolError::Malformed("service name is not UTF-8".into()))?
         .to_owned();
-    body.drain(..1 + n);
-    Ok((name, body))
+    body.drain(..9 + n);
+    Ok(RequestFrame {
+        id: u64::from_le_bytes(id),
+        service,
+        payload: body,
+    })
 }
 
 pub fn encode_response(resp: &ResponseBody) -> Vec<u8> {
@@ -574,9 +599,17 @@ mod tests {
 
     #[test]
     fn request_response_control_round_trip() {
-        let f = encode_request(Tag::Request, "raft", b"abc").unwrap();
-        let (s, p) = decode_request(body(&f).to_vec()).unwrap();
-        assert_eq!((s.as_str(), p.as_slice()), ("raft", &b"abc"[..]));
+        let f = encode_request(Tag::Request, 42, "raft", b"abc").unwrap();
+        let r = decode_request(body(&f).to_vec()).unwrap();
+        assert_eq!(
+            (r.id, r.service.as_str(), r.payload.as_slice()),
+            (42, "raft", &b"abc"[..])
+        );
+        assert!(
+            decode_request(vec![1, 2, 3]).is_err(),
+            "shorter than the header"
+        );
+        assert!(decode_request(vec![0, 0, 0, 0, 0, 0, 0, 0, 5, b'a']).is_err());
         for r in [
             ResponseBody::Ok(vec![1, 2]),
             ResponseBody::HandlerError("no".into()),

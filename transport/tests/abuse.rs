@@ -140,7 +140,11 @@ async fn misbehaving_peers_lose_their_connection_and_others_are_still_served() {
 
     // After a good hello: a request whose service name runs past its end.
     let conn = after_hello(&bad, target).await;
-    send_bi(&conn, &frame(Tag::Request, &[200, b'e', b'c'])).await;
+    send_bi(
+        &conn,
+        &frame(Tag::Request, &[0, 0, 0, 0, 0, 0, 0, 0, 200, b'e', b'c']),
+    )
+    .await;
     let (code, reason) = closed(&conn).await;
     assert_eq!(code, Some(CloseCode::Protocol), "{reason}");
     assert!(reason.contains("malformed"), "{reason}");
@@ -158,7 +162,11 @@ async fn misbehaving_peers_lose_their_connection_and_others_are_still_served() {
 
     // The same raw client, behaving, is served: the node holds no grudge.
     let conn = after_hello(&bad, target).await;
-    let mut r = send_bi(&conn, &encode_request(Tag::Request, "echo", b"hi").unwrap()).await;
+    let mut r = send_bi(
+        &conn,
+        &encode_request(Tag::Request, 9, "echo", b"hi").unwrap(),
+    )
+    .await;
     let answer = r.read_to_end(1024).await.unwrap();
     assert_eq!(&answer[6..], b"hi");
 

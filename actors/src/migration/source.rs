@@ -15,7 +15,7 @@ use crate::policy::placement::{self, NetworkPath};
 use ferry_cluster::command::CommandError;
 use ferry_cluster::model::{MigrationOutcome, MigrationPhase, MigrationTrigger, StorageSpec};
 use ferry_cluster::{ClusterError, Command, NodeId, Response};
-use ferry_transport::{PageStreamSender, PAGE_SIZE};
+use ferry_transport::{CallOptions, PageStreamSender, PAGE_SIZE};
 use ferry_vmm::guest::is_zero as is_zero_page;
 use ferry_vmm::{DirtyBitmap, Guest};
 use serde::Serialize;
@@ -28,11 +28,28 @@ const RUN_PAGES: u64 = 64;
 /// How long an abort waits for the store to record it before answering
 /// (it keeps trying in the background after that).
 const ABORT_RECORD_WAIT: Duration = Duration::from_secs(2);
-/// Deadline of each control call to the target.
+/// Deadline of each control call to the target while the guest runs.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A blackout may last the downtime limit (or the expected downtime the policy
+/// accepted, if larger) plus this, from the pause until the guest runs again on
+/// either node. Covers one network dying in the blackout: the page stream
+/// drops a silent path in 300 ms and a call hedges onto the other in 120 ms.
+/// Verifying the copy (`verify`) adds what it costs on top.
+const BLACKOUT_SLACK: Duration = Duration::from_secs(1);
+/// Part of the blackout budget kept for the switchover commit and the resume;
+/// a blackout still copying past the rest of the budget aborts and resumes
+/// the source instead.
+const COMMIT_RESERVE: Duration = Duration::from_millis(300);
+/// While the guest is paused a call waits this long on one path before the
+/// same request also goes out on the next.
+const BLACKOUT_HEDGE: Duration = Duration::from_millis(120);
 /// How long a migration network of the target may take to answer a probe
 /// before the next allowed network takes its place.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the blackout's copy produced: pages sent, bytes sent, the device
+/// state, and what became of the NIC offload.
+type FinalRound = (u64, u64, ferry_vmm::DeviceState, OffloadReport);
 
 /// A request to move a VM.
 #[derive(Debug, Clone)]
@@ -461,15 +478,23 @@ impl Job {
     }
 
     async fn call(&self, request: &Request) -> Result<Reply, String> {
+        self.call_with(request, CallOptions::new(CONTROL_TIMEOUT))
+            .await
+    }
+
+    /// A control call with its own budget. Every request is safe to repeat:
+    /// the transport sends copies on other networks with the same id, and the
+    /// target runs it once.
+    async fn call_with(&self, request: &Request, opts: CallOptions) -> Result<Reply, String> {
         let bytes = self
             .node
             .rpc
-            .call(
+            .call_with(
                 self.req.target,
                 &self.target_rpc,
                 protocol::SERVICE,
                 ferry_transport::encode(request),
-                CONTROL_TIMEOUT,
+                opts,
             )
             .await
             .map_err(|e| format!("target unreachable: {e}"))?;
@@ -697,41 +722,46 @@ impl Job {
             reason,
             paused: true,
         };
-        let mut last = DirtyBitmap::new(self.guest.page_count());
-        self.guest
-            .fetch_and_clear_dirty(&mut last)
-            .map_err(|e| paused_err(e.to_string()))?;
-        pages.union_with(&last);
-        let final_round = round + 1;
-        let (final_sent, _, final_bytes) = self.send_round(&sender, final_round, &pages).await?;
-        total_bytes += final_bytes;
-        let mut state = self
-            .guest
-            .save_state()
-            .map_err(|e| paused_err(e.to_string()))?;
-        let offload = self.push_back_offload(&mut state).map_err(paused_err)?;
-        let digest = if self.req.verify {
-            let digest = self.guest.digest().map_err(|e| paused_err(e.to_string()))?;
-            *lock(&self.digest_at_pause) = Some(digest);
-            self.node.record(|| HistoryEvent::DigestAtPause {
-                vm: self.req.vm.clone(),
-                node: self.node.id,
-                digest,
-            });
-            Some(digest)
-        } else {
-            None
+        // The blackout's budget: past it, everything before the commit gives
+        // up and the guest resumes here (see BLACKOUT_SLACK). Verifying adds
+        // what it costs, measured: our digest, the target's, and as much again.
+        let budget = policy.config().downtime_limit.max(expected_downtime) + BLACKOUT_SLACK;
+        let budget_deadline =
+            tokio::time::Instant::from_std(blackout + budget.saturating_sub(COMMIT_RESERVE));
+        let over_budget = |budget: Duration| {
+            paused_err(format!(
+                "the blackout ran past its budget of {budget:?} before the switchover"
+            ))
         };
+        let (final_sent, final_bytes, state, offload) = tokio::time::timeout_at(
+            budget_deadline,
+            self.final_round(&sender, &mut pages, round),
+        )
+        .await
+        .map_err(|_| over_budget(budget))??;
+        let final_round = round + 1;
+        total_bytes += final_bytes;
+        let verifying = Instant::now();
+        let digest = self.pause_digest().map_err(paused_err)?;
+        let verify_cost = verifying.elapsed() * 3;
+        let copy_deadline = budget_deadline + verify_cost;
         if self.cancelled() {
             return Err(Failure::Cancelled { paused: true });
         }
+        let left = copy_deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(over_budget(budget + verify_cost));
+        }
         match self
-            .call(&Request::Complete {
-                migration: self.migration,
-                device_state: state.encode(),
-                digest,
-                last_round: final_round,
-            })
+            .call_with(
+                &Request::Complete {
+                    migration: self.migration,
+                    device_state: state.encode(),
+                    digest,
+                    last_round: final_round,
+                },
+                CallOptions::new(left).hedge_after(BLACKOUT_HEDGE),
+            )
             .await
             .map_err(paused_err)?
         {
@@ -741,7 +771,9 @@ impl Job {
             }
             other => return Err(paused_err(format!("unexpected reply {other:?}"))),
         }
-        let _ = sender.finish().await;
+        // Everything was verified; the stream's own goodbye must not stretch
+        // the blackout.
+        let _ = tokio::time::timeout(BLACKOUT_HEDGE, sender.finish()).await;
         if self.cancelled() {
             return Err(Failure::Cancelled { paused: true });
         }
@@ -767,11 +799,16 @@ impl Job {
             owner: self.req.target,
             epoch,
         });
+        // The target also resumes by itself once it sees the commit; this
+        // call only makes it immediate.
         let _ = self
-            .call(&Request::Resume {
-                migration: self.migration,
-                epoch,
-            })
+            .call_with(
+                &Request::Resume {
+                    migration: self.migration,
+                    epoch,
+                },
+                CallOptions::new(CONTROL_TIMEOUT).hedge_after(BLACKOUT_HEDGE),
+            )
             .await;
         let blackout = blackout.elapsed();
         self.release_source_copy();
@@ -801,6 +838,47 @@ impl Job {
             offload,
             storage: self.storage_report(),
         })
+    }
+
+    /// The blackout's copy: the last dirty pages and the device state.
+    async fn final_round(
+        &self,
+        sender: &PageStreamSender,
+        pages: &mut DirtyBitmap,
+        round: u32,
+    ) -> Result<FinalRound, Failure> {
+        let paused_err = |reason: String| Failure::BeforeCommit {
+            reason,
+            paused: true,
+        };
+        let mut last = DirtyBitmap::new(self.guest.page_count());
+        self.guest
+            .fetch_and_clear_dirty(&mut last)
+            .map_err(|e| paused_err(e.to_string()))?;
+        pages.union_with(&last);
+        let (final_sent, _, final_bytes) = self.send_round(sender, round + 1, pages).await?;
+        let mut state = self
+            .guest
+            .save_state()
+            .map_err(|e| paused_err(e.to_string()))?;
+        let offload = self.push_back_offload(&mut state).map_err(paused_err)?;
+        Ok((final_sent, final_bytes, state, offload))
+    }
+
+    /// When verifying, the digest of the paused guest that the target must
+    /// reproduce.
+    fn pause_digest(&self) -> Result<Option<ferry_vmm::MemoryDigest>, String> {
+        if !self.req.verify {
+            return Ok(None);
+        }
+        let digest = self.guest.digest().map_err(|e| e.to_string())?;
+        *lock(&self.digest_at_pause) = Some(digest);
+        self.node.record(|| HistoryEvent::DigestAtPause {
+            vm: self.req.vm.clone(),
+            node: self.node.id,
+            digest,
+        });
+        Ok(Some(digest))
     }
 
     /// Pushes the NIC's offloaded TCP connections back into the guest's
@@ -973,12 +1051,23 @@ impl Job {
     /// store records the abort, the source runs on.
     async fn abort(&self, reason: String, paused: bool) -> MigrationError {
         tracing::info!(migration = self.migration, %reason, "aborting migration");
-        let _ = self
-            .call(&Request::Abandon {
-                migration: self.migration,
-                reason: reason.clone(),
-            })
-            .await;
+        // Told in the background: the target may be the reason for the abort
+        // (unreachable), and the guest must not wait for it to resume here.
+        // The target never resumes its copy without a committed switchover.
+        let (rpc, target, addrs) = (
+            self.node.rpc.clone(),
+            self.req.target,
+            self.target_rpc.clone(),
+        );
+        let abandon = ferry_transport::encode(&Request::Abandon {
+            migration: self.migration,
+            reason: reason.clone(),
+        });
+        tokio::spawn(async move {
+            let _ = rpc
+                .call(target, &addrs, protocol::SERVICE, abandon, CONTROL_TIMEOUT)
+                .await;
+        });
         let _ = self.guest.set_throttle(0.0);
         if paused || self.guest.is_paused() {
             // For the history: the guest as it paused (before its NIC takes

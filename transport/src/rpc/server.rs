@@ -1,0 +1,357 @@
+//! The serving side: accepts cluster members' connections (mutual TLS, then hello),
+//! serves requests and one-way messages, and hands page-stream paths to their
+//! receivers. A peer that breaks the protocol loses that one connection; every other
+//! peer keeps being served.
+//!
+//! A request runs in its own task and its answer is kept (`replies`), so a copy of it
+//! that arrives on another network — the caller failing over or hedging — gets the same
+//! answer without running the handler again, and a caller that gives up on one path
+//! does not cancel a handler whose answer the other path is waiting for.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use quinn::{Connection, RecvStream, SendStream};
+use rustls::pki_types::CertificateDer;
+
+use super::replies::Arrival;
+use super::{lock, RpcHandler, RpcNode};
+use crate::framing::{expect_frame, read_frame, write_bytes, FrameError};
+use crate::identity::verify_cert_names_node;
+use crate::protocol::{
+    decode_hello, decode_request, encode_hello_ok, encode_response, CloseCode, HelloOk,
+    ProtocolError, Purpose, RequestFrame, ResponseBody, Tag, FRAME_HEADER_LEN, MAX_CONTROL_FRAME,
+};
+use crate::stream::receiver::serve_path;
+use crate::NodeId;
+
+pub(super) async fn accept_loop(node: Weak<RpcNode>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        if node.strong_count() == 0 {
+            incoming.refuse();
+            break;
+        }
+        tokio::spawn(serve_connection(node.clone(), incoming));
+    }
+}
+
+/// Closes `conn` because the peer broke the protocol.
+fn protocol_violation(node: &Weak<RpcNode>, conn: &Connection, peer: &str, e: &ProtocolError) {
+    let reason = e.to_string();
+    if let Some(n) = node.upgrade() {
+        n.note_refusal(
+            true,
+            format!(
+                "closing connection from {peer} ({}): {reason}",
+                conn.remote_address()
+            ),
+        );
+    }
+    conn.close(e.close_code().to_varint(), reason.as_bytes());
+}
+
+fn refuse(node: &Weak<RpcNode>, conn: &Connection, code: CloseCode, reason: String) {
+    if let Some(n) = node.upgrade() {
+        n.note_refusal(
+            false,
+            format!(
+                "refused connection from {}: {reason}",
+                conn.remote_address()
+            ),
+        );
+    }
+    conn.close(code.to_varint(), reason.as_bytes());
+}
+
+fn peer_certificate(conn: &Connection) -> Option<CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let Some(cfg) = node.upgrade().map(|n| n.cfg.clone()) else {
+        return;
+    };
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(n) = node.upgrade() {
+                n.note_refusal(false, format!("handshake from {remote} failed: {e}"));
+            }
+            return;
+        }
+    };
+    let hello = tokio::time::timeout(cfg.connect_timeout, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(FrameError::Connection)?;
+        let body = expect_frame(&mut recv, MAX_CONTROL_FRAME, Tag::Hello, "hello").await?;
+        let hello = decode_hello(&body).map_err(FrameError::Protocol)?;
+        Ok::<_, FrameError>((hello, send, recv))
+    })
+    .await;
+    let (hello, mut send, recv) = match hello {
+        Ok(Ok(h)) => h,
+        Ok(Err(FrameError::Protocol(p))) => {
+            refuse(&node, &conn, p.close_code(), format!("bad hello: {p}"));
+            return;
+        }
+        Ok(Err(e)) => {
+            if let Some(n) = node.upgrade() {
+                n.note_refusal(
+                    false,
+                    format!("connection from {remote} lost before its hello: {e:?}"),
+                );
+            }
+            return;
+        }
+        Err(_) => {
+            refuse(
+                &node,
+                &conn,
+                CloseCode::Protocol,
+                format!("no hello within {:?}", cfg.connect_timeout),
+            );
+            return;
+        }
+    };
+    let peer = hello.node_id;
+    let identity = match peer_certificate(&conn) {
+        Some(cert) => verify_cert_names_node(&cert, peer).map_err(|e| e.to_string()),
+        None => Err("no client certificate".to_string()),
+    };
+    if let Err(reason) = identity {
+        refuse(
+            &node,
+            &conn,
+            CloseCode::PeerIdentity,
+            format!("claims to be node {peer}: {reason}"),
+        );
+        return;
+    }
+    let Some(me) = node.upgrade() else {
+        return;
+    };
+    let my_id = me.node_id;
+    match hello.purpose {
+        Purpose::Rpc => {
+            drop(me);
+            if write_bytes(&mut send, &encode_hello_ok(&HelloOk { node_id: my_id }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = send.finish();
+            if let Some(n) = node.upgrade() {
+                n.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            serve_rpc(node, conn, peer, cfg.max_frame_bytes).await;
+        }
+        Purpose::PageStream { stream_id, path } => {
+            let receiver = lock(&me.receivers).get(&stream_id).cloned();
+            drop(me);
+            let Some(receiver) = receiver else {
+                refuse(
+                    &node,
+                    &conn,
+                    CloseCode::UnknownStream,
+                    format!("node {my_id} expects no page stream {stream_id}"),
+                );
+                return;
+            };
+            if receiver.expected_peer() != peer {
+                refuse(
+                    &node,
+                    &conn,
+                    CloseCode::PeerIdentity,
+                    format!(
+                        "page stream {stream_id} comes from node {}, not node {peer}",
+                        receiver.expected_peer()
+                    ),
+                );
+                return;
+            }
+            if write_bytes(&mut send, &encode_hello_ok(&HelloOk { node_id: my_id }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if let Some(n) = node.upgrade() {
+                n.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            let on_violation = {
+                let node = node.clone();
+                move |conn: &Connection, e: &ProtocolError| {
+                    protocol_violation(&node, conn, &format!("node {peer}"), e)
+                }
+            };
+            serve_path(
+                receiver,
+                conn,
+                send,
+                recv,
+                path,
+                cfg.max_frame_bytes,
+                on_violation,
+            )
+            .await;
+        }
+    }
+}
+
+async fn serve_rpc(node: Weak<RpcNode>, conn: Connection, peer: NodeId, max_frame: u32) {
+    loop {
+        tokio::select! {
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_request(node.clone(), conn.clone(), peer, send, recv, max_frame));
+                }
+                Err(_) => break,
+            },
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => {
+                    tokio::spawn(serve_message(node.clone(), conn.clone(), peer, recv, max_frame));
+                }
+                Err(_) => break,
+            },
+        }
+    }
+}
+
+/// Reads the single request/message frame of a stream; closes the connection on a
+/// protocol violation.
+async fn read_request(
+    node: &Weak<RpcNode>,
+    conn: &Connection,
+    peer: NodeId,
+    recv: &mut RecvStream,
+    max_frame: u32,
+    tag: Tag,
+) -> Option<RequestFrame> {
+    let what = if tag == Tag::Request {
+        "request"
+    } else {
+        "message"
+    };
+    let result = match read_frame(recv, max_frame).await {
+        Ok(Some((t, body))) if t == tag => decode_request(body).map_err(FrameError::Protocol),
+        Ok(Some((t, _))) => Err(FrameError::Protocol(ProtocolError::Unexpected {
+            got: t,
+            expected: what,
+        })),
+        Ok(None) => Err(FrameError::Protocol(ProtocolError::Malformed(format!(
+            "empty {what} stream"
+        )))),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(r) => Some(r),
+        Err(FrameError::Protocol(p)) => {
+            protocol_violation(node, conn, &format!("node {peer}"), &p);
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn handler(node: &Weak<RpcNode>, service: &str) -> Option<Arc<dyn RpcHandler>> {
+    let n = node.upgrade()?;
+    let h = n.handlers.read().unwrap_or_else(|e| e.into_inner());
+    h.get(service).cloned()
+}
+
+async fn serve_request(
+    node: Weak<RpcNode>,
+    conn: Connection,
+    peer: NodeId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    max_frame: u32,
+) {
+    let Some(req) = read_request(&node, &conn, peer, &mut recv, max_frame, Tag::Request).await
+    else {
+        return;
+    };
+    let Some(me) = node.upgrade() else {
+        return;
+    };
+    let key = (peer, req.id);
+    let arrival = lock(&me.replies).arrive(key, Instant::now());
+    let mut answer = match arrival {
+        Arrival::Duplicate(answer) => answer,
+        Arrival::Run(answer) => {
+            let handler = handler(&node, &req.service);
+            let weak = node.clone();
+            tokio::spawn(async move {
+                let response = match handler {
+                    None => ResponseBody::UnknownService(req.service),
+                    Some(h) => match h.handle(peer, req.payload).await {
+                        Ok(v) => ResponseBody::Ok(v),
+                        Err(e) => ResponseBody::HandlerError(e),
+                    },
+                };
+                if let Some(n) = weak.upgrade() {
+                    n.counters.requests.fetch_add(1, Ordering::Relaxed);
+                    lock(&n.replies).finish(key, &response);
+                }
+            });
+            answer
+        }
+    };
+    drop(me);
+    let response = loop {
+        if let Some(r) = answer.borrow_and_update().clone() {
+            break r;
+        }
+        if answer.changed().await.is_err() {
+            // Pushed out of the cache before it finished (only under a flood of
+            // requests): the caller's other copy, or its retry, gets the answer.
+            return;
+        }
+    };
+    let mut frame = encode_response(&response);
+    if frame.len() - FRAME_HEADER_LEN + 1 > max_frame as usize {
+        frame = encode_response(&ResponseBody::HandlerError(format!(
+            "response of {} bytes exceeds the maximum frame of {max_frame} bytes",
+            frame.len()
+        )));
+    }
+    if write_bytes(&mut send, &frame).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn serve_message(
+    node: Weak<RpcNode>,
+    conn: Connection,
+    peer: NodeId,
+    mut recv: RecvStream,
+    max_frame: u32,
+) {
+    let Some(RequestFrame {
+        service, payload, ..
+    }) = read_request(&node, &conn, peer, &mut recv, max_frame, Tag::Message).await
+    else {
+        return;
+    };
+    if let Some(n) = node.upgrade() {
+        n.counters.messages.fetch_add(1, Ordering::Relaxed);
+    }
+    match handler(&node, &service) {
+        None => tracing::debug!(
+            peer,
+            service,
+            "one-way message for an unknown service dropped"
+        ),
+        Some(h) => {
+            if let Err(e) = h.handle(peer, payload).await {
+                tracing::debug!(peer, service, error = %e, "one-way message handler failed");
+            }
+        }
+    }
+}
