@@ -19,7 +19,8 @@
 //! `s<i>=m<id>.<phase>+<delay>ms@<offset>ms`: step `i` fired `delay` after
 //! migration `id` reached `phase`, `offset` into the run. `s<i>=t<offset>ms`:
 //! step `i` fired at `offset` (a timed step, or a phase step whose phase no
-//! migration reached in time).
+//! migration reached in time). A `/n<node>` suffix names the node a step hit
+//! where the schedule leaves it to the moment (the Raft leader it killed).
 
 use crate::checker::Invariant;
 use crate::schedule::Phase;
@@ -68,6 +69,26 @@ impl fmt::Display for FiredAt {
     }
 }
 
+/// One step as it fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fired {
+    /// Index of the step in the schedule.
+    pub step: usize,
+    pub at: FiredAt,
+    /// The node it hit, where the schedule does not say (the leader).
+    pub node: Option<u64>,
+}
+
+impl fmt::Display for Fired {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{}={}", self.step, self.at)?;
+        if let Some(node) = self.node {
+            write!(f, "/n{node}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The path one run took through its schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trace {
@@ -76,8 +97,8 @@ pub struct Trace {
     pub faults: usize,
     /// Invariants the run broke (what a replay should break again).
     pub expect: Vec<Invariant>,
-    /// Fired steps, `(step index, where)`, in firing order.
-    pub fired: Vec<(usize, FiredAt)>,
+    /// Fired steps, in firing order.
+    pub fired: Vec<Fired>,
 }
 
 impl Trace {
@@ -90,12 +111,9 @@ impl Trace {
         }
     }
 
-    /// Where step `step` fired, if it did.
-    pub fn step(&self, step: usize) -> Option<FiredAt> {
-        self.fired
-            .iter()
-            .find(|(i, _)| *i == step)
-            .map(|(_, at)| *at)
+    /// How step `step` fired, if it did.
+    pub fn step(&self, step: usize) -> Option<Fired> {
+        self.fired.iter().find(|f| f.step == step).copied()
     }
 
     /// Reads the compact form (see the module doc).
@@ -138,8 +156,14 @@ impl Trace {
                     if trace.step(step).is_some() {
                         return Err(bad(token, "step listed twice"));
                     }
-                    let at = parse_fired(value).ok_or_else(|| bad(token, "bad firing point"))?;
-                    trace.fired.push((step, at));
+                    let (at, node) = match value.split_once("/n") {
+                        Some((at, node)) => {
+                            (at, Some(node.parse().map_err(|_| bad(token, "bad node"))?))
+                        }
+                        None => (value, None),
+                    };
+                    let at = parse_fired(at).ok_or_else(|| bad(token, "bad firing point"))?;
+                    trace.fired.push(Fired { step, at, node });
                 }
             }
         }
@@ -157,8 +181,8 @@ impl fmt::Display for Trace {
             let names: Vec<&str> = self.expect.iter().map(|&i| invariant_token(i)).collect();
             write!(f, ",expect={}", names.join("+"))?;
         }
-        for (step, at) in &self.fired {
-            write!(f, ",s{step}={at}")?;
+        for fired in &self.fired {
+            write!(f, ",{fired}")?;
         }
         Ok(())
     }
@@ -244,25 +268,41 @@ mod tests {
             faults: 4,
             expect: vec![Invariant::SameDigest],
             fired: vec![
-                (
-                    0,
-                    FiredAt::Phase {
+                Fired {
+                    step: 0,
+                    at: FiredAt::Phase {
                         migration: 3,
                         phase: Phase::AfterSwitchover,
                         delay: ms(86),
                         offset: ms(702),
                     },
-                ),
-                (1, FiredAt::Offset(ms(1083))),
-                (
-                    5,
-                    FiredAt::Phase {
+                    node: None,
+                },
+                Fired {
+                    step: 1,
+                    at: FiredAt::Offset(ms(1083)),
+                    node: None,
+                },
+                Fired {
+                    step: 2,
+                    at: FiredAt::Phase {
+                        migration: 9,
+                        phase: Phase::AfterSwitchover,
+                        delay: ms(68),
+                        offset: ms(1840),
+                    },
+                    node: Some(1),
+                },
+                Fired {
+                    step: 5,
+                    at: FiredAt::Phase {
                         migration: 31,
                         phase: Phase::DuringBlackout,
                         delay: ms(0),
                         offset: ms(3401),
                     },
-                ),
+                    node: None,
+                },
             ],
         }
     }
@@ -272,7 +312,7 @@ mod tests {
         let text = seed_12().to_string();
         assert_eq!(
             text,
-            "v1,seed=12,faults=4,expect=same_digest,s0=m3.after_switchover+86ms@702ms,s1=t1083ms,s5=m31.blackout+0ms@3401ms"
+            "v1,seed=12,faults=4,expect=same_digest,s0=m3.after_switchover+86ms@702ms,s1=t1083ms,s2=m9.after_switchover+68ms@1840ms/n1,s5=m31.blackout+0ms@3401ms"
         );
         assert!(!text.contains(char::is_whitespace));
         assert_eq!(Trace::parse(&text), Ok(seed_12()));
@@ -283,29 +323,31 @@ mod tests {
         let mut trace = Trace::new(7, 6);
         trace.expect = Invariant::ALL.to_vec();
         for (i, phase) in Phase::ALL.into_iter().enumerate() {
-            trace.fired.push((
-                i,
-                FiredAt::Phase {
+            trace.fired.push(Fired {
+                step: i,
+                at: FiredAt::Phase {
                     migration: 100 + i as u64,
                     phase,
                     delay: ms(i as u64 * 10),
                     offset: ms(5000 + i as u64),
                 },
-            ));
+                node: (i % 2 == 0).then_some(i as u64),
+            });
         }
         assert_eq!(Trace::parse(&trace.to_string()), Ok(trace));
     }
 
     #[test]
     fn a_file_may_spread_the_trace_over_lines_with_comments() {
-        let file = "# seed 12, failed with a same-digest violation\nv1 seed=12 faults=4\n  expect=same_digest\ns0=m3.after_switchover+86ms@702ms  # the first step\ns1=t1083ms\ns5=m31.blackout+0ms@3401ms\n";
+        let file = "# seed 12, failed with a same-digest violation\nv1 seed=12 faults=4\n  expect=same_digest\ns0=m3.after_switchover+86ms@702ms  # the first step\ns1=t1083ms\ns2=m9.after_switchover+68ms@1840ms/n1  # killed the leader, node 1\ns5=m31.blackout+0ms@3401ms\n";
         assert_eq!(Trace::parse(file), Ok(seed_12()));
         assert_eq!(
-            seed_12().step(5).map(|at| at.offset()),
+            seed_12().step(5).map(|f| f.at.offset()),
             Some(ms(3401)),
             "step 5 fired 3.401 s in"
         );
-        assert_eq!(seed_12().step(2), None);
+        assert_eq!(seed_12().step(2).and_then(|f| f.node), Some(1));
+        assert_eq!(seed_12().step(3), None);
     }
 
     #[test]
@@ -327,6 +369,7 @@ mod tests {
             ),
             ("v1,seed=1,faults=4,s0=m3.blackout+1ms", "bad firing point"),
             ("v1,seed=1,faults=4,s0=t1ms,s0=t2ms", "step listed twice"),
+            ("v1,seed=1,faults=4,s0=t1ms/nX", "bad node"),
             ("v1,seed=1,faults=4,colour=red", "unknown key"),
             ("v1,seed=1,faults=4,oops", "expected key=value"),
         ];
