@@ -1,10 +1,11 @@
 //! Support for the chaos tests: the in-process chaos cluster, the history
-//! recording and one seeded run (`tests/chaos.rs`); `ferry` daemons as
+//! recording, the fault driver and one seeded run (`tests/chaos.rs`); `ferry` daemons as
 //! processes, network namespaces and the observer probe
 //! (`tests/chaos_process.rs`, `tests/chaos_netns.rs`).
 #![allow(dead_code)]
 
 pub mod cluster;
 pub mod daemons;
+pub mod faults;
 pub mod recording;
 pub mod run;
