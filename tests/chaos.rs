@@ -14,20 +14,30 @@
 //!
 //! `cargo test --release --test chaos -- --nocapture` runs the CI seeds;
 //! `FERRY_CHAOS_SEEDS=100` runs seeds 0..100 (or `=200..300`), and
-//! `FERRY_CHAOS_SEED=<n>` replays one; `FERRY_CHAOS_FAULTS=<n>` plans more
-//! faults per schedule than the default four (a replay needs the same value);
-//! `FERRY_CHAOS_VERBOSE=1` prints every run's schedule and log. The run ends
-//! with one line beginning `chaos summary:`.
+//! `FERRY_CHAOS_SEED=<n>` runs one again (same faults, but the path may
+//! differ: phase steps fire at whichever migration gets there first);
+//! `FERRY_CHAOS_FAULTS=<n>` plans more faults per schedule than the default
+//! four; `FERRY_CHAOS_VERBOSE=1` prints every run's schedule and log.
+//!
+//! A failing seed prints its fault trace (`ferry_chaos::trace`: each step
+//! pinned to the migration id and phase, or the offset, it fired at, and the
+//! invariants broken) and saves it to a file; `FERRY_CHAOS_TRACE=<trace or
+//! file>` replays that path and says plainly whether it broke the same
+//! invariants again. The run ends with one line beginning `chaos summary:`.
 #![allow(clippy::unwrap_used)]
 
 mod chaos_support;
 
+use chaos_support::cluster::ChaosCluster;
 use chaos_support::recording::Recording;
 use chaos_support::run::{self, Outcome};
-use ferry_actors::history::HistoryEvent;
-use ferry_chaos::checker::{self, Invariant};
+use ferry_actors::history::{GuestPoint, HistoryEvent};
+use ferry_chaos::checker::{self, Digest, Event, Invariant};
 use ferry_chaos::schedule::{FaultKind, Phase, Schedule};
+use ferry_chaos::trace::Trace;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The seeds CI runs: together their schedules aim at every phase and
@@ -48,6 +58,22 @@ fn seeds() -> Vec<u64> {
             None => (0..spec.trim().parse::<u64>().expect("FERRY_CHAOS_SEEDS")).collect(),
         },
         Err(_) => CI_SEEDS.to_vec(),
+    }
+}
+
+/// The trace `FERRY_CHAOS_TRACE` names: the compact form itself, or a file
+/// holding it.
+fn replay_trace() -> Option<Trace> {
+    let value = std::env::var("FERRY_CHAOS_TRACE").ok()?;
+    let value = value.trim();
+    let text = match std::fs::read_to_string(value) {
+        Ok(text) => text,
+        Err(_) if value.starts_with("v1") => value.to_string(),
+        Err(e) => panic!("FERRY_CHAOS_TRACE={value}: neither a trace nor a readable file: {e}"),
+    };
+    match Trace::parse(&text) {
+        Ok(trace) => Some(trace),
+        Err(e) => panic!("FERRY_CHAOS_TRACE: {e}"),
     }
 }
 
@@ -72,13 +98,22 @@ fn the_ci_seeds_aim_at_every_phase_with_every_kind_of_fault() {
 #[test]
 fn chaos_seeds_keep_every_invariant() {
     let started = Instant::now();
-    let seeds = seeds();
+    let replay = replay_trace();
+    let seeds = match &replay {
+        Some(trace) => vec![trace.seed],
+        None => seeds(),
+    };
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
+    let mut verdicts: Vec<String> = Vec::new();
     for &seed in &seeds {
+        let replay = replay.clone();
         let result = std::thread::Builder::new()
             .name(format!("chaos-seed-{seed}"))
-            .spawn(move || run::run_seed(seed))
+            .spawn(move || match replay {
+                Some(trace) => run::replay(trace),
+                None => run::run_seed(seed),
+            })
             .unwrap()
             .join();
         match result {
@@ -105,10 +140,21 @@ fn chaos_seeds_keep_every_invariant() {
                 if !outcome.is_clean() || std::env::var_os("FERRY_CHAOS_VERBOSE").is_some() {
                     println!("{}", outcome.describe());
                 }
+                if let Some(verdict) = outcome.replay_verdict() {
+                    println!("{verdict}");
+                    verdicts.push(verdict.lines().next().unwrap_or_default().to_string());
+                }
                 if !outcome.is_clean() {
+                    match outcome.save_trace() {
+                        Ok(path) => {
+                            println!("chaos seed {seed}: trace saved to {}", path.display())
+                        }
+                        Err(e) => println!("chaos seed {seed}: trace not saved: {e}"),
+                    }
                     failures.push(format!(
-                        "seed {seed}: {} violations",
-                        outcome.report.violations.len()
+                        "seed {seed}: {} violations, {} resumes not comparable",
+                        outcome.report.violations.len(),
+                        outcome.report.gaps.len()
                     ));
                 }
                 outcomes.push(outcome);
@@ -145,8 +191,14 @@ fn chaos_seeds_keep_every_invariant() {
         .iter()
         .map(|(i, n)| format!("{}={n}", i.to_string().replace(' ', "_")))
         .collect();
+    let gaps: usize = outcomes.iter().map(|o| o.report.gaps.len()).sum();
+    let replayed = if verdicts.is_empty() {
+        String::new()
+    } else {
+        format!(" | {}", verdicts.join("; "))
+    };
     println!(
-        "chaos summary: seeds={} {:?} faults injected: {} | migrations completed={completed} aborted={aborted} | invariants checked={} ({}) | violations={violations} | runs failed={} | {:.1} s",
+        "chaos summary: seeds={} {:?} faults injected: {} | migrations completed={completed} aborted={aborted} | invariants checked={} ({}) | violations={violations} not-comparable={gaps} | runs failed={}{replayed} | {:.1} s",
         seeds.len(),
         seeds,
         faults.join(" "),
@@ -160,14 +212,20 @@ fn chaos_seeds_keep_every_invariant() {
 
 // ---- the checker on recorded histories of deliberately broken builds ----
 
-/// Feeds a migration of vm-1 from node 1 to node 2, as the engine reports
-/// it, through the same recording the live runs use; `broken` inserts what
-/// a broken build would do right after the switchover commit.
-fn recorded(broken: &[HistoryEvent], final_seqs: Vec<u64>) -> checker::Report {
+/// Feeds a migration of vm-1 from node 1 to node 2, as the engine and the
+/// witness report it, through the same recording the live runs use;
+/// `broken` inserts what a broken build would do right after the switchover
+/// commit, and `resumed_with` is the witness's digest at the target's resume
+/// (by default the one at the pause).
+fn recorded(
+    broken: &[HistoryEvent],
+    resumed_with: Option<Digest>,
+    final_seqs: Vec<u64>,
+) -> checker::Report {
     let recording = Recording::new();
     let n1 = recording.recorder(1, 1);
     let n2 = recording.recorder(2, 1);
-    let digest = ferry_vmm::MemoryDigest {
+    let digest = Digest {
         memory: 0xfeed,
         state: 0xbeef,
     };
@@ -196,11 +254,7 @@ fn recorded(broken: &[HistoryEvent], final_seqs: Vec<u64>) -> checker::Report {
         vm: vm(),
         node: 1,
     });
-    n1(HistoryEvent::DigestAtPause {
-        vm: vm(),
-        node: 1,
-        digest,
-    });
+    recording.witnessed(1, 1, GuestPoint::Paused, "vm-1", digest);
     n1(HistoryEvent::SwitchoverCommitted {
         migration: 7,
         vm: vm(),
@@ -213,16 +267,13 @@ fn recorded(broken: &[HistoryEvent], final_seqs: Vec<u64>) -> checker::Report {
             _ => n2(event.clone()),
         }
     }
-    if !broken
-        .iter()
-        .any(|e| matches!(e, HistoryEvent::DigestAtResume { .. }))
-    {
-        n2(HistoryEvent::DigestAtResume {
-            vm: vm(),
-            node: 2,
-            digest,
-        });
-    }
+    recording.witnessed(
+        2,
+        1,
+        GuestPoint::Resuming,
+        "vm-1",
+        resumed_with.unwrap_or(digest),
+    );
     n2(HistoryEvent::TargetResumed {
         migration: 7,
         vm: vm(),
@@ -243,8 +294,8 @@ fn recorded(broken: &[HistoryEvent], final_seqs: Vec<u64>) -> checker::Report {
 
 #[test]
 fn a_clean_recorded_migration_passes() {
-    let report = recorded(&[], vec![1, 2, 3]);
-    assert!(report.is_clean(), "{report}");
+    let report = recorded(&[], None, vec![1, 2, 3]);
+    assert!(report.is_clean() && report.is_complete(), "{report}");
     for invariant in Invariant::ALL {
         assert!(report.checked[&invariant] > 0, "{invariant}: {report}");
     }
@@ -261,6 +312,7 @@ fn a_source_resuming_after_the_switchover_commit_is_caught() {
             node: 1,
             epoch: 1,
         }],
+        None,
         vec![1, 2, 3],
     );
     println!("{report}");
@@ -282,14 +334,11 @@ fn a_source_resuming_after_the_switchover_commit_is_caught() {
 #[test]
 fn a_target_resuming_with_other_memory_is_caught() {
     let report = recorded(
-        &[HistoryEvent::DigestAtResume {
-            vm: "vm-1".into(),
-            node: 2,
-            digest: ferry_vmm::MemoryDigest {
-                memory: 0xdead,
-                state: 0xbeef,
-            },
-        }],
+        &[],
+        Some(Digest {
+            memory: 0xdead,
+            state: 0xbeef,
+        }),
         vec![1, 2, 3],
     );
     assert_eq!(
@@ -303,8 +352,286 @@ fn a_target_resuming_with_other_memory_is_caught() {
 #[test]
 fn a_lost_acknowledged_append_is_caught() {
     // The target resumed without the last pages: append 2 is gone.
-    let report = recorded(&[], vec![1, 3]);
+    let report = recorded(&[], None, vec![1, 3]);
     let lost: Vec<_> = report.violations_of(Invariant::NoLostAppend).collect();
     assert_eq!(lost.len(), 1, "{report}");
     assert!(lost[0].message.contains("append 2"), "{report}");
+}
+
+#[test]
+fn the_engines_own_digests_are_not_taken_on_trust() {
+    // The engine says the target resumed with other memory; the witness,
+    // which looked at the guest itself, saw the memory it paused with.
+    let report = recorded(
+        &[HistoryEvent::DigestAtResume {
+            vm: "vm-1".into(),
+            node: 2,
+            digest: ferry_vmm::MemoryDigest {
+                memory: 0xdead,
+                state: 0xbeef,
+            },
+        }],
+        None,
+        vec![1, 2, 3],
+    );
+    assert!(report.is_clean() && report.is_complete(), "{report}");
+}
+
+// ---- issue 20: the target killed in the blackout, the source resumes ----
+
+const MIB: u64 = 1 << 20;
+
+/// Moves `vm` from `source` to `target` (verifying digests) and waits for the
+/// answer.
+async fn move_vm(
+    cluster: &ChaosCluster,
+    vm: &str,
+    source: u64,
+    target: u64,
+) -> Result<u64, String> {
+    let live = cluster
+        .live(source)
+        .ok_or(format!("node {source} is down"))?;
+    let mut request = ferry_actors::migration::source::MoveRequest::new(vm.to_string(), target);
+    request.verify = true;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(120),
+        live.actor.send(ferry_actors::actors::MoveVm(request)),
+    )
+    .await
+    .map_err(|_| format!("move {source}->{target}: no answer in 120 s"))?
+    .map_err(|e| e.to_string())?;
+    answer.map(|r| r.epoch).map_err(|e| e.to_string())
+}
+
+/// Waits until `vm` runs on `node` alone, or the deadline.
+async fn runs_only_on(cluster: &ChaosCluster, vm: &str, node: u64, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let running = cluster.running(vm);
+        if running.len() == 1 && running[0].0 == node {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// What the tap saw of the move whose blackout fails.
+#[derive(Default)]
+struct Blackout {
+    /// Set by the test: the next pause on `source` is the one to break.
+    armed: AtomicBool,
+    /// Migration id of the broken blackout (0: not yet).
+    migration: AtomicU64,
+    /// The engine got as far as its own digest in that blackout.
+    engine_digested: AtomicBool,
+}
+
+/// The scenario of seed 12, driven step by step on a three-node cluster:
+/// vm-1 moves away from its node and back (a pause with a digest on both
+/// sides); the Raft leader is killed and restarted and a link of vm-1's node
+/// is cut; then vm-1 moves again, and at the very moment its source pauses
+/// for the blackout the target's links are cut (the final round cannot
+/// arrive) and the target is killed. The blackout fails before the engine
+/// takes any digest, the source resumes, the link comes back.
+async fn target_killed_in_the_blackout(
+) -> Result<(Vec<checker::Timed>, checker::Report, u64, u64), String> {
+    let recording = Recording::new();
+    let cluster = Arc::new(ChaosCluster::start("blackout", 3, 2, 20, recording.clone()).await?);
+    let leader = cluster
+        .leader(Duration::from_secs(10))
+        .await
+        .ok_or("no leader")?;
+    // Neither end of the moves is the leader, so killing it leaves them be.
+    let source = (1..=3).find(|&n| n != leader).ok_or("no source")?;
+    let target = (1..=3)
+        .find(|&n| n != leader && n != source)
+        .ok_or("no target")?;
+
+    let workload = ferry_vmm::Workload {
+        dirty_pages_per_sec: Some(20_000),
+        pattern: ferry_vmm::Pattern::HotSet {
+            write_percent: 80,
+            page_percent: 10,
+        },
+        seed: 20,
+    };
+    let mut config = ferry_actors::local::vm_config(16 * MIB, workload, 1);
+    config.vcpus = 1;
+    cluster
+        .write(ferry_cluster::Command::CreateVm {
+            name: "vm-1".into(),
+            config,
+            node: source,
+        })
+        .await?;
+    cluster
+        .live(source)
+        .ok_or("source down")?
+        .actor
+        .send(ferry_actors::actors::StartVm("vm-1".into()))
+        .await
+        .map_err(|e| e.to_string())??;
+
+    // 1. Away and back: pauses with digests on both nodes.
+    move_vm(&cluster, "vm-1", source, target).await?;
+    move_vm(&cluster, "vm-1", target, source).await?;
+
+    // 2. Around the next move: the leader killed and back, a link cut.
+    cluster.kill(leader).await?;
+    cluster.restart(leader).await?;
+    cluster.edit_links(|l| {
+        l.cut.insert((source, 2));
+    });
+
+    // 3. The move whose target dies in its blackout. The tap runs on the
+    // engine's thread right after the pause, before the final round is sent.
+    let seen = Arc::new(Blackout::default());
+    let (tap_seen, tap_cluster) = (seen.clone(), Arc::downgrade(&cluster));
+    recording.set_tap(Arc::new(move |node, event| {
+        if node != source {
+            return;
+        }
+        match event {
+            HistoryEvent::SourcePaused { migration, .. }
+                if tap_seen.armed.swap(false, Ordering::AcqRel) =>
+            {
+                tap_seen.migration.store(*migration, Ordering::Release);
+                if let Some(cluster) = tap_cluster.upgrade() {
+                    cluster.edit_links(|l| {
+                        l.cut.insert((target, 1));
+                        l.cut.insert((target, 2));
+                    });
+                }
+            }
+            HistoryEvent::DigestAtPause { .. }
+                if tap_seen.migration.load(Ordering::Acquire) != 0 =>
+            {
+                tap_seen.engine_digested.store(true, Ordering::Release);
+            }
+            _ => {}
+        }
+    }));
+    let mut phases = recording.phases();
+    seen.armed.store(true, Ordering::Release);
+    let mover = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move { move_vm(&cluster, "vm-1", source, target).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hit = tokio::time::timeout_at(deadline.into(), phases.recv())
+            .await
+            .map_err(|_| "the move never reached its blackout")?
+            .map_err(|e| e.to_string())?;
+        if hit.phase == Phase::DuringBlackout
+            && hit.migration == seen.migration.load(Ordering::Acquire)
+        {
+            break;
+        }
+    }
+    cluster.kill(target).await?;
+    let answer = mover.await.map_err(|e| e.to_string())?;
+    if answer.is_ok() {
+        return Err(format!(
+            "the move with its target dead completed: {answer:?}"
+        ));
+    }
+    if !runs_only_on(&cluster, "vm-1", source, Duration::from_secs(60)).await {
+        return Err(format!(
+            "vm-1 is not back on node {source}: {:?}",
+            cluster.running("vm-1")
+        ));
+    }
+    cluster.edit_links(|l| *l = Default::default());
+    cluster.restart(target).await?;
+    if seen.engine_digested.load(Ordering::Acquire) {
+        return Err("precondition: the blackout got as far as the engine's digest; the scenario needs it to fail before".into());
+    }
+    cluster.shutdown().await;
+    let history = recording.events();
+    let report = checker::check(&history);
+    Ok((
+        history,
+        report,
+        source,
+        seen.migration.load(Ordering::Acquire),
+    ))
+}
+
+#[test]
+fn a_source_resuming_after_its_target_died_in_the_blackout_is_judged_on_its_own_pause() {
+    let (history, report, source, migration) =
+        ferry_actors::local::run(target_killed_in_the_blackout())
+            .unwrap()
+            .unwrap_or_else(|e| panic!("scenario: {e}"));
+    println!("{report}");
+    let vm = 1;
+    assert!(report.is_clean(), "{report}");
+    // The failed blackout: vm-1 paused on the source, then resumed there.
+    let began = history
+        .iter()
+        .position(|t| matches!(t.event, Event::MigrationBegun { id, .. } if id == migration))
+        .expect("the failed move began");
+    let paused = began
+        + history[began..]
+            .iter()
+            .position(|t| t.event == Event::VmPaused { vm, node: source })
+            .expect("its source paused");
+    let resumed = paused
+        + history[paused..]
+            .iter()
+            .position(|t| matches!(t.event, Event::VmResumed { vm: v, node, .. } if v == vm && node == source))
+            .expect("its source resumed");
+    let digests = |want_pause: bool| -> Vec<Digest> {
+        history[paused..resumed]
+            .iter()
+            .filter_map(|t| match t.event {
+                Event::DigestAtPause {
+                    vm: v,
+                    node,
+                    digest,
+                } if want_pause && v == vm && node == source => Some(digest),
+                Event::DigestAtResume {
+                    vm: v,
+                    node,
+                    digest,
+                } if !want_pause && v == vm && node == source => Some(digest),
+                _ => None,
+            })
+            .collect()
+    };
+    let (at_pause, at_resume) = (digests(true), digests(false));
+    assert_eq!(
+        at_pause.len(),
+        1,
+        "the failed blackout's pause (event #{paused}) carries no digest of its own"
+    );
+    assert_eq!(
+        at_resume, at_pause,
+        "the source's resume (event #{resumed}) compared with its own pause"
+    );
+    // The pause before it on that node describes other memory: comparing
+    // the resume with it, as the old history did, would cry wolf.
+    let older = history[..paused]
+        .iter()
+        .rev()
+        .find_map(|t| match t.event {
+            Event::DigestAtPause {
+                vm: v,
+                node,
+                digest,
+            } if v == vm && node == source => Some(digest),
+            _ => None,
+        })
+        .expect("vm-1 paused on the source before (its first move)");
+    assert_ne!(older.memory, at_pause[0].memory);
+    // Every resume in the run was compared with a digest of its pause.
+    let resumes = history
+        .iter()
+        .filter(|t| matches!(t.event, Event::VmResumed { .. }))
+        .count() as u64;
+    assert_eq!(report.checked[&Invariant::SameDigest], resumes, "{report}");
+    assert_eq!(resumes, 3, "two moves completed and one source resumed");
 }

@@ -13,9 +13,15 @@
 //! Without a recorder nothing is built or computed: every call site passes a
 //! closure that only runs when one is set. A node that was killed reports
 //! nothing more (its lingering tasks are not the node any more).
+//!
+//! A [`GuestObserver`], set apart from the recorder, is shown the guest itself
+//! at the two points where its vCPUs stop and start again in a move (just
+//! after a pause, just before a resume), so a checker can take its own look at
+//! memory and device state instead of trusting the digests the engine sends.
+//! Unset, each point costs one read of an empty slot.
 
 use ferry_cluster::NodeId;
-use ferry_vmm::MemoryDigest;
+use ferry_vmm::{Guest, MemoryDigest};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +29,31 @@ use std::time::Duration;
 /// Called synchronously on engine threads (sometimes under the node's lock):
 /// it must be quick and must not call back into the node.
 pub type Recorder = Arc<dyn Fn(HistoryEvent) + Send + Sync>;
+
+/// Where in a move a guest is shown to the [`GuestObserver`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestPoint {
+    /// The source just paused the guest for the blackout; nothing was read,
+    /// sent or changed since.
+    Paused,
+    /// The guest is about to resume (a target after the switchover, or a
+    /// source after an abort), with the state it will run with; still paused.
+    Resuming,
+}
+
+/// One look at a guest, at a [`GuestPoint`] of migration `migration`.
+pub struct GuestSeen<'a> {
+    pub point: GuestPoint,
+    pub migration: u64,
+    pub vm: &'a str,
+    pub node: NodeId,
+    pub guest: &'a dyn Guest,
+}
+
+/// Shown each guest at its pause and resume points. Called synchronously on
+/// engine threads, sometimes under the node's lock: it may read the guest
+/// (pages, device state) but must not call back into the node.
+pub type GuestObserver = Arc<dyn Fn(GuestSeen<'_>) + Send + Sync>;
 
 /// Something a node did that the invariants of `DESIGN.md` §5 are about.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 //! to it, and a source that issued the commit and did not hear back stays
 //! paused until the store says how it ended.
 
-use crate::history::{HistoryEvent, Recorder};
+use crate::history::{GuestObserver, GuestPoint, GuestSeen, HistoryEvent, Recorder};
 use crate::migration::protocol::{self, GuestSpec};
 use crate::migration::target::MigrationService;
 use crate::switch::{ClientError, ServicePort, VirtualSwitch};
@@ -138,6 +138,9 @@ pub struct NodeShared {
     dead: std::sync::atomic::AtomicBool,
     /// Where this node reports its history, if anywhere (see [`crate::history`]).
     history: RwLock<Option<Recorder>>,
+    /// Shown every guest at its pause and resume points, if set (see
+    /// [`crate::history`]).
+    observer: RwLock<Option<GuestObserver>>,
 }
 
 /// What a simulated guest runs, stored opaquely in the VM's config.
@@ -258,6 +261,7 @@ impl NodeShared {
             events: tokio::sync::broadcast::channel(1024).0,
             dead: std::sync::atomic::AtomicBool::new(false),
             history: RwLock::new(None),
+            observer: RwLock::new(None),
         });
         node.rpc.register(
             protocol::SERVICE,
@@ -280,6 +284,33 @@ impl NodeShared {
     /// [`crate::history`]).
     pub fn set_history(&self, recorder: Recorder) {
         *self.history.write().unwrap_or_else(|p| p.into_inner()) = Some(recorder);
+    }
+
+    /// Shows this node's guests to `observer` at their pause and resume
+    /// points from now on (see [`crate::history`]).
+    pub fn set_guest_observer(&self, observer: GuestObserver) {
+        *self.observer.write().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
+
+    /// Shows `guest` to the observer, if one is set and the node is alive.
+    pub(crate) fn observe(&self, point: GuestPoint, migration: u64, vm: &str, guest: &dyn Guest) {
+        if self.is_dead() {
+            return;
+        }
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(observer) = observer {
+            observer(GuestSeen {
+                point,
+                migration,
+                vm,
+                node: self.id,
+                guest,
+            });
+        }
     }
 
     /// Whether a history recorder is set (and the node alive to report).

@@ -13,10 +13,18 @@
 //! - the cluster store's ownership commits, the first one included (a VM is
 //!   owned before it first starts);
 //! - every start, pause, resume, stop and destroy of a VM copy, and node deaths;
-//! - a memory digest at every pause and at every resume that follows one;
+//! - a digest of memory and device state at every pause and at every resume,
+//!   taken by the harness itself (`crate::witness`), not the engine's word;
 //! - every acknowledged append, and the records each VM holds at the end;
 //! - the run recorded until it settles: a migration still open when the
 //!   history ends counts as hung.
+//!
+//! A resume is compared with the pause it ends: the last pause of that VM
+//! before it, since a VM's guest pauses once per blackout and resumes once
+//! after it. A pause that carries no digest is not skipped in favour of an
+//! older one that does (that older pause describes memory the guest has
+//! since changed): the resume is reported as not comparable, a gap in the
+//! history, apart from the violations.
 //!
 //! §5.5 (no stranger joins a connection, no malformed message crashes a node)
 //! is the transport's concern and is tested there, not here.
@@ -63,7 +71,8 @@ pub enum Event {
         node: NodeId,
         epoch: Epoch,
     },
-    /// The copy on `node` stopped running (vCPUs paused).
+    /// The copy on `node` stopped running (vCPUs paused). Opens a pause;
+    /// the next resume of the VM ends it.
     VmPaused {
         vm: VmId,
         node: NodeId,
@@ -114,13 +123,15 @@ pub enum Event {
         id: MigrationId,
         outcome: Outcome,
     },
-    /// Digest of the paused guest on `node`, before anything was sent or freed.
+    /// Digest of the paused guest on `node`, before anything was sent or
+    /// freed: the digest of the pause opened last.
     DigestAtPause {
         vm: VmId,
         node: NodeId,
         digest: Digest,
     },
-    /// Digest of the guest on `node` just before it resumes.
+    /// Digest of the guest on `node` just before it resumes: compared with
+    /// the digest of the pause this resume ends.
     DigestAtResume {
         vm: VmId,
         node: NodeId,
@@ -227,11 +238,20 @@ pub struct Report {
     /// Individual checks made, per invariant (every invariant is listed).
     pub checked: BTreeMap<Invariant, u64>,
     pub violations: Vec<Violation>,
+    /// Resumes that could not be compared with their pause (the pause or the
+    /// resume carries no digest): not violations, but the history does not
+    /// show the VM kept its memory there.
+    pub gaps: Vec<Violation>,
 }
 
 impl Report {
     pub fn is_clean(&self) -> bool {
         self.violations.is_empty()
+    }
+
+    /// Every resume was compared with a digest of its own pause.
+    pub fn is_complete(&self) -> bool {
+        self.gaps.is_empty()
     }
 
     pub fn total_checked(&self) -> u64 {
@@ -251,9 +271,16 @@ impl fmt::Display for Report {
         for (i, (invariant, n)) in self.checked.iter().enumerate() {
             write!(f, "{} {invariant} {n}", if i == 0 { "" } else { "," })?;
         }
-        writeln!(f, "; {} violations", self.violations.len())?;
+        write!(f, "; {} violations", self.violations.len())?;
+        if !self.gaps.is_empty() {
+            write!(f, "; {} resumes not comparable", self.gaps.len())?;
+        }
+        writeln!(f)?;
         for v in &self.violations {
             writeln!(f, "  {v}")?;
+        }
+        for g in &self.gaps {
+            writeln!(f, "  not comparable: {g}")?;
         }
         Ok(())
     }
@@ -265,12 +292,23 @@ struct VmTrack {
     owner: Option<(NodeId, Epoch)>,
     needs_restart: bool,
     deleted: bool,
-    last_pause: Option<(Digest, NodeId, usize)>,
+    /// The pause the next resume ends, if the VM is paused.
+    pause: Option<Pause>,
     /// Acknowledged seqs still expected at the end, with the ack's index.
     acked: BTreeMap<u64, usize>,
     final_records: Option<(BTreeSet<u64>, usize)>,
     /// The last event about this VM, where a loss at the end is reported.
     last_index: usize,
+}
+
+/// A pause of a VM's guest, the digest taken at it (with its index), and
+/// the nodes whose resume from it came with a digest.
+#[derive(Debug, Clone)]
+struct Pause {
+    node: NodeId,
+    index: usize,
+    digest: Option<(Digest, usize)>,
+    resumed_with_digest: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]
@@ -304,6 +342,7 @@ pub fn check(history: &[Timed]) -> Report {
             events: history.len(),
             checked: Invariant::ALL.iter().map(|&i| (i, 0)).collect(),
             violations: Vec::new(),
+            gaps: Vec::new(),
         },
     };
     for (index, timed) in history.iter().enumerate() {
@@ -336,12 +375,33 @@ impl Checker<'_> {
 
     fn step(&mut self, index: usize, timed: &Timed) {
         match &timed.event {
-            &Event::VmStarted { vm, node, epoch } | &Event::VmResumed { vm, node, epoch } => {
+            &Event::VmStarted { vm, node, epoch } => {
+                // A fresh boot: no pause of an earlier life carries over.
+                self.vm(vm, index).pause = None;
                 self.runs(index, vm, node, epoch)
             }
-            &Event::VmPaused { vm, node }
-            | &Event::VmStopped { vm, node }
-            | &Event::VmDestroyed { vm, node } => {
+            &Event::VmResumed { vm, node, epoch } => {
+                let unchecked = self
+                    .vm(vm, index)
+                    .pause
+                    .clone()
+                    .filter(|p| !p.resumed_with_digest.contains(&node));
+                if let Some(pause) = unchecked {
+                    self.gap(index, vm, node, &pause, "no digest was taken at the resume");
+                }
+                self.runs(index, vm, node, epoch)
+            }
+            &Event::VmPaused { vm, node } => {
+                let track = self.vm(vm, index);
+                track.running.remove(&node);
+                track.pause = Some(Pause {
+                    node,
+                    index,
+                    digest: None,
+                    resumed_with_digest: BTreeSet::new(),
+                });
+            }
+            &Event::VmStopped { vm, node } | &Event::VmDestroyed { vm, node } => {
                 self.vm(vm, index).running.remove(&node);
             }
             &Event::VmDeleted { vm } => {
@@ -391,9 +451,7 @@ impl Checker<'_> {
                 );
             }
             &Event::MigrationEnded { id, outcome } => self.ended(index, timed.at, id, outcome),
-            &Event::DigestAtPause { vm, node, digest } => {
-                self.vm(vm, index).last_pause = Some((digest, node, index));
-            }
+            &Event::DigestAtPause { vm, node, digest } => self.paused_with(index, vm, node, digest),
             &Event::DigestAtResume { vm, node, digest } => {
                 self.resumed_with(index, vm, node, digest)
             }
@@ -544,29 +602,97 @@ impl Checker<'_> {
         }
     }
 
-    fn resumed_with(&mut self, index: usize, vm: VmId, node: NodeId, digest: Digest) {
-        self.count(Invariant::SameDigest);
-        let paused = self.vm(vm, index).last_pause;
-        match paused {
-            None => self.violation(
+    /// A digest of the guest paused on `node`: it belongs to the pause
+    /// opened last (a history without the pause itself opens one here).
+    fn paused_with(&mut self, index: usize, vm: VmId, node: NodeId, digest: Digest) {
+        let track = self.vm(vm, index);
+        let changed = match &mut track.pause {
+            Some(pause) if pause.node == node => match pause.digest {
+                None => {
+                    pause.digest = Some((digest, index));
+                    None
+                }
+                Some((first, at)) if first != digest => Some((pause.index, first, at)),
+                Some(_) => None,
+            },
+            _ => {
+                track.pause = Some(Pause {
+                    node,
+                    index,
+                    digest: Some((digest, index)),
+                    resumed_with_digest: BTreeSet::new(),
+                });
+                None
+            }
+        };
+        if let Some((opened, first, at)) = changed {
+            self.count(Invariant::SameDigest);
+            self.violation(
                 Invariant::SameDigest,
                 index,
-                format!("vm {vm} resumes on node {node} with no digest recorded at its pause"),
-            ),
-            Some((before, _, _)) if before == digest => {}
-            Some((before, from, at)) => {
-                let what = match (before.memory == digest.memory, before.state == digest.state) {
-                    (false, false) => "memory and device state differ",
-                    (false, true) => "memory differs",
-                    _ => "device state differs",
-                };
-                self.violation(
-                    Invariant::SameDigest,
-                    index,
-                    format!("vm {vm} resumes on node {node} with {digest}; it paused on node {from} (event #{at}) with {before}: {what}"),
-                );
-            }
+                format!("vm {vm}, paused on node {node} since event #{opened}, digests {digest} at event #{index} but {first} at event #{at}: it changed while paused"),
+            );
         }
+    }
+
+    fn resumed_with(&mut self, index: usize, vm: VmId, node: NodeId, digest: Digest) {
+        let pause = self.vm(vm, index).pause.as_mut().map(|p| {
+            p.resumed_with_digest.insert(node);
+            p.clone()
+        });
+        let Some(pause) = pause else {
+            self.count(Invariant::SameDigest);
+            self.violation(
+                Invariant::SameDigest,
+                index,
+                format!("vm {vm} resumes on node {node} with no pause recorded before it"),
+            );
+            return;
+        };
+        let Some((before, _)) = pause.digest else {
+            self.gap(index, vm, node, &pause, "its pause carries no digest");
+            return;
+        };
+        self.count(Invariant::SameDigest);
+        if before == digest {
+            return;
+        }
+        let what = match (before.memory == digest.memory, before.state == digest.state) {
+            (false, false) => "memory and device state differ",
+            (false, true) => "memory differs",
+            _ => "device state differs",
+        };
+        self.violation(
+            Invariant::SameDigest,
+            index,
+            format!(
+                "vm {vm} resumes on node {node} with {digest}; it paused on node {} (event #{}) with {before}: {what}",
+                pause.node, pause.index
+            ),
+        );
+    }
+
+    /// A resume at `index` that ends `pause` and could not be compared.
+    fn gap(&mut self, index: usize, vm: VmId, node: NodeId, pause: &Pause, why: &str) {
+        let at = self.history.get(index).map_or(Duration::ZERO, |t| t.at);
+        let older = self.history[..pause.index]
+            .iter()
+            .rposition(|t| matches!(t.event, Event::DigestAtPause { vm: v, .. } if v == vm));
+        let stale = match older {
+            Some(i) if pause.digest.is_none() => {
+                format!("; the digest at event #{i} is of an earlier pause, not this one")
+            }
+            _ => String::new(),
+        };
+        self.report.gaps.push(Violation {
+            invariant: Invariant::SameDigest,
+            index,
+            at,
+            message: format!(
+                "vm {vm} resumes on node {node}, ending its pause on node {} at event #{}: {why}{stale}",
+                pause.node, pause.index
+            ),
+        });
     }
 
     fn finish(&mut self) {
@@ -1106,5 +1232,310 @@ mod tests {
             text.contains("; 1 violations\n  event #10 at 0.406 s [same digest]: vm 7 resumes"),
             "{text}"
         );
+    }
+
+    // ---- issue 20: seed 12's history, as the old recorder wrote it ----
+
+    const ISSUE_A: Digest = Digest {
+        memory: 0x98ef_dfed_0000_0000_0000_0000_0000_0000,
+        state: 0x3788_5c0c_0000_0000_0000_0000_0000_0000,
+    };
+    const ISSUE_B: Digest = Digest {
+        memory: 0xcfa3_b179_0000_0000_0000_0000_0000_0000,
+        state: 0xb891_9eb1_0000_0000_0000_0000_0000_0000,
+    };
+
+    /// Pads `events` with acknowledged appends of vm 1 (as the clients' acks
+    /// filled the real history) until the next event lands at `index`.
+    fn pad_to(events: &mut Vec<(u64, Event)>, index: usize, seq: &mut u64) {
+        while events.len() < index {
+            let ms = events.last().map_or(0, |(ms, _)| *ms);
+            *seq += 1;
+            events.push((ms, AppendAcked { vm: 1, seq: *seq }));
+        }
+    }
+
+    /// The shape of seed 12's run around vm 1, with the indices it printed:
+    /// vm 1 pauses on node 2 for a move to node 3 and the digest A is taken
+    /// (event #2230); the move aborts and vm 1 resumes on node 2 with A. It
+    /// runs on (its memory changes). A second move pauses it again; node 3,
+    /// the target, is killed during that blackout, before any digest is
+    /// taken; the source resumes, recorded with digest B (event #4359).
+    fn issue_20_history(failed_blackout_digest: Option<Digest>) -> Vec<Timed> {
+        let mut seq = 0;
+        let mut e = vec![
+            (
+                0,
+                OwnershipCommitted {
+                    vm: 1,
+                    owner: 2,
+                    epoch: 1,
+                },
+            ),
+            (
+                1,
+                VmStarted {
+                    vm: 1,
+                    node: 2,
+                    epoch: 1,
+                },
+            ),
+        ];
+        pad_to(&mut e, 2227, &mut seq);
+        e.push((
+            1790,
+            MigrationBegun {
+                id: 20,
+                vm: 1,
+                source: 2,
+                target: 3,
+                budget: Duration::from_secs(60),
+            },
+        ));
+        pad_to(&mut e, 2229, &mut seq);
+        e.push((1800, VmPaused { vm: 1, node: 2 }));
+        e.push((
+            1801,
+            DigestAtPause {
+                vm: 1,
+                node: 2,
+                digest: ISSUE_A,
+            },
+        ));
+        e.push((
+            1900,
+            DigestAtResume {
+                vm: 1,
+                node: 2,
+                digest: ISSUE_A,
+            },
+        ));
+        e.push((
+            1901,
+            VmResumed {
+                vm: 1,
+                node: 2,
+                epoch: 1,
+            },
+        ));
+        e.push((
+            1902,
+            MigrationEnded {
+                id: 20,
+                outcome: Outcome::Aborted,
+            },
+        ));
+        pad_to(&mut e, 4300, &mut seq);
+        e.push((
+            3400,
+            MigrationBegun {
+                id: 31,
+                vm: 1,
+                source: 2,
+                target: 3,
+                budget: Duration::from_secs(60),
+            },
+        ));
+        e.push((3450, VmPaused { vm: 1, node: 2 }));
+        if let Some(digest) = failed_blackout_digest {
+            e.push((
+                3451,
+                DigestAtPause {
+                    vm: 1,
+                    node: 2,
+                    digest,
+                },
+            ));
+        }
+        e.push((3452, NodeDied { node: 3 }));
+        pad_to(&mut e, 4359, &mut seq);
+        e.push((
+            3643,
+            DigestAtResume {
+                vm: 1,
+                node: 2,
+                digest: ISSUE_B,
+            },
+        ));
+        e.push((
+            3644,
+            VmResumed {
+                vm: 1,
+                node: 2,
+                epoch: 1,
+            },
+        ));
+        e.push((
+            3645,
+            MigrationEnded {
+                id: 31,
+                outcome: Outcome::Aborted,
+            },
+        ));
+        e.push((3700, NodeRestarted { node: 3 }));
+        e.push((
+            3800,
+            FinalRecords {
+                vm: 1,
+                seqs: (1..=seq).collect(),
+            },
+        ));
+        history(e)
+    }
+
+    #[test]
+    fn issue_20_as_recorded_is_a_stale_pause_not_a_violation() {
+        let events = issue_20_history(None);
+        assert_eq!(
+            events[2230].event,
+            DigestAtPause {
+                vm: 1,
+                node: 2,
+                digest: ISSUE_A
+            }
+        );
+        assert_eq!(
+            events[4359].event,
+            DigestAtResume {
+                vm: 1,
+                node: 2,
+                digest: ISSUE_B
+            }
+        );
+        let report = check(&events);
+        // The resume at #4359 ends the pause of the failed blackout, which
+        // has no digest; the digest at #2230 is of the pause before.
+        assert_eq!(
+            report.violations_of(Invariant::SameDigest).count(),
+            0,
+            "{report}"
+        );
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(report.gaps.len(), 1, "{report}");
+        let gap = &report.gaps[0];
+        assert_eq!(gap.index, 4359);
+        let failed_pause = events
+            .iter()
+            .rposition(|t| t.event == VmPaused { vm: 1, node: 2 })
+            .unwrap();
+        assert!(
+            gap.message.contains(&format!("ending its pause on node 2 at event #{failed_pause}: its pause carries no digest; the digest at event #2230 is of an earlier pause")),
+            "{report}"
+        );
+        // The first resume, after the pause it ends, was compared.
+        assert_eq!(report.checked[&Invariant::SameDigest], 1);
+        assert!(
+            report
+                .to_string()
+                .contains("; 0 violations; 1 resumes not comparable"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn issue_20_with_a_digest_at_every_pause_is_judged_on_its_own_pause() {
+        // The witness digests the failed blackout's pause too: equal to the
+        // resume's, clean and complete...
+        let report = check(&issue_20_history(Some(ISSUE_B)));
+        assert!(report.is_clean() && report.is_complete(), "{report}");
+        assert_eq!(report.checked[&Invariant::SameDigest], 2);
+        // ...and had the guest really changed in that blackout, it is caught
+        // against that pause, not the stale one.
+        let report = check(&issue_20_history(Some(ISSUE_A)));
+        let v = only(&report, Invariant::SameDigest);
+        assert_eq!(v.index, 4359);
+        assert!(
+            v.message.contains("paused on node 2 (event #4301)")
+                && v.message.ends_with("memory and device state differ"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_pause_whose_resume_takes_no_digest_is_a_gap() {
+        let mut events = clean();
+        events.remove(18); // vm 8's digest at resume
+        let report = check(&history(events));
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(report.gaps.len(), 1, "{report}");
+        assert!(
+            report.gaps[0]
+                .message
+                .contains("no digest was taken at the resume"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_resume_with_no_pause_at_all_is_a_violation() {
+        let mut events = clean();
+        events.remove(16); // vm 8's pause
+        events.remove(16); // and its digest
+        let report = check(&history(events));
+        let v = only(&report, Invariant::SameDigest);
+        assert!(
+            v.message.contains("no pause recorded before it"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_fresh_boot_ends_the_pause_of_an_earlier_life() {
+        // vm 8 pauses, its node dies, it boots again on node 1 and is then
+        // resumed by a stray copy: nothing of the old pause may vouch for it.
+        let mut events = clean();
+        events.truncate(19);
+        events.push((650, NodeDied { node: 3 }));
+        events.push((
+            660,
+            OwnershipCommitted {
+                vm: 8,
+                owner: 1,
+                epoch: 2,
+            },
+        ));
+        events.push((
+            661,
+            VmStarted {
+                vm: 8,
+                node: 1,
+                epoch: 2,
+            },
+        ));
+        events.push((
+            670,
+            DigestAtResume {
+                vm: 8,
+                node: 1,
+                digest: D2,
+            },
+        ));
+        let report = check(&history(events));
+        assert!(
+            report
+                .violations_of(Invariant::SameDigest)
+                .any(|v| v.message.contains("no pause recorded")),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_guest_that_changes_while_paused_is_caught() {
+        let mut events = clean();
+        events.insert(
+            18,
+            (
+                602,
+                DigestAtPause {
+                    vm: 8,
+                    node: 3,
+                    digest: D1,
+                },
+            ),
+        );
+        let report = check(&history(events));
+        let v = only(&report, Invariant::SameDigest);
+        assert_eq!(v.index, 18);
+        assert!(v.message.contains("changed while paused"), "{report}");
     }
 }

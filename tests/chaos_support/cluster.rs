@@ -14,7 +14,7 @@
 //!   closed, every guest gone) comes back on the same addresses from its data
 //!   directory, as a new incarnation with no guests.
 //! - **History.** Every incarnation of every node reports to the run's
-//!   [`Recording`].
+//!   [`Recording`], and shows it every guest it pauses or resumes.
 
 use super::recording::Recording;
 use actix::prelude::*;
@@ -348,6 +348,7 @@ impl ChaosCluster {
             *n
         };
         shared.set_history(self.recording.recorder(id, incarnation));
+        shared.set_guest_observer(self.recording.observer(id, incarnation));
         let actor = NodeActor::new(shared.clone()).start();
         *lock(&slot.live) = Some(Live {
             shared,

@@ -15,9 +15,15 @@
 //!   once the harness has recorded a node's death, whatever its lingering
 //!   in-process tasks do is not the node any more;
 //! - phases the fault schedule aims at (round 0, dirty rounds, blackout,
-//!   after the switchover) are broadcast to the fault driver as they happen.
+//!   after the switchover) are broadcast to the fault driver as they happen,
+//!   and remembered for a replay that waits on one migration's phase;
+//! - digests at pause and resume are the witness's own
+//!   (`ferry_chaos::witness`), taken through each node's guest observer at
+//!   every pause and every resume; the digests the engine reports are not
+//!   used (it takes them only when a move verifies, and only where its
+//!   protocol needs one).
 
-use ferry_actors::history::{HistoryEvent, Recorder};
+use ferry_actors::history::{GuestObserver, GuestPoint, HistoryEvent, Recorder};
 use ferry_chaos::checker::{Digest, Event, Outcome, Timed};
 use ferry_chaos::schedule::Phase;
 use ferry_cluster::NodeId;
@@ -68,13 +74,20 @@ struct Inner {
     notes: Vec<(usize, String)>,
     /// Observations for the run's log.
     remarks: Vec<String>,
+    /// Phases each migration reached.
+    reached: BTreeSet<(u64, Phase)>,
 }
+
+/// Sees every event of a live node before it is recorded (a test acting at
+/// an exact point of a move). Called on engine threads: quick, no blocking.
+pub type Tap = Arc<dyn Fn(NodeId, &HistoryEvent) + Send + Sync>;
 
 pub struct Recording {
     start: Instant,
     start_wall_ms: u64,
     inner: Mutex<Inner>,
     phases: tokio::sync::broadcast::Sender<PhaseHit>,
+    tap: Mutex<Option<Tap>>,
 }
 
 impl Recording {
@@ -84,6 +97,7 @@ impl Recording {
             start_wall_ms: ferry_actors::node::now_ms(),
             inner: Mutex::new(Inner::default()),
             phases: tokio::sync::broadcast::channel(1024).0,
+            tap: Mutex::new(None),
         })
     }
 
@@ -104,6 +118,64 @@ impl Recording {
         self.lock().alive.insert(node, incarnation);
         let me = self.clone();
         Arc::new(move |event| me.node_event(node, incarnation, event))
+    }
+
+    /// The guest observer for incarnation `incarnation` of `node`: the
+    /// witness digests the guest at each pause and resume.
+    pub fn observer(self: &Arc<Self>, node: NodeId, incarnation: u64) -> GuestObserver {
+        let me = self.clone();
+        Arc::new(move |seen| {
+            if me.lock().alive.get(&node) != Some(&incarnation) {
+                return;
+            }
+            match ferry_chaos::witness::digest(seen.guest) {
+                Ok(digest) => me.witnessed(node, incarnation, seen.point, seen.vm, digest),
+                Err(e) => me.note_harness(format!(
+                    "witness: vm {} on node {node} ({:?}, migration {}): no digest, {e}",
+                    seen.vm, seen.point, seen.migration
+                )),
+            }
+        })
+    }
+
+    /// The witness's digest of `vm` on `node` at `point` (what the observer
+    /// records; a test may feed a history's digests through it directly).
+    pub fn witnessed(
+        &self,
+        node: NodeId,
+        incarnation: u64,
+        point: GuestPoint,
+        vm: &str,
+        digest: Digest,
+    ) {
+        let mut inner = self.lock();
+        if inner.alive.get(&node) != Some(&incarnation) {
+            return;
+        }
+        let id = Self::vm_id(&mut inner, vm);
+        let event = match point {
+            GuestPoint::Paused => Event::DigestAtPause {
+                vm: id,
+                node,
+                digest,
+            },
+            GuestPoint::Resuming => Event::DigestAtResume {
+                vm: id,
+                node,
+                digest,
+            },
+        };
+        self.push(&mut inner, event);
+    }
+
+    /// Shows every live node's events to `tap` from now on.
+    pub fn set_tap(&self, tap: Tap) {
+        *self.tap.lock().unwrap_or_else(|p| p.into_inner()) = Some(tap);
+    }
+
+    /// Whether migration `migration` has reached `phase`.
+    pub fn reached(&self, migration: u64, phase: Phase) -> bool {
+        self.lock().reached.contains(&(migration, phase))
     }
 
     fn vm_id(inner: &mut Inner, name: &str) -> u64 {
@@ -169,18 +241,22 @@ impl Recording {
     }
 
     fn announce(&self, phase: Phase, migration: u64) {
+        self.lock().reached.insert((migration, phase));
         let _ = self.phases.send(PhaseHit { phase, migration });
     }
 
     fn node_event(&self, node: NodeId, incarnation: u64, event: HistoryEvent) {
+        if self.lock().alive.get(&node) != Some(&incarnation) {
+            return;
+        }
+        let tap = self.tap.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(tap) = tap {
+            tap(node, &event);
+        }
         let mut inner = self.lock();
         if inner.alive.get(&node) != Some(&incarnation) {
             return;
         }
-        let digest = |d: ferry_vmm::MemoryDigest| Digest {
-            memory: d.memory,
-            state: d.state,
-        };
         match event {
             HistoryEvent::VmStarted { vm, node, epoch } => {
                 self.ownership(&mut inner, &vm, node, epoch);
@@ -244,21 +320,8 @@ impl Recording {
                 drop(inner);
                 self.announce(Phase::DuringBlackout, migration);
             }
-            HistoryEvent::DigestAtPause {
-                vm,
-                node,
-                digest: d,
-            } => {
-                let id = Self::vm_id(&mut inner, &vm);
-                self.push(
-                    &mut inner,
-                    Event::DigestAtPause {
-                        vm: id,
-                        node,
-                        digest: digest(d),
-                    },
-                );
-            }
+            // The witness's digests stand in for the engine's.
+            HistoryEvent::DigestAtPause { .. } | HistoryEvent::DigestAtResume { .. } => {}
             HistoryEvent::SwitchoverCommitted {
                 migration,
                 vm,
@@ -271,21 +334,6 @@ impl Recording {
                 if first {
                     self.announce(Phase::AfterSwitchover, migration);
                 }
-            }
-            HistoryEvent::DigestAtResume {
-                vm,
-                node,
-                digest: d,
-            } => {
-                let id = Self::vm_id(&mut inner, &vm);
-                self.push(
-                    &mut inner,
-                    Event::DigestAtResume {
-                        vm: id,
-                        node,
-                        digest: digest(d),
-                    },
-                );
             }
             HistoryEvent::TargetResumed {
                 migration,

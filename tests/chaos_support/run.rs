@@ -11,7 +11,8 @@
 //! sampler watching where each VM runs is a second, independent witness of
 //! "never twice".
 
-use super::cluster::{ChaosCluster, Shape};
+use super::cluster::ChaosCluster;
+use super::faults::{self, Driven};
 use super::recording::Recording;
 use ferry_actors::actors::{DrainNode, MoveVm, ResumeNode};
 use ferry_actors::local::vm_config;
@@ -19,9 +20,8 @@ use ferry_actors::migration::source::MoveRequest;
 use ferry_actors::switch::ClientError;
 use ferry_actors::triggers::drain::DrainOptions;
 use ferry_chaos::checker::{self, Invariant, Report, Timed, Violation};
-use ferry_chaos::schedule::{
-    Fault, FaultKind, Phase, Schedule, ScheduleShape, SplitMix64, Trigger,
-};
+use ferry_chaos::schedule::{FaultKind, Phase, Schedule, ScheduleShape, SplitMix64, Trigger};
+use ferry_chaos::trace::Trace;
 use ferry_cluster::model::{NodeState, VmState};
 use ferry_cluster::{Command, NodeId};
 use ferry_vmm::{Pattern, Workload};
@@ -40,8 +40,6 @@ const MIN_OPS: usize = 8;
 const MAX_WORKLOAD: Duration = Duration::from_secs(25);
 /// Longest a run may take to settle after the faults are repaired.
 const SETTLE: Duration = Duration::from_secs(75);
-/// Longest the fault driver waits for a phase a step aims at.
-const PHASE_WAIT: Duration = Duration::from_secs(4);
 /// Longest the workload waits for one move's answer.
 const MOVE_WAIT: Duration = Duration::from_secs(100);
 
@@ -56,10 +54,15 @@ pub fn faults_per_run() -> usize {
 /// The schedules the suite plans: the default kinds, four faults (see
 /// [`faults_per_run`]), short holds so a run stays short.
 pub fn shape() -> ScheduleShape {
+    shape_with(faults_per_run())
+}
+
+/// [`shape`] with `faults` disruptive faults.
+pub fn shape_with(faults: usize) -> ScheduleShape {
     ScheduleShape {
         nodes: (1..=NODES).collect(),
         networks: (1..=NETWORKS).collect(),
-        faults: faults_per_run(),
+        faults,
         kinds: FaultKind::DISRUPTIVE.to_vec(),
         phase_share: 0.6,
         gap: (Duration::from_millis(50), Duration::from_millis(800)),
@@ -85,25 +88,126 @@ pub struct Outcome {
     pub vm_names: BTreeMap<u64, String>,
     pub log: Vec<String>,
     pub elapsed: Duration,
+    /// Where each fired step fired, and what the run broke: replays this path.
+    pub trace: Trace,
+    /// When this run replayed a trace: that trace, and where it could not
+    /// follow it.
+    pub replayed: Option<(Trace, Vec<String>)>,
 }
 
 impl Outcome {
+    /// No violation, and every resume was compared with its own pause.
     pub fn is_clean(&self) -> bool {
-        self.report.is_clean()
+        self.report.is_clean() && self.report.is_complete()
+    }
+
+    /// The invariants this run broke.
+    pub fn broken(&self) -> BTreeSet<Invariant> {
+        self.report.violations.iter().map(|v| v.invariant).collect()
+    }
+
+    /// Writes the trace where `cargo test` keeps test files; returns the path.
+    pub fn save_trace(&self) -> std::io::Result<std::path::PathBuf> {
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("chaos-trace-seed-{}.txt", self.seed));
+        std::fs::write(&path, format!("{}\n", self.trace))?;
+        Ok(path)
+    }
+
+    /// For a replay: whether it broke again what the trace says the
+    /// original broke, and where it could not follow the trace.
+    pub fn replay_verdict(&self) -> Option<String> {
+        let (trace, diverged) = self.replayed.as_ref()?;
+        let names = |set: &mut dyn Iterator<Item = Invariant>| {
+            let names: Vec<String> = set.map(|i| i.to_string()).collect();
+            if names.is_empty() {
+                "nothing".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
+        let broken = self.broken();
+        let expected: BTreeSet<Invariant> = trace.expect.iter().copied().collect();
+        let mut out = if expected.is_empty() {
+            format!(
+                "replay of a clean run's trace: this run broke {}",
+                names(&mut broken.iter().copied())
+            )
+        } else if expected.is_subset(&broken) {
+            format!(
+                "replay REPRODUCED the violation: broke {} again",
+                names(&mut expected.iter().copied())
+            )
+        } else {
+            format!(
+                "replay did NOT reproduce the violation: the trace expected {}, this run broke {}",
+                names(&mut expected.iter().copied()),
+                names(&mut broken.iter().copied())
+            )
+        };
+        let followed = self.trace.fired.len() - diverged.len().min(self.trace.fired.len());
+        out.push_str(&format!(
+            "\n  followed {followed} of the trace's {} steps at their recorded points",
+            trace.fired.len()
+        ));
+        for d in diverged {
+            out.push_str(&format!("\n  diverged: {d}"));
+        }
+        Some(out)
     }
 
     /// What a failing seed prints: how to replay it, its schedule, the
     /// violations, and the history around the first one.
     pub fn describe(&self) -> String {
-        let verdict = if self.is_clean() { "passed" } else { "FAILED" };
-        let faults = match faults_per_run() {
+        let verdict = match (self.is_clean(), self.report.is_complete()) {
+            (true, true) => "passed",
+            (true, false) => "INCOMPLETE (resumes not comparable)",
+            (false, _) => "FAILED",
+        };
+        let faults = match self.trace.faults {
             4 => String::new(),
             n => format!("FERRY_CHAOS_FAULTS={n} "),
         };
         let mut out = format!(
-            "chaos seed {} {verdict} (replay: {faults}FERRY_CHAOS_SEED={} cargo test --release --test chaos -- --nocapture)\n{}{}",
-            self.seed, self.seed, self.schedule, self.report
+            "chaos seed {} {verdict}\n  replay this path: FERRY_CHAOS_TRACE={} cargo test --release --test chaos -- --nocapture\n  (the seed alone: {faults}FERRY_CHAOS_SEED={}; it may take another path)\n",
+            self.seed, self.trace, self.seed
         );
+        if let Some(verdict) = self.replay_verdict() {
+            out.push_str(&format!("{verdict}\n"));
+        }
+        out.push_str(&format!("{}{}", self.schedule, self.report));
+        out.push_str("fault trace:\n");
+        for fired in &self.trace.fired {
+            let fault = self.schedule.steps.get(fired.step).map(|s| s.fault);
+            let at = match fired.at {
+                ferry_chaos::trace::FiredAt::Phase {
+                    migration,
+                    phase,
+                    delay,
+                    offset,
+                } => format!(
+                    "{:>8.3} s  migration {migration} {phase} +{} ms",
+                    offset.as_secs_f64(),
+                    delay.as_millis()
+                ),
+                ferry_chaos::trace::FiredAt::Offset(offset) => {
+                    format!("{:>8.3} s  at that offset", offset.as_secs_f64())
+                }
+            };
+            let node = fired
+                .node
+                .map(|n| format!(" (node {n})"))
+                .unwrap_or_default();
+            match fault {
+                Some(fault) => {
+                    out.push_str(&format!("  step {:>2} {at}: {fault}{node}\n", fired.step))
+                }
+                None => out.push_str(&format!(
+                    "  step {:>2} {at}: not in the schedule\n",
+                    fired.step
+                )),
+            }
+        }
         out.push_str(&format!(
             "fired {} of {} steps; VMs {:?}\n",
             self.fired,
@@ -225,151 +329,6 @@ fn start_sampler(
         }
         (samples, found)
     })
-}
-
-/// Applies one fault. `killed_leader` remembers whom `KillLeader` killed.
-async fn fire(
-    cluster: &ChaosCluster,
-    fault: Fault,
-    killed_leader: &mut Option<NodeId>,
-    log: &Mutex<Vec<String>>,
-) -> Result<(), String> {
-    let note = |s: String| {
-        log.lock().unwrap().push(format!(
-            "{:>7.3} s {s}",
-            cluster.recording.elapsed().as_secs_f64()
-        ))
-    };
-    note(format!("fault: {fault}"));
-    match fault {
-        Fault::CutLink { node, network } => cluster.edit_links(|l| {
-            l.cut.insert((node, network));
-        }),
-        Fault::RestoreLink { node, network } => cluster.edit_links(|l| {
-            l.cut.remove(&(node, network));
-            l.shaped.remove(&(node, network));
-        }),
-        Fault::Delay { node, network, ms } => cluster.edit_links(|l| {
-            l.shaped
-                .entry((node, network))
-                .or_insert_with(Shape::default)
-                .delay = Duration::from_millis(u64::from(ms));
-        }),
-        Fault::Loss { node, network, pct } => cluster.edit_links(|l| {
-            l.shaped
-                .entry((node, network))
-                .or_insert_with(Shape::default)
-                .loss_pct = f64::from(pct);
-        }),
-        Fault::RateLimit {
-            node,
-            network,
-            bytes_per_sec,
-        } => cluster.edit_links(|l| {
-            l.shaped
-                .entry((node, network))
-                .or_insert_with(Shape::default)
-                .rate = Some(bytes_per_sec);
-        }),
-        Fault::PartitionNode { node } => cluster.edit_links(|l| {
-            l.partitioned.insert(node);
-        }),
-        Fault::HealPartition { node } => cluster.edit_links(|l| {
-            l.partitioned.remove(&node);
-        }),
-        Fault::KillNode { node } => cluster.kill(node).await?,
-        Fault::RestartNode { node } => cluster.restart(node).await?,
-        Fault::KillLeader => match cluster.leader(Duration::from_secs(10)).await {
-            Some(leader) => {
-                note(format!("the leader is node {leader}"));
-                *killed_leader = Some(leader);
-                cluster.kill(leader).await?;
-            }
-            None => note("no leader to kill".into()),
-        },
-        Fault::RestartLeader => {
-            if let Some(node) = killed_leader.take() {
-                cluster.restart(node).await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Fires the schedule's steps in order; stops (and repairs what is still
-/// broken) when `stop` is set. Returns the steps fired and the faults
-/// injected by kind.
-async fn drive_faults(
-    cluster: &ChaosCluster,
-    schedule: &Schedule,
-    stop: &AtomicBool,
-    done: &AtomicBool,
-    log: &Mutex<Vec<String>>,
-) -> Result<(usize, BTreeMap<FaultKind, usize>), String> {
-    let mut injected = BTreeMap::new();
-    let mut killed_leader = None;
-    let mut fired = 0;
-    'steps: for step in &schedule.steps {
-        match step.trigger {
-            Trigger::After(d) => {
-                let until = Instant::now() + d;
-                while Instant::now() < until {
-                    if stop.load(Ordering::Acquire) {
-                        break 'steps;
-                    }
-                    tokio::time::sleep(
-                        until
-                            .saturating_duration_since(Instant::now())
-                            .min(Duration::from_millis(20)),
-                    )
-                    .await;
-                }
-            }
-            Trigger::Phase { phase, delay } => {
-                let mut hits = cluster.recording.phases();
-                let armed = Instant::now();
-                loop {
-                    if stop.load(Ordering::Acquire) {
-                        break 'steps;
-                    }
-                    // A phase may not come while the faults so far hold (every
-                    // VM on a partitioned node): fire on time rather than stall.
-                    if armed.elapsed() > PHASE_WAIT {
-                        log.lock().unwrap().push(format!(
-                            "{:>7.3} s no migration reached {phase} within {PHASE_WAIT:?}: firing anyway",
-                            cluster.recording.elapsed().as_secs_f64()
-                        ));
-                        break;
-                    }
-                    match tokio::time::timeout(Duration::from_millis(20), hits.recv()).await {
-                        Ok(Ok(hit)) if hit.phase == phase => break,
-                        Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break 'steps,
-                        _ => {}
-                    }
-                }
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
-        fire(cluster, step.fault, &mut killed_leader, log).await?;
-        *injected.entry(step.fault.kind()).or_insert(0) += 1;
-        fired += 1;
-    }
-    done.store(true, Ordering::Release);
-    // Stopped early: undo what is still broken (links, partitions, nodes).
-    for fault in schedule.repairs_after(fired) {
-        let fault = match fault {
-            Fault::RestartLeader => match killed_leader {
-                Some(node) => Fault::RestartNode { node },
-                None => continue,
-            },
-            f => f,
-        };
-        fire(cluster, fault, &mut killed_leader, log).await?;
-        *injected.entry(fault.kind()).or_insert(0) += 1;
-    }
-    Ok((fired, injected))
 }
 
 /// What the workload's lanes share.
@@ -573,13 +532,28 @@ async fn settle(cluster: &ChaosCluster, within: Duration) -> Vec<String> {
 
 /// Runs seed `seed` to its end and checks its history.
 pub fn run_seed(seed: u64) -> Result<Outcome, String> {
+    run_path(seed, faults_per_run(), None)
+}
+
+/// Replays `trace`: its seed's schedule, each step fired where the trace
+/// says it fired.
+pub fn replay(trace: Trace) -> Result<Outcome, String> {
+    run_path(trace.seed, trace.faults, Some(trace))
+}
+
+fn run_path(seed: u64, faults: usize, replay: Option<Trace>) -> Result<Outcome, String> {
     let started = Instant::now();
-    let schedule = Schedule::plan(seed, &shape());
-    ferry_actors::local::run(run(seed, schedule, started))
+    let schedule = Schedule::plan(seed, &shape_with(faults));
+    ferry_actors::local::run(run(seed, schedule, replay, started))
         .map_err(|e| format!("seed {seed}: actix system: {e}"))?
 }
 
-async fn run(seed: u64, schedule: Schedule, started: Instant) -> Result<Outcome, String> {
+async fn run(
+    seed: u64,
+    schedule: Schedule,
+    replay: Option<Trace>,
+    started: Instant,
+) -> Result<Outcome, String> {
     let recording = Recording::new();
     let cluster = Arc::new(
         ChaosCluster::start("chaos", NODES, NETWORKS, seed, recording.clone())
@@ -645,10 +619,22 @@ async fn run(seed: u64, schedule: Schedule, started: Instant) -> Result<Outcome,
         stop_faults.store(true, Ordering::Release);
     };
     let (faults, ()) = tokio::join!(
-        drive_faults(&cluster, &schedule, &stop_faults, &schedule_done, &log),
+        faults::drive(
+            &cluster,
+            &schedule,
+            replay.as_ref(),
+            &stop_faults,
+            &schedule_done,
+            &log
+        ),
         workload
     );
-    let (fired, injected) = faults.map_err(|e| format!("seed {seed}: injecting faults: {e}"))?;
+    let Driven {
+        fired,
+        injected,
+        path,
+        diverged,
+    } = faults.map_err(|e| format!("seed {seed}: injecting faults: {e}"))?;
 
     let mut wrong = settle(&cluster, SETTLE).await;
     // The services answer after the storm: a few more acknowledgements each.
@@ -721,6 +707,18 @@ async fn run(seed: u64, schedule: Schedule, started: Instant) -> Result<Outcome,
     let (completed, aborted) = recording.outcomes();
     let mut log = log.into_inner().unwrap_or_default();
     log.extend(recording.remarks());
+    let trace = Trace {
+        seed,
+        faults: schedule.shape.faults,
+        expect: report
+            .violations
+            .iter()
+            .map(|v| v.invariant)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        fired: path,
+    };
     Ok(Outcome {
         seed,
         schedule,
@@ -734,6 +732,8 @@ async fn run(seed: u64, schedule: Schedule, started: Instant) -> Result<Outcome,
         vm_names: recording.vm_names(),
         log,
         elapsed: started.elapsed(),
+        trace,
+        replayed: replay.map(|t| (t, diverged)),
     })
 }
 

@@ -7,7 +7,7 @@
 //! guest; once sent, it resumes only if the store says the migration was
 //! aborted, and it waits (paused) for as long as the store cannot tell it.
 
-use crate::history::HistoryEvent;
+use crate::history::{GuestPoint, HistoryEvent};
 use crate::migration::protocol::{self, Reply, Request};
 use crate::node::{lock, now_ms, NodeShared, Role, PROBE_SERVICE};
 use crate::policy::convergence::{ConvergenceConfig, ConvergencePolicy, Decision, RoundStats};
@@ -708,6 +708,12 @@ impl Job {
             vm: self.req.vm.clone(),
             node: self.node.id,
         });
+        self.node.observe(
+            GuestPoint::Paused,
+            self.migration,
+            &self.req.vm,
+            self.guest.as_ref(),
+        );
         // Announced once the guest is paused: a watcher that sees this event
         // knows no vCPU of the source runs.
         self.progress(
@@ -1087,6 +1093,12 @@ impl Job {
                     tracing::warn!(migration = self.migration, "NIC offload not restored: {e}");
                 }
             }
+            self.node.observe(
+                GuestPoint::Resuming,
+                self.migration,
+                &self.req.vm,
+                self.guest.as_ref(),
+            );
             // Safe: this job never proposed the switchover (see module doc).
             if self.guest.resume().is_ok() {
                 self.node.record(|| HistoryEvent::SourceResumed {

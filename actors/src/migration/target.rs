@@ -8,7 +8,7 @@
 //! node's other guests, behind the same lock, so "resume only if the store
 //! says so" is one check under one lock.
 
-use crate::history::HistoryEvent;
+use crate::history::{GuestPoint, HistoryEvent};
 use crate::migration::protocol::{self, GuestSpec, Reply, Request};
 use crate::node::{build_guest, lock, Hosted, NodeShared, Role};
 use ferry_cluster::model::MigrationOutcome;
@@ -189,6 +189,7 @@ impl NodeShared {
                     }
                 }
                 let digest = *verified_digest;
+                self.observe(GuestPoint::Resuming, migration, &m.vm, h.guest.as_ref());
                 if h.guest.resume().is_err() {
                     return false;
                 }
