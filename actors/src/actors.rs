@@ -252,6 +252,16 @@ impl Handler<MoveVm> for NodeActor {
 
     fn handle(&mut self, msg: MoveVm, ctx: &mut Context<Self>) -> Self::Result {
         let vm = msg.0.vm.clone();
+        // One job per guest: a second would pause and resume a guest the
+        // first still holds (its late abort resuming a guest the second had
+        // paused), whatever the store says about the first migration.
+        if self.jobs.contains_key(&vm) {
+            return Box::pin(async move {
+                Err(MigrationError::Refused(format!(
+                    "VM {vm} is already being moved from this node"
+                )))
+            });
+        }
         let handle = JobHandle::default();
         let (reply, done) = tokio::sync::oneshot::channel();
         let job = MigrationJob {
