@@ -106,10 +106,13 @@ impl Outcome {
         self.report.violations.iter().map(|v| v.invariant).collect()
     }
 
-    /// Writes the trace where `cargo test` keeps test files; returns the path.
+    /// Writes the trace where `cargo test` keeps test files (elsewhere, the
+    /// system's temporary directory); returns the path.
     pub fn save_trace(&self) -> std::io::Result<std::path::PathBuf> {
-        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("chaos-trace-seed-{}.txt", self.seed));
+        let dir = option_env!("CARGO_TARGET_TMPDIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let path = dir.join(format!("chaos-trace-seed-{}.txt", self.seed));
         std::fs::write(&path, format!("{}\n", self.trace))?;
         Ok(path)
     }
