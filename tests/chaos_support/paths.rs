@@ -290,9 +290,19 @@ impl PathRig {
         // The service answers again (on whichever node runs the VM) before the fault
         // is lifted: what a client saw is measured with the network still down.
         let ack_count = lock(&self.acks).len();
-        wait_for("an append after the move", Duration::from_secs(30), || {
+        let answered = try_wait("an append after the move", Duration::from_secs(30), || {
             (lock(&self.acks).len() > ack_count).then_some(())
         });
+        if let Err(e) = answered {
+            // A run that fails leaves no rule behind for the next one.
+            if let Some(f) = fault {
+                self.topo.unblock(f.node)?;
+            }
+            return Err(format!(
+                "migration {} ({}): {e}",
+                moving.migration, ended.outcome
+            ));
+        }
         let acks = lock(&self.acks).clone();
         let during: Vec<Instant> = acks.iter().map(|a| a.0).filter(|t| *t >= begun).collect();
         let mut max_gap = Duration::ZERO;
@@ -314,12 +324,12 @@ impl PathRig {
         if let Some(f) = fault {
             self.topo.unblock(f.node)?;
         }
-        let owner = wait_for("the VM's owner", Duration::from_secs(30), || {
+        let owner = try_wait("the VM running again", Duration::from_secs(30), || {
             self.d
                 .vm(VM)
                 .filter(|v| v.state == "running")
                 .map(|v| v.owner)
-        });
+        })?;
         Ok(MoveRun {
             outcome: ended.outcome,
             reason: ended.reason,
@@ -368,6 +378,25 @@ impl Drop for PathRig {
         if let Some(a) = self.appender.take() {
             let _ = a.join();
         }
+    }
+}
+
+/// Polls `f` every 5 ms until it returns `Some`; an error after `timeout`, so a
+/// soak counts the run as failed and goes on.
+fn try_wait<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
