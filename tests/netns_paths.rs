@@ -1,6 +1,6 @@
 //! One network failing from outside Ferry, at several phases of a move between
-//! daemons: a packet filter in the target's namespace drops everything it receives,
-//! sends, or both, on one migration network (`chaos_support::paths`). Every move must
+//! daemons: a packet filter in the target's (once, the source's) namespace drops
+//! everything it receives, sends, or both, on one migration network (`chaos_support::paths`). Every move must
 //! complete on the other network with the client's appends continuing; both networks
 //! dropped at the target must abort the move with the VM answering on the source and
 //! no acknowledged append lost; the Raft leader losing its first network must not stall
@@ -46,6 +46,13 @@ fn show(case: &str, r: &MoveRun) {
     );
 }
 
+/// Where a case drops its network.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Side {
+    Source,
+    Target,
+}
+
 #[test]
 fn one_network_dropped_at_any_phase_the_move_completes_on_the_other() {
     if let Some(reason) = cannot_run() {
@@ -58,18 +65,21 @@ fn one_network_dropped_at_any_phase_the_move_completes_on_the_other() {
     rig.set_downtime_limit(1_000).unwrap();
     let other = |owner: u64| if owner == 2 { 2 } else { 1 };
 
-    // One network at the target, each direction, in round 0 and in the blackout.
+    // One network at the target, each direction, in round 0 and in the blackout;
+    // and the source's sending side in the blackout, where the target's packets still
+    // arrive (so only unacknowledged requests show the path is dead).
     let cases = [
-        (Phase::Round0, Direction::In, 1),
-        (Phase::Round0, Direction::Out, 2),
-        (Phase::Blackout, Direction::Both, 1),
-        (Phase::Switchover, Direction::Both, 2),
+        (Phase::Round0, Direction::In, 1, Side::Target),
+        (Phase::Round0, Direction::Out, 2, Side::Target),
+        (Phase::Blackout, Direction::Both, 1, Side::Target),
+        (Phase::Blackout, Direction::Out, 1, Side::Source),
+        (Phase::Switchover, Direction::Both, 2, Side::Target),
     ];
-    for (phase, direction, network) in cases {
+    for (phase, direction, network, side) in cases {
         let from = rig.owner() as usize - 1;
         let to = other(rig.owner());
         let fault = Fault {
-            node: to,
+            node: if side == Side::Source { from } else { to },
             network,
             all_networks: false,
             direction,
@@ -77,7 +87,7 @@ fn one_network_dropped_at_any_phase_the_move_completes_on_the_other() {
         };
         let r = rig.run_move(to, Some(fault)).unwrap();
         let case = format!(
-            "mig-{network} {} at the target in {}",
+            "mig-{network} {} at the {side:?} in {}",
             direction.name(),
             phase.name()
         );

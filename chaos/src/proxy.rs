@@ -5,7 +5,8 @@
 //! The proxy listens on one address and forwards every datagram to one target address;
 //! answers travel back the same way. Each client address the proxy hears from gets its
 //! own upstream socket, so the target sees one peer per client. Faults apply to both
-//! directions and can be changed at any time through [`LinkProxy`]'s methods; loss is
+//! directions (except a one-way cut, which drops only what the clients send) and can be
+//! changed at any time through [`LinkProxy`]'s methods; loss is
 //! drawn from a seeded generator, so a run replays with its seed.
 //!
 //! Bounded: at most [`MAX_CLIENTS`] clients, at most `queue_bytes` waiting per
@@ -39,6 +40,9 @@ const RATE_BURST: Duration = Duration::from_millis(10);
 pub struct Faults {
     /// Drop everything, including datagrams already queued.
     pub cut: bool,
+    /// Drop only what the clients send, as a failed transmit side does: the target's
+    /// datagrams (its keep-alives, say) still reach them.
+    pub cut_to_target: bool,
     /// Added one-way latency.
     pub delay: Duration,
     /// Share of datagrams dropped, 0.0 ..= 1.0.
@@ -49,10 +53,18 @@ pub struct Faults {
     pub queue_bytes: usize,
 }
 
+impl Faults {
+    /// Whether a cut swallows a datagram going this way.
+    fn cuts(&self, toward_target: bool) -> bool {
+        self.cut || (toward_target && self.cut_to_target)
+    }
+}
+
 impl Default for Faults {
     fn default() -> Self {
         Faults {
             cut: false,
+            cut_to_target: false,
             delay: Duration::ZERO,
             loss: 0.0,
             rate_bytes_per_sec: None,
@@ -106,6 +118,7 @@ impl Shared {
 
 /// One direction of one client's link: the shaping queue and its sender.
 struct Direction {
+    toward_target: bool,
     queue: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
     queued_bytes: Arc<AtomicUsize>,
     rng: Mutex<StdRng>,
@@ -154,8 +167,16 @@ impl LinkProxy {
         lock(&self.shared.faults).cut = true;
     }
 
+    /// Blackholes only the direction toward the target until [`restore`](Self::restore).
+    pub fn cut_to_target(&self) {
+        lock(&self.shared.faults).cut_to_target = true;
+    }
+
+    /// Lifts both kinds of cut.
     pub fn restore(&self) {
-        lock(&self.shared.faults).cut = false;
+        let mut f = lock(&self.shared.faults);
+        f.cut = false;
+        f.cut_to_target = false;
     }
 
     pub fn is_cut(&self) -> bool {
@@ -211,11 +232,20 @@ fn direction(
     out: Arc<UdpSocket>,
     dest: SocketAddr,
     stream: u64,
+    toward_target: bool,
 ) -> Direction {
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
-    shared.spawn(shaper(shared.clone(), rx, queued.clone(), out, dest));
+    shared.spawn(shaper(
+        shared.clone(),
+        rx,
+        queued.clone(),
+        out,
+        dest,
+        toward_target,
+    ));
     Direction {
+        toward_target,
         queue: tx,
         queued_bytes: queued,
         rng: Mutex::new(StdRng::seed_from_u64(
@@ -229,7 +259,7 @@ fn direction(
 fn admit(shared: &Shared, dir: &Direction, data: Vec<u8>) {
     let f = shared.faults();
     let c = &shared.counters;
-    if f.cut {
+    if f.cuts(dir.toward_target) {
         c.dropped_cut.fetch_add(1, Ordering::Relaxed);
         return;
     }
@@ -255,6 +285,7 @@ async fn shaper(
     queued: Arc<AtomicUsize>,
     out: Arc<UdpSocket>,
     dest: SocketAddr,
+    toward_target: bool,
 ) {
     let mut next_free = Instant::now();
     while let Some((at, data)) = rx.recv().await {
@@ -273,7 +304,8 @@ async fn shaper(
         queued.fetch_sub(data.len(), Ordering::Relaxed);
         // A cut also swallows what was already on the wire (including while this
         // datagram waited for its slot).
-        if faults.cut || (faults.rate_bytes_per_sec.is_some() && shared.faults().cut) {
+        let cut = |f: &Faults| f.cuts(toward_target);
+        if cut(&faults) || (faults.rate_bytes_per_sec.is_some() && cut(&shared.faults())) {
             shared.counters.dropped_cut.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -322,8 +354,8 @@ async fn new_link(
     let upstream = Arc::new(UdpSocket::bind(bind).await.ok()?);
     let n = lock(&shared.clients).len() as u64;
     let link = Arc::new(Link {
-        to_target: direction(shared, upstream.clone(), forward, 2 * n),
-        to_client: direction(shared, listen.clone(), client, 2 * n + 1),
+        to_target: direction(shared, upstream.clone(), forward, 2 * n, true),
+        to_client: direction(shared, listen.clone(), client, 2 * n + 1, false),
         upstream: upstream.clone(),
     });
     lock(&shared.clients).insert(client, link.clone());
@@ -403,6 +435,52 @@ mod tests {
             t.elapsed()
         );
         assert_eq!(proxy.stats().clients, 1);
+    }
+
+    #[tokio::test]
+    async fn a_one_way_cut_drops_only_what_the_client_sends() {
+        // The target counts what it hears, echoes it, and says whom it heard from,
+        // so it can also send on its own later, as a keep-alive.
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let target = s.local_addr().unwrap();
+        let heard = Arc::new(AtomicU64::new(0));
+        let counter = heard.clone();
+        let (to_client, mut keepalive) = mpsc::unbounded_channel::<SocketAddr>();
+        let s = Arc::new(s);
+        let s2 = s.clone();
+        let _h = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = s.send_to(&buf[..n], from).await;
+                let _ = to_client.send(from);
+            }
+        });
+        let proxy = LinkProxy::start("127.0.0.1:0".parse().unwrap(), target, 3)
+            .await
+            .unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let p = proxy.local_addr();
+        let long = Duration::from_secs(5);
+        assert_eq!(roundtrip(&client, p, b"a", long).await.unwrap(), b"a");
+        let upstream = keepalive.recv().await.unwrap();
+
+        proxy.cut_to_target();
+        let before = heard.load(Ordering::SeqCst);
+        let answered = roundtrip(&client, p, b"b", Duration::from_millis(100)).await;
+        assert_eq!(answered, None, "the request must not reach the target");
+        assert_eq!(heard.load(Ordering::SeqCst), before);
+        // The other way still works.
+        s2.send_to(b"alive", upstream).await.unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) = tokio::time::timeout(long, client.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"alive");
+
+        proxy.restore();
+        assert_eq!(roundtrip(&client, p, b"c", long).await.unwrap(), b"c");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! A call survives its network dying: two nodes on two networks, each path through a
 //! link proxy that can be cut (every datagram dropped, both ways, as a dead switch
-//! port does). A cut path is silent, so the call also goes out on the other path;
-//! the peer runs the request once however many copies reach it.
+//! port does, or only one way, as a failed transmitter does). A cut path is silent,
+//! so the call also goes out on the other path; the peer runs the request once
+//! however many copies reach it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -27,9 +28,13 @@ struct Pair {
 
 impl Pair {
     async fn start() -> Pair {
+        Pair::start_with(NetworkConfig::loopback()).await
+    }
+
+    async fn start_with(cfg: NetworkConfig) -> Pair {
         let ca = ClusterCa::generate("failover-test").unwrap();
-        let a = start_node(&ca, 1, &[1, 2], NetworkConfig::loopback()).await;
-        let b = start_node(&ca, 2, &[1, 2], NetworkConfig::loopback()).await;
+        let a = start_node(&ca, 1, &[1, 2], cfg.clone()).await;
+        let b = start_node(&ca, 2, &[1, 2], cfg).await;
         let b_addrs = b.local_addrs();
         let l1 = LinkProxy::start("127.1.0.99:0".parse().unwrap(), b_addrs[0], 1)
             .await
@@ -97,6 +102,49 @@ async fn a_call_whose_path_dies_in_flight_is_answered_on_the_other_and_runs_once
     assert_eq!(answer, 1u64.to_le_bytes(), "the first run's answer");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "ran once");
     assert!(p.a.stats().calls_hedged >= 1, "{:?}", p.a.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_whose_transmit_side_failed_is_left_although_the_peer_still_talks() {
+    // Idle timeouts longer than the call's deadline: neither side gives up on the
+    // half-dead connection during the test, so only the unacknowledged request can
+    // tell the caller to go elsewhere.
+    let p = Pair::start_with(NetworkConfig {
+        idle_timeout: 2 * T,
+        ..NetworkConfig::loopback()
+    })
+    .await;
+    let runs = Arc::new(AtomicU64::new(0));
+    register_count(
+        &p.b,
+        runs.clone(),
+        Arc::new(tokio::sync::watch::channel(false).0),
+    );
+    let addrs = p.addrs();
+    let n = p.a.call(2, &addrs, "count", Vec::new(), T).await.unwrap();
+    assert_eq!(n, 1u64.to_le_bytes());
+    let heard_before = p.b.stats().requests_served;
+    let before = p.a.stats();
+
+    // Node 1's datagrams on the first network vanish; node 2's keep-alives on it
+    // still arrive, so the path is not silent in the receive sense.
+    p.links[0].cut_to_target();
+    // A budget such as the blackout's: the call must leave the path within it, not
+    // wait for the peer's keep-alives to back off into silence (seconds).
+    let opts = CallOptions::new(Duration::from_secs(2));
+    let n =
+        p.a.call_with(2, &addrs, "count", Vec::new(), opts)
+            .await
+            .unwrap();
+    assert_eq!(n, 2u64.to_le_bytes(), "ran once, on the second network");
+    let a = p.a.stats();
+    // Unacknowledged, the request went out again on the other network at the hedge
+    // delay, once.
+    let hedged = a.calls_hedged - before.calls_hedged;
+    let failed_over = a.calls_failed_over - before.calls_failed_over;
+    assert_eq!((hedged, failed_over), (1, 0), "{a:?}");
+    assert_eq!(p.b.stats().requests_served, heard_before + 1);
+    assert_eq!(p.b.stats().duplicate_requests, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,13 +2,16 @@
 //! networks answers.
 //!
 //! A call goes out on the peer's best path (networks that failed or were slow recently
-//! go last). When that path errors, or falls silent — nothing at all received from the
-//! peer on it (not even QUIC's acknowledgement of the request) for the call's hedge
-//! delay — the same request (same id) also goes out on the next path, and the first
-//! answer wins. A path that dies silently, which looks like a slow peer until QUIC's
-//! idle timeout, therefore costs one hedge delay, not the call's whole deadline; a
-//! handler that merely takes long keeps its path, whose peer keeps acknowledging. The
-//! peer runs the request once however many copies reach it (`replies`).
+//! go last). When that path errors, or falls silent for the call's hedge delay, the
+//! same request (same id) also goes out on the next path, and the first answer wins.
+//! Silent means: the peer has not acknowledged the request, or, once it has, nothing
+//! at all has been received from it since. The first catches a path that only the
+//! peer's packets still cross (our transmit side failed: its keep-alives keep coming,
+//! our request never arrives); the second a path that died after the request got
+//! through. A path that dies silently, which looks like a slow peer until QUIC's idle
+//! timeout, therefore costs one hedge delay, not the call's whole deadline; a handler
+//! that merely takes long keeps its path, whose peer keeps acknowledging. The peer
+//! runs the request once however many copies reach it (`replies`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -237,6 +240,11 @@ impl RpcNode {
                 .await
                 .map_err(|e| e.into_rpc(peer))?;
             send.finish().map_err(|e| RpcError::Closed(e.to_string()))?;
+            // Resolves once the peer has acknowledged the whole request (or refused
+            // the stream); either way it got through.
+            let delivered = send.stopped();
+            tokio::pin!(delivered);
+            let mut got_through = false;
             let answer = expect_frame(
                 &mut recv,
                 self.cfg.max_frame_bytes,
@@ -244,15 +252,17 @@ impl RpcNode {
                 "response",
             );
             tokio::pin!(answer);
-            // Life on the path: anything received from the peer. It acknowledges the
-            // request within a round trip and sends keep-alives while it works.
+            // Life on the path: the request acknowledged within a round trip (plus
+            // QUIC's ack delay), then anything received from the peer, which sends
+            // keep-alives while it works.
             let mut received = conn.stats().udp_rx.datagrams;
             let body = loop {
                 tokio::select! {
                     body = &mut answer => break body,
+                    _ = &mut delivered, if !got_through => got_through = true,
                     _ = tokio::time::sleep(hedge_after) => {
                         let now = conn.stats().udp_rx.datagrams;
-                        if now == received {
+                        if !got_through || now == received {
                             // Silent for long enough to be dead, not merely between
                             // keep-alives: no call waits on this connection again;
                             // this one still takes an answer should it come.
