@@ -27,9 +27,10 @@ pub const DOWNTIME_LIMIT_MS: RangeInclusive<u32> = 1..=u32::MAX;
 pub const MAX_MIGRATIONS_PER_NODE: RangeInclusive<u32> = 1..=u32::MAX;
 /// `SettingsPatch::bandwidth_cap_bytes_per_sec` (`null`: no cap).
 pub const BANDWIDTH_CAP_BYTES_PER_SEC: RangeInclusive<u64> = 1..=u64::MAX;
-/// `Append::record`, in characters (at most 16 KiB of UTF-8, so any record
-/// fits the 64 KiB body limit even with every character escaped).
-pub const RECORD_MAX_CHARS: usize = 4096;
+/// `Append::record`, in characters, as JSON Schema counts a string: the
+/// guest's service takes records of at most [`ferry_vmm::service::MAX_RECORD`]
+/// bytes, and a character is at most 4 bytes of UTF-8.
+pub const RECORD_MAX_CHARS: usize = ferry_vmm::service::MAX_RECORD / 4;
 
 /// Every bounded integer field of a request body: (schema, field, min, max).
 /// The OpenAPI check walks this list; validation uses the constants above.

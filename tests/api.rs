@@ -361,7 +361,10 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     ] {
         expect_error(&api, "POST", "/api/vms", Some(body), 400, "invalid_value");
     }
-    let long = format!("{{\"record\": \"{}\"}}", "r".repeat(4097));
+    let long = format!(
+        "{{\"record\": \"{}\"}}",
+        "r".repeat(ferry::requests::RECORD_MAX_CHARS + 1)
+    );
     expect_error(
         &api,
         "POST",
@@ -453,6 +456,16 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
 
     // None of that reached the cluster store.
     assert_eq!(applied(&api), before, "a refused request changed the store");
+
+    // The longest record the document allows, in the widest characters,
+    // is one the guest's service takes.
+    let widest = "\u{1F600}".repeat(ferry::requests::RECORD_MAX_CHARS);
+    expect_ok(
+        &api,
+        "POST",
+        "/api/vms/web-1/append",
+        Some(serde_json::json!({ "record": widest })),
+    );
 
     // Refusals by the store keep the store's name for them.
     expect_error(
