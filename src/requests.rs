@@ -519,6 +519,11 @@ mod tests {
         let p: SettingsPatch = serde_json::from_str("{}").unwrap();
         assert_eq!(p.bandwidth_cap_bytes_per_sec, None);
         assert!(serde_json::from_str::<SettingsPatch>(r#"{"downtime": 3}"#).is_err());
+        // An optional field is a value or absent; null is refused, and what
+        // the CLI sends leaves absent fields out.
+        assert!(serde_json::from_str::<MoveVm>(r#"{"target": null}"#).is_err());
+        let sent = serde_json::to_value(CreateVm::new("web-1")).unwrap();
+        assert!(sent.get("node").is_none() && sent.get("pattern").is_none());
         let c: CreateVm = serde_json::from_str(r#"{"name": "web-1"}"#).unwrap();
         assert!(c.start && c.memory_mib == 64);
         assert!(check_name("VM", "web-1").is_ok());
