@@ -15,7 +15,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 venv="${FERRY_CONTRACT_VENV:-/tmp/ferry-schemathesis}"
 seed="${FERRY_CONTRACT_SEED:-21}"
-examples="${FERRY_CONTRACT_EXAMPLES:-40}"
+examples="${FERRY_CONTRACT_EXAMPLES:-50}"
 
 if [ ! -x "$venv/bin/st" ] || [ ! -x "$venv/bin/openapi-python-client" ]; then
   python3 -m venv "$venv"
