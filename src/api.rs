@@ -15,13 +15,13 @@
 use crate::error::ApiError;
 use crate::events::Event;
 use crate::node::Node;
-use crate::requests;
+use crate::requests::{self, Request};
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Service, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -87,7 +87,7 @@ fn ok<T: Serialize>(value: T) -> ApiResult {
 
 /// Reads a JSON body. An empty body reads as `{}` (every field optional
 /// where the request has optional fields).
-async fn body<T: DeserializeOwned>(payload: web::Payload) -> Result<T, ApiError> {
+async fn body<T: Request>(payload: web::Payload) -> Result<T, ApiError> {
     let bytes = payload
         .to_bytes_limited(BODY_LIMIT)
         .await
@@ -102,21 +102,47 @@ async fn body<T: DeserializeOwned>(payload: web::Payload) -> Result<T, ApiError>
     parse_json(&bytes)
 }
 
-/// Parses a request body: JSON that is not JSON is `malformed_json`; JSON
-/// of the wrong shape is `invalid_request`.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// Parses and checks a request body: JSON that is not JSON is
+/// `malformed_json`; JSON that is not an object (an array, `null`, a number),
+/// or an object of the wrong shape, is `invalid_request`; a field whose value
+/// is out of its bounds is `invalid_value` or `invalid_name`
+/// ([`Request::validate`]).
+pub fn parse_json<T: Request>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         b"{}"
     } else {
         bytes
     };
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::bad_request("invalid_request", e.to_string()),
-            _ => ApiError::bad_request("malformed_json", format!("the body is not JSON: {e}")),
-        }
-    })
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request("malformed_json", format!("the body is not JSON: {e}"))
+    })?;
+    if !value.is_object() {
+        // serde would read an array as a struct's fields in order; a body
+        // is an object with named fields, nothing else.
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!(
+                "the body must be a JSON object ({}), not {}",
+                T::SCHEMA,
+                json_kind(&value)
+            ),
+        ));
+    }
+    let req = serde_json::from_value::<T>(value)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?;
+    req.validate()?;
+    Ok(req)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 fn tip_id(s: &str) -> Result<u64, ApiError> {
@@ -218,7 +244,7 @@ async fn vm_stop(
     name: web::Path<String>,
     payload: web::Payload,
 ) -> ApiResult {
-    let _: serde_json::Map<String, serde_json::Value> = body(payload).await?;
+    let _: requests::Empty = body(payload).await?;
     let n = node.get_ref().clone();
     ok(node.run_here(async move { n.stop_vm(&name).await }).await?)
 }
@@ -241,7 +267,7 @@ async fn vm_cancel(
     name: web::Path<String>,
     payload: web::Payload,
 ) -> ApiResult {
-    let _: serde_json::Map<String, serde_json::Value> = body(payload).await?;
+    let _: requests::Empty = body(payload).await?;
     let n = node.get_ref().clone();
     let vm = name.clone();
     node.run_here(async move { n.cancel_move(&vm).await })
@@ -307,7 +333,7 @@ async fn tip_resolve(
     accept: bool,
     payload: web::Payload,
 ) -> ApiResult {
-    let _: serde_json::Map<String, serde_json::Value> = body(payload).await?;
+    let _: requests::Empty = body(payload).await?;
     let id = tip_id(&id)?;
     let n = node.get_ref().clone();
     ok(node
@@ -431,12 +457,22 @@ async fn not_found(req: HttpRequest) -> ApiResult {
     ))
 }
 
-async fn method_not_allowed(req: HttpRequest) -> ApiResult {
-    Err(ApiError::new(
+/// 405, with the `Allow` header HTTP requires: the methods `path` has.
+fn method_not_allowed(req: &HttpRequest, allow: &str) -> HttpResponse {
+    let mut res = ApiError::new(
         405,
         "method_not_allowed",
-        format!("{} is not allowed on {}", req.method(), req.path()),
-    ))
+        format!(
+            "{} is not allowed on {}; allowed: {allow}",
+            req.method(),
+            req.path()
+        ),
+    )
+    .error_response();
+    if let Ok(v) = HeaderValue::from_str(allow) {
+        res.headers_mut().insert(header::ALLOW, v);
+    }
+    res
 }
 
 fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
@@ -471,52 +507,84 @@ fn authorized(req: &actix_web::dev::ServiceRequest, token: &str) -> bool {
     })
 }
 
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(method_not_allowed))
+/// The methods of `path` in [`ROUTES`], as an `Allow` header: `GET, POST`.
+pub fn allowed_methods(path: &str) -> String {
+    ROUTES
+        .iter()
+        .filter(|(_, p)| *p == path)
+        .map(|(m, _)| m.to_ascii_uppercase())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-/// Registers the API's and the dashboard's routes.
+/// A resource whose other methods are answered 405 with `Allow: <allow>`.
+fn resource(path: &str, allow: String) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move |req: HttpRequest| {
+        let res = method_not_allowed(&req, &allow);
+        async move { res }
+    }))
+}
+
+/// The handler of one entry of [`ROUTES`]; `None` for a route it lacks (a
+/// test checks there is none).
+fn handler(method: &str, path: &str) -> Option<actix_web::Route> {
+    let route = match (method, path) {
+        ("get", "/api/status") => web::get().to(status),
+        ("get", "/api/nodes") => web::get().to(nodes),
+        ("get", "/api/nodes/{node}") => web::get().to(node_get),
+        ("post", "/api/nodes/{node}/pause") => web::post().to(node_pause),
+        ("post", "/api/nodes/{node}/resume") => web::post().to(node_resume),
+        ("get", "/api/vms") => web::get().to(vms),
+        ("post", "/api/vms") => web::post().to(vm_create),
+        ("get", "/api/vms/{vm}") => web::get().to(vm_get),
+        ("patch", "/api/vms/{vm}") => web::patch().to(vm_patch),
+        ("delete", "/api/vms/{vm}") => web::delete().to(vm_delete),
+        ("post", "/api/vms/{vm}/start") => web::post().to(vm_start),
+        ("post", "/api/vms/{vm}/stop") => web::post().to(vm_stop),
+        ("post", "/api/vms/{vm}/move") => web::post().to(vm_move),
+        ("post", "/api/vms/{vm}/cancel") => web::post().to(vm_cancel),
+        ("get", "/api/vms/{vm}/estimate") => web::get().to(vm_estimate),
+        ("post", "/api/vms/{vm}/append") => web::post().to(vm_append),
+        ("get", "/api/networks") => web::get().to(networks),
+        ("put", "/api/networks/order") => web::put().to(network_order),
+        ("patch", "/api/networks/{network}") => web::patch().to(network_patch),
+        ("get", "/api/migrations") => web::get().to(migrations),
+        ("get", "/api/migrations/{id}") => web::get().to(migration_get),
+        ("get", "/api/tips") => web::get().to(tips),
+        ("post", "/api/tips/{id}/accept") => web::post().to(tip_accept),
+        ("post", "/api/tips/{id}/dismiss") => web::post().to(tip_dismiss),
+        ("get", "/api/settings") => web::get().to(settings),
+        ("patch", "/api/settings") => web::patch().to(settings_patch),
+        ("get", "/api/events") => web::get().to(events),
+        ("get", "/api/openapi.json") => web::get().to(openapi),
+        ("get", "/metrics") => web::get().to(metrics),
+        _ => return None,
+    };
+    Some(route)
+}
+
+/// Registers the API's routes (from [`ROUTES`], in its order: a fixed path
+/// such as `/api/networks/order` comes before `/api/networks/{network}`) and
+/// the dashboard's.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/").route(web::get().to(dashboard)))
-        .service(resource("/metrics").route(web::get().to(metrics)))
-        .service(resource("/api/openapi.json").route(web::get().to(openapi)))
-        .service(resource("/api/status").route(web::get().to(status)))
-        .service(resource("/api/events").route(web::get().to(events)))
-        .service(resource("/api/nodes").route(web::get().to(nodes)))
-        .service(resource("/api/nodes/{node}").route(web::get().to(node_get)))
-        .service(resource("/api/nodes/{node}/pause").route(web::post().to(node_pause)))
-        .service(resource("/api/nodes/{node}/resume").route(web::post().to(node_resume)))
-        .service(
-            resource("/api/vms")
-                .route(web::get().to(vms))
-                .route(web::post().to(vm_create)),
-        )
-        .service(
-            resource("/api/vms/{vm}")
-                .route(web::get().to(vm_get))
-                .route(web::patch().to(vm_patch))
-                .route(web::delete().to(vm_delete)),
-        )
-        .service(resource("/api/vms/{vm}/start").route(web::post().to(vm_start)))
-        .service(resource("/api/vms/{vm}/stop").route(web::post().to(vm_stop)))
-        .service(resource("/api/vms/{vm}/move").route(web::post().to(vm_move)))
-        .service(resource("/api/vms/{vm}/cancel").route(web::post().to(vm_cancel)))
-        .service(resource("/api/vms/{vm}/estimate").route(web::get().to(vm_estimate)))
-        .service(resource("/api/vms/{vm}/append").route(web::post().to(vm_append)))
-        .service(resource("/api/networks").route(web::get().to(networks)))
-        .service(resource("/api/networks/order").route(web::put().to(network_order)))
-        .service(resource("/api/networks/{network}").route(web::patch().to(network_patch)))
-        .service(resource("/api/migrations").route(web::get().to(migrations)))
-        .service(resource("/api/migrations/{id}").route(web::get().to(migration_get)))
-        .service(resource("/api/tips").route(web::get().to(tips)))
-        .service(resource("/api/tips/{id}/accept").route(web::post().to(tip_accept)))
-        .service(resource("/api/tips/{id}/dismiss").route(web::post().to(tip_dismiss)))
-        .service(
-            resource("/api/settings")
-                .route(web::get().to(settings))
-                .route(web::patch().to(settings_patch)),
-        )
-        .default_service(web::to(not_found));
+    cfg.service(resource("/", "GET".into()).route(web::get().to(dashboard)));
+    let mut paths: Vec<&str> = Vec::new();
+    for (_, path) in ROUTES {
+        if !paths.contains(path) {
+            paths.push(path);
+        }
+    }
+    for path in paths {
+        let mut r = resource(path, allowed_methods(path));
+        for (method, _) in ROUTES.iter().filter(|(_, p)| *p == path) {
+            match handler(method, path) {
+                Some(h) => r = r.route(h),
+                None => tracing::error!("no handler for {method} {path}"),
+            }
+        }
+        cfg.service(r);
+    }
+    cfg.default_service(web::to(not_found));
 }
 
 /// The API server of `node`, bound to the configured address and not yet
@@ -574,27 +642,302 @@ pub fn server(node: &Node) -> std::io::Result<actix_web::dev::Server> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
+    use std::collections::BTreeSet;
 
-    #[test]
-    fn openapi_document_describes_every_route() {
-        let doc: serde_json::Value = match serde_json::from_str(OPENAPI_JSON) {
+    fn doc() -> Value {
+        match serde_json::from_str(OPENAPI_JSON) {
             Ok(d) => d,
             Err(e) => panic!("openapi.json is not JSON: {e}"),
-        };
+        }
+    }
+
+    #[test]
+    fn openapi_document_describes_every_route_and_only_those() {
+        let doc = doc();
         assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+        let mut declared = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for (method, op) in item.as_object().into_iter().flatten() {
+                declared.insert((method.clone(), path.clone()));
+                let id = op["operationId"].as_str().unwrap_or_default().to_string();
+                assert!(!id.is_empty(), "{method} {path} has no operationId");
+                assert!(ids.insert(id), "{method} {path}: operationId used twice");
+            }
+        }
+        let routes: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(declared, routes, "openapi.json and ROUTES disagree");
         for (method, path) in ROUTES {
             assert!(
-                doc["paths"][path][method].is_object(),
-                "openapi.json lacks {method} {path}"
+                handler(method, path).is_some(),
+                "no handler for {method} {path}"
             );
         }
-        let paths = doc["paths"].as_object().map(|p| p.len()).unwrap_or(0);
-        let distinct: std::collections::BTreeSet<&str> = ROUTES.iter().map(|r| r.1).collect();
+        assert_eq!(allowed_methods("/api/vms/{vm}"), "GET, PATCH, DELETE");
+        assert_eq!(allowed_methods("/api/networks/order"), "PUT");
+    }
+
+    /// The names of `T`'s fields, from serde's own refusal of an unknown one.
+    fn fields_of<T: Request>() -> BTreeSet<String> {
+        let e = match serde_json::from_value::<T>(json!({ "\u{1}": 0 })) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{} accepts unknown fields", T::SCHEMA),
+        };
+        if e.contains("there are no fields") {
+            return BTreeSet::new();
+        }
+        let Some((_, expected)) = e.split_once("expected") else {
+            panic!("{}: unexpected serde error {e}", T::SCHEMA)
+        };
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A value `schema` accepts, the simplest one.
+    fn sample(schema: &Value) -> Value {
+        if let Some(d) = schema.get("default") {
+            return d.clone();
+        }
+        if let Some(e) = schema["enum"].get(0) {
+            return e.clone();
+        }
+        if let Some(first) = schema["anyOf"].get(0) {
+            return sample(first);
+        }
+        match schema["type"].as_str() {
+            Some("integer") => schema["minimum"].clone(),
+            Some("boolean") => json!(false),
+            Some("array") => json!([]),
+            Some("string") if schema["format"] == "ipv4" => json!("10.0.0.1"),
+            Some("string") if schema["format"] == "ipv6" => json!("fd00::1"),
+            Some("string") => json!("a"),
+            other => panic!("no sample for {other:?}: {schema}"),
+        }
+    }
+
+    fn code_of<T: Request>(body: &Value) -> Option<String> {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        parse_json::<T>(&bytes).err().map(|e| {
+            assert_eq!(e.status, 400, "{}: {body}: {e}", T::SCHEMA);
+            e.code
+        })
+    }
+
+    /// The document's schema of `T` against what the server does with
+    /// bodies: the same fields, the same required ones, and every bound,
+    /// enum and length it declares is the one the server checks.
+    fn check_request<T: Request>() {
+        let doc = doc();
+        let schema = &doc["components"]["schemas"][T::SCHEMA];
+        let name = T::SCHEMA;
+        assert_eq!(schema["type"], "object", "{name}");
+        assert_eq!(schema["additionalProperties"], false, "{name}");
+        let empty = serde_json::Map::new();
+        let props = schema["properties"].as_object().unwrap_or(&empty);
+        let declared: BTreeSet<String> = props.keys().cloned().collect();
+        assert_eq!(declared, fields_of::<T>(), "{name}: properties != fields");
+        let required: BTreeSet<String> = schema["required"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(str::to_string))
+            .collect();
+
+        // The required fields, and only they, make a body.
+        let minimal: serde_json::Map<String, Value> = props
+            .iter()
+            .filter(|(k, _)| required.contains(*k))
+            .map(|(k, v)| (k.clone(), sample(v)))
+            .collect();
+        let body = Value::Object(minimal.clone());
+        assert_eq!(code_of::<T>(&body), None, "{name}: {body}");
+        for r in &required {
+            let mut without = minimal.clone();
+            without.remove(r);
+            let e = parse_json::<T>(&serde_json::to_vec(&without).unwrap_or_default()).err();
+            assert!(
+                e.is_some_and(|e| e.code == "invalid_request" && e.message.contains(r.as_str())),
+                "{name}: {r} is required"
+            );
+        }
+        // Every optional field alone, with its sample, is accepted.
+        for (k, v) in props {
+            let mut with = minimal.clone();
+            with.insert(k.clone(), sample(v));
+            assert_eq!(code_of::<T>(&Value::Object(with)), None, "{name}.{k}");
+        }
+        let with = |k: &str, v: Value| {
+            let mut b = minimal.clone();
+            b.insert(k.into(), v);
+            Value::Object(b)
+        };
+
+        // Bounds: declared exactly where the server has one, and the same.
+        for (k, p) in props {
+            let int = p["type"] == "integer";
+            let bound = requests::INTEGER_BOUNDS
+                .iter()
+                .find(|(s, f, _, _)| *s == name && f == k);
+            assert_eq!(int, bound.is_some(), "{name}.{k}: integer without a bound");
+            if let Some((_, _, min, max)) = bound {
+                assert_eq!(p["minimum"].as_u64(), Some(*min), "{name}.{k} minimum");
+                assert_eq!(p["maximum"].as_u64(), Some(*max), "{name}.{k} maximum");
+                assert_eq!(code_of::<T>(&with(k, json!(min))), None, "{name}.{k}={min}");
+                assert_eq!(code_of::<T>(&with(k, json!(max))), None, "{name}.{k}={max}");
+                let below = json!(i128::from(*min) - 1);
+                assert!(code_of::<T>(&with(k, below)).is_some(), "{name}.{k} < min");
+                let above: Value = match serde_json::from_str(&(u128::from(*max) + 1).to_string()) {
+                    Ok(v) => v,
+                    Err(e) => panic!("{e}"),
+                };
+                assert!(code_of::<T>(&with(k, above)).is_some(), "{name}.{k} > max");
+            }
+            let values = requests::ENUMS
+                .iter()
+                .find(|(s, f, _)| *s == name && f == k)
+                .map(|e| e.2);
+            let listed: Option<Vec<&str>> = p["enum"]
+                .as_array()
+                .map(|e| e.iter().filter_map(Value::as_str).collect());
+            assert_eq!(listed.as_deref(), values, "{name}.{k} enum");
+            if values.is_some() {
+                let code = code_of::<T>(&with(k, json!("bogus")));
+                assert_eq!(code.as_deref(), Some("invalid_value"), "{name}.{k}");
+            }
+            let longest = requests::MAX_CHARS
+                .iter()
+                .find(|(s, f, _)| *s == name && f == k)
+                .map(|m| m.2);
+            assert_eq!(
+                p["maxLength"].as_u64(),
+                longest.map(|n| n as u64),
+                "{name}.{k} maxLength"
+            );
+            if let Some(n) = longest {
+                assert_eq!(
+                    code_of::<T>(&with(k, json!("a".repeat(n)))),
+                    None,
+                    "{name}.{k}"
+                );
+                if !p["pattern"].is_string() {
+                    // Characters, not bytes, as JSON Schema counts them.
+                    assert_eq!(code_of::<T>(&with(k, json!("é".repeat(n)))), None);
+                }
+                assert!(code_of::<T>(&with(k, json!("a".repeat(n + 1)))).is_some());
+            }
+            if p["pattern"].is_string() {
+                assert_eq!(p["pattern"], requests::NAME_PATTERN, "{name}.{k}");
+                for bad in ["-a", "a b", "a/b", ""] {
+                    assert!(
+                        code_of::<T>(&with(k, json!(bad))).is_some(),
+                        "{name}.{k}={bad:?}"
+                    );
+                }
+            }
+            if p["type"] == "string" && !p["enum"].is_array() && !p["pattern"].is_string() {
+                // A free string: any one is the server's to resolve (404), not a 400.
+                assert_eq!(
+                    code_of::<T>(&with(k, json!("\u{0}x y"))),
+                    None,
+                    "{name}.{k}"
+                );
+            }
+            // null is a value only where the document says so.
+            let null = code_of::<T>(&with(k, Value::Null));
+            if p["nullable"] == true {
+                assert_eq!(null, None, "{name}.{k}=null");
+            } else {
+                assert_eq!(null.as_deref(), Some("invalid_request"), "{name}.{k}=null");
+            }
+        }
+        // Anything but an object, and an unknown field, is invalid_request.
+        for bad in [
+            json!([null, null]),
+            json!(null),
+            json!(3),
+            json!("x"),
+            json!(true),
+            json!([]),
+        ] {
+            assert_eq!(
+                code_of::<T>(&bad).as_deref(),
+                Some("invalid_request"),
+                "{name}: {bad}"
+            );
+        }
         assert_eq!(
-            paths,
-            distinct.len(),
-            "openapi.json has paths the API lacks"
+            code_of::<T>(&with("zzz", json!(1))).as_deref(),
+            Some("invalid_request")
         );
+    }
+
+    #[test]
+    fn request_schemas_match_what_the_server_accepts() {
+        check_request::<requests::CreateVm>();
+        check_request::<requests::StartVm>();
+        check_request::<requests::VmPatch>();
+        check_request::<requests::MoveVm>();
+        check_request::<requests::Append>();
+        check_request::<requests::PauseNode>();
+        check_request::<requests::ResumeNode>();
+        check_request::<requests::NetworkPatch>();
+        check_request::<requests::NetworkOrder>();
+        check_request::<requests::SettingsPatch>();
+        check_request::<requests::Empty>();
+        // Every schema the document gives a body is one of those.
+        let doc = doc();
+        let checked = [
+            "CreateVm",
+            "StartVm",
+            "VmPatch",
+            "MoveVm",
+            "Append",
+            "PauseNode",
+            "ResumeNode",
+            "NetworkPatch",
+            "NetworkOrder",
+            "SettingsPatch",
+            "Empty",
+        ];
+        for (method, path) in ROUTES {
+            let body = &doc["paths"][path][method]["requestBody"];
+            if body.is_null() {
+                continue;
+            }
+            let r = body["content"]["application/json"]["schema"]["$ref"]
+                .as_str()
+                .unwrap_or_default();
+            let schema = r.trim_start_matches("#/components/schemas/");
+            assert!(
+                checked.contains(&schema),
+                "{method} {path}: body {r} unchecked"
+            );
+        }
+        // Each bound and enum names a property the document has.
+        for (s, f, _, _) in requests::INTEGER_BOUNDS {
+            assert!(
+                doc["components"]["schemas"][s]["properties"][f].is_object(),
+                "{s}.{f}"
+            );
+        }
+        for (s, f, _) in requests::ENUMS {
+            assert!(
+                doc["components"]["schemas"][s]["properties"][f].is_object(),
+                "{s}.{f}"
+            );
+        }
+        // The gateway is an address or null.
+        let gw = |g: Value| code_of::<requests::NetworkPatch>(&json!({ "gateway": g }));
+        assert_eq!(gw(json!("fd00::1")), None);
+        assert_eq!(gw(json!("false")).as_deref(), Some("invalid_value"));
     }
 
     #[test]
@@ -604,6 +947,8 @@ mod tests {
         let e = parse_json::<requests::MoveVm>(br#"{"target": 3}"#).err();
         assert_eq!(e.map(|e| e.code), Some("invalid_request".into()));
         let e = parse_json::<requests::MoveVm>(br#"{"tagret": "node-2"}"#).err();
+        assert_eq!(e.map(|e| e.code), Some("invalid_request".into()));
+        let e = parse_json::<requests::SettingsPatch>(b"[null, null]").err();
         assert_eq!(e.map(|e| e.code), Some("invalid_request".into()));
         assert!(parse_json::<requests::MoveVm>(b"").is_ok());
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"ab", b"abc"));

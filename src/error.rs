@@ -12,11 +12,11 @@
 //! |---|---|---|
 //! | `unauthorized` | 401 | no token, or the wrong one |
 //! | `malformed_json` | 400 | the body is not JSON |
-//! | `invalid_request` | 400 | JSON of the wrong shape: missing, unknown or mistyped fields |
+//! | `invalid_request` | 400 | JSON of the wrong shape: not an object, or missing, unknown, mistyped or `null` fields |
 //! | `invalid_name` / `invalid_value` | 400 | a field's value is not acceptable |
 //! | `payload_too_large` | 413 | a body over 64 KiB |
 //! | `not_found` | 404 | no such route |
-//! | `method_not_allowed` | 405 | the route exists, not with this method |
+//! | `method_not_allowed` | 405 | the route exists, not with this method (`Allow` names its methods) |
 //! | `unknown_vm`, `unknown_node`, `unknown_network`, `unknown_migration`, `unknown_tip` | 404 | the named thing does not exist |
 //! | `no_eligible_target` | 409 | a move without a target found no node to take the VM |
 //! | `not_migrating` | 409 | cancel, and no move of that VM is under way |

@@ -1,8 +1,154 @@
 //! The bodies of the API's write requests, shared by the HTTP API, the CLI
 //! and the library. Unknown fields are refused, so a misspelt option is an
 //! error, not a silent default.
+//!
+//! The limits a body is checked against ([`Request::validate`]) are the
+//! constants below. The OpenAPI document (`src/web/openapi.json`) states the
+//! same limits as `minimum`/`maximum`, `maxLength`, `pattern` and `enum`, and
+//! a test in `src/api.rs` fails when the two disagree.
 
+use crate::ApiError;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt::Display;
+use std::ops::RangeInclusive;
+
+/// `CreateVm::memory_mib`.
+pub const MEMORY_MIB: RangeInclusive<u64> = 8..=64 * 1024;
+/// `CreateVm::vcpus`.
+pub const VCPUS: RangeInclusive<u32> = 1..=64;
+/// `CreateVm::dirty_pages_per_sec`.
+pub const DIRTY_PAGES_PER_SEC: RangeInclusive<u64> = 0..=10_000_000;
+/// `CreateVm::tcp_connections` (the guest opens them all at boot).
+pub const TCP_CONNECTIONS: RangeInclusive<u32> = 0..=65_535;
+/// `SettingsPatch::downtime_limit_ms`.
+pub const DOWNTIME_LIMIT_MS: RangeInclusive<u32> = 1..=u32::MAX;
+/// `SettingsPatch::max_migrations_per_node`.
+pub const MAX_MIGRATIONS_PER_NODE: RangeInclusive<u32> = 1..=u32::MAX;
+/// `SettingsPatch::bandwidth_cap_bytes_per_sec` (`null`: no cap).
+pub const BANDWIDTH_CAP_BYTES_PER_SEC: RangeInclusive<u64> = 1..=u64::MAX;
+/// `Append::record`, in characters, as JSON Schema counts a string: the
+/// guest's service takes records of at most [`ferry_vmm::service::MAX_RECORD`]
+/// bytes, and a character is at most 4 bytes of UTF-8.
+pub const RECORD_MAX_CHARS: usize = ferry_vmm::service::MAX_RECORD / 4;
+
+/// Every bounded integer field of a request body: (schema, field, min, max).
+/// The OpenAPI check walks this list; validation uses the constants above.
+pub const INTEGER_BOUNDS: &[(&str, &str, u64, u64)] = &[
+    (
+        "CreateVm",
+        "memory_mib",
+        *MEMORY_MIB.start(),
+        *MEMORY_MIB.end(),
+    ),
+    (
+        "CreateVm",
+        "vcpus",
+        *VCPUS.start() as u64,
+        *VCPUS.end() as u64,
+    ),
+    (
+        "CreateVm",
+        "dirty_pages_per_sec",
+        *DIRTY_PAGES_PER_SEC.start(),
+        *DIRTY_PAGES_PER_SEC.end(),
+    ),
+    (
+        "CreateVm",
+        "tcp_connections",
+        *TCP_CONNECTIONS.start() as u64,
+        *TCP_CONNECTIONS.end() as u64,
+    ),
+    (
+        "SettingsPatch",
+        "downtime_limit_ms",
+        *DOWNTIME_LIMIT_MS.start() as u64,
+        *DOWNTIME_LIMIT_MS.end() as u64,
+    ),
+    (
+        "SettingsPatch",
+        "max_migrations_per_node",
+        *MAX_MIGRATIONS_PER_NODE.start() as u64,
+        *MAX_MIGRATIONS_PER_NODE.end() as u64,
+    ),
+    (
+        "SettingsPatch",
+        "bandwidth_cap_bytes_per_sec",
+        *BANDWIDTH_CAP_BYTES_PER_SEC.start(),
+        *BANDWIDTH_CAP_BYTES_PER_SEC.end(),
+    ),
+];
+
+/// `CreateVm::pattern`.
+pub const PATTERNS: &[&str] = &["uniform", "hot_set", "sequential"];
+/// `CreateVm::storage`.
+pub const STORAGES: &[&str] = &["shared", "local"];
+/// `CreateVm::backend`.
+pub const BACKENDS: &[&str] = &["sim", "kvm"];
+/// `NetworkPatch::migration`.
+pub const MIGRATION_USES: &[&str] = &["default", "allow", "forbid"];
+/// `SettingsPatch::pro_tip_mode`.
+pub const TIP_MODES: &[&str] = &["off", "manual", "automatic"];
+
+/// Every string field with a fixed set of values: (schema, field, values).
+pub const ENUMS: &[(&str, &str, &[&str])] = &[
+    ("CreateVm", "pattern", PATTERNS),
+    ("CreateVm", "storage", STORAGES),
+    ("CreateVm", "backend", BACKENDS),
+    ("NetworkPatch", "migration", MIGRATION_USES),
+    ("SettingsPatch", "pro_tip_mode", TIP_MODES),
+];
+
+/// Longest name a VM may have (see [`check_name`]).
+pub const NAME_MAX_LEN: usize = 63;
+/// [`check_name`]'s rule as a regular expression (for the OpenAPI document).
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]*$";
+
+/// Every string field with a longest length, in characters: (schema, field, max).
+pub const MAX_CHARS: &[(&str, &str, usize)] = &[
+    ("CreateVm", "name", NAME_MAX_LEN),
+    ("Append", "record", RECORD_MAX_CHARS),
+];
+
+/// A request body: parsed by [`crate::api::parse_json`] and then checked by
+/// [`Request::validate`] (every check that needs no read of the store), so
+/// the API and the library refuse the same bodies with the same error.
+pub trait Request: DeserializeOwned {
+    /// Its schema in the OpenAPI document, `#/components/schemas/<SCHEMA>`.
+    const SCHEMA: &'static str;
+
+    fn validate(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+}
+
+fn in_range<T: PartialOrd + Display>(
+    field: &str,
+    value: &T,
+    range: &RangeInclusive<T>,
+) -> Result<(), ApiError> {
+    if range.contains(value) {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "invalid_value",
+        format!(
+            "{field} must be between {} and {}, not {value}",
+            range.start(),
+            range.end()
+        ),
+    ))
+}
+
+fn one_of(field: &str, value: Option<&str>, values: &[&str]) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !values.contains(&v) => Err(ApiError::bad_request(
+            "invalid_value",
+            format!("{field} {v:?} is not one of {}", values.join(", ")),
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// `POST /api/vms`: define a simulated VM and (by default) start it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -10,7 +156,11 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub struct CreateVm {
     pub name: String,
     /// Node name or id; default: the answering node.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub node: Option<String>,
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
@@ -20,15 +170,27 @@ pub struct CreateVm {
     #[serde(default)]
     pub dirty_pages_per_sec: u64,
     /// `uniform`, `hot_set` (80% of writes to 10% of pages) or `sequential`.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pattern: Option<String>,
     /// `shared` (a cluster-shared volume, the default) or `local` (the disk
     /// moves with the VM).
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub storage: Option<String>,
     /// `sim` (a simulated guest, the default) or `kvm` (a real KVM guest; refused
     /// by nodes without usable KVM).
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend: Option<String>,
     #[serde(default)]
     pub processor_compatibility: bool,
@@ -73,7 +235,11 @@ impl CreateVm {
 #[serde(deny_unknown_fields)]
 pub struct StartVm {
     /// Node name or id; default: the VM's owner.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub node: Option<String>,
 }
 
@@ -82,7 +248,11 @@ pub struct StartVm {
 #[serde(deny_unknown_fields)]
 pub struct VmPatch {
     /// Start with the cluster's common CPU baseline (only while the VM is off).
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub processor_compatibility: Option<bool>,
 }
 
@@ -91,7 +261,11 @@ pub struct VmPatch {
 #[serde(deny_unknown_fields)]
 pub struct MoveVm {
     /// Node name or id; default: chosen by placement.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub target: Option<String>,
     /// Compare memory digests of source and target in the blackout.
     #[serde(default)]
@@ -128,7 +302,11 @@ pub struct ResumeNode {
 #[serde(deny_unknown_fields)]
 pub struct NetworkPatch {
     /// `default`, `allow` or `forbid`.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub migration: Option<String>,
     /// A gateway makes the network public; `null` removes it.
     #[serde(
@@ -150,7 +328,11 @@ pub struct NetworkOrder {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsPatch {
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub downtime_limit_ms: Option<u32>,
     /// `null` removes the cap.
     #[serde(
@@ -159,11 +341,136 @@ pub struct SettingsPatch {
         skip_serializing_if = "Option::is_none"
     )]
     pub bandwidth_cap_bytes_per_sec: Option<Option<u64>>,
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_migrations_per_node: Option<u32>,
     /// `off`, `manual` or `automatic`.
-    #[serde(default)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pro_tip_mode: Option<String>,
+}
+
+impl Request for CreateVm {
+    const SCHEMA: &'static str = "CreateVm";
+
+    fn validate(&self) -> Result<(), ApiError> {
+        check_name("VM", &self.name)?;
+        in_range("memory_mib", &self.memory_mib, &MEMORY_MIB)?;
+        in_range("vcpus", &self.vcpus, &VCPUS)?;
+        in_range(
+            "dirty_pages_per_sec",
+            &self.dirty_pages_per_sec,
+            &DIRTY_PAGES_PER_SEC,
+        )?;
+        in_range("tcp_connections", &self.tcp_connections, &TCP_CONNECTIONS)?;
+        one_of("pattern", self.pattern.as_deref(), PATTERNS)?;
+        one_of("storage", self.storage.as_deref(), STORAGES)?;
+        one_of("backend", self.backend.as_deref(), BACKENDS)
+    }
+}
+
+impl Request for StartVm {
+    const SCHEMA: &'static str = "StartVm";
+}
+
+impl Request for VmPatch {
+    const SCHEMA: &'static str = "VmPatch";
+}
+
+impl Request for MoveVm {
+    const SCHEMA: &'static str = "MoveVm";
+}
+
+impl Request for Append {
+    const SCHEMA: &'static str = "Append";
+
+    fn validate(&self) -> Result<(), ApiError> {
+        let chars = self.record.chars().count();
+        if chars > RECORD_MAX_CHARS {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("record has {chars} characters, more than {RECORD_MAX_CHARS}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Request for PauseNode {
+    const SCHEMA: &'static str = "PauseNode";
+}
+
+impl Request for ResumeNode {
+    const SCHEMA: &'static str = "ResumeNode";
+}
+
+impl Request for NetworkPatch {
+    const SCHEMA: &'static str = "NetworkPatch";
+
+    fn validate(&self) -> Result<(), ApiError> {
+        one_of("migration", self.migration.as_deref(), MIGRATION_USES)?;
+        if let Some(Some(g)) = &self.gateway {
+            if g.parse::<std::net::IpAddr>().is_err() {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    format!("gateway {g:?} is not an IPv4 or IPv6 address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Request for NetworkOrder {
+    const SCHEMA: &'static str = "NetworkOrder";
+}
+
+impl Request for SettingsPatch {
+    const SCHEMA: &'static str = "SettingsPatch";
+
+    fn validate(&self) -> Result<(), ApiError> {
+        if let Some(d) = &self.downtime_limit_ms {
+            in_range("downtime_limit_ms", d, &DOWNTIME_LIMIT_MS)?;
+        }
+        if let Some(Some(b)) = &self.bandwidth_cap_bytes_per_sec {
+            in_range(
+                "bandwidth_cap_bytes_per_sec",
+                b,
+                &BANDWIDTH_CAP_BYTES_PER_SEC,
+            )?;
+        }
+        if let Some(m) = &self.max_migrations_per_node {
+            in_range("max_migrations_per_node", m, &MAX_MIGRATIONS_PER_NODE)?;
+        }
+        one_of("pro_tip_mode", self.pro_tip_mode.as_deref(), TIP_MODES)
+    }
+}
+
+/// The body of operations that take none (stop, cancel, a tip's accept or
+/// dismiss): nothing, or `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+impl Request for Empty {
+    const SCHEMA: &'static str = "Empty";
+}
+
+/// An optional field: missing → `None` (the default); a value → `Some(v)`;
+/// `null` is refused (the document does not declare it nullable: leave the
+/// field out instead).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// Missing → `None`; `null` → `Some(None)`; a value → `Some(Some(v))`.
@@ -177,9 +484,9 @@ where
 
 /// Names of VMs (and what the API accepts as one): 1–63 characters of
 /// letters, digits, `.`, `_` and `-`, starting with a letter or digit.
-pub fn check_name(what: &str, name: &str) -> Result<(), crate::ApiError> {
+pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= NAME_MAX_LEN
         && name
             .chars()
             .next()
@@ -190,7 +497,7 @@ pub fn check_name(what: &str, name: &str) -> Result<(), crate::ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(crate::ApiError::bad_request(
+        Err(ApiError::bad_request(
             "invalid_name",
             format!(
                 "invalid {what} name {name:?}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -212,6 +519,11 @@ mod tests {
         let p: SettingsPatch = serde_json::from_str("{}").unwrap();
         assert_eq!(p.bandwidth_cap_bytes_per_sec, None);
         assert!(serde_json::from_str::<SettingsPatch>(r#"{"downtime": 3}"#).is_err());
+        // An optional field is a value or absent; null is refused, and what
+        // the CLI sends leaves absent fields out.
+        assert!(serde_json::from_str::<MoveVm>(r#"{"target": null}"#).is_err());
+        let sent = serde_json::to_value(CreateVm::new("web-1")).unwrap();
+        assert!(sent.get("node").is_none() && sent.get("pattern").is_none());
         let c: CreateVm = serde_json::from_str(r#"{"name": "web-1"}"#).unwrap();
         assert!(c.start && c.memory_mib == 64);
         assert!(check_name("VM", "web-1").is_ok());

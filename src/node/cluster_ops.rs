@@ -7,7 +7,7 @@
 use super::{node_ref, Node};
 use crate::error::ApiError;
 use crate::peer::{PeerReply, PeerRequest};
-use crate::requests;
+use crate::requests::{self, Request};
 use crate::views::{self, *};
 use ferry_actors::node::now_ms;
 use ferry_cluster::model::{NodeState, TipState};
@@ -84,6 +84,7 @@ impl Node {
         name: &str,
         patch: requests::NetworkPatch,
     ) -> Result<NetworkView, ApiError> {
+        patch.validate()?;
         let migration = match &patch.migration {
             None => None,
             Some(m) => Some(views::parse_migration_use(m).ok_or_else(|| {
@@ -161,6 +162,7 @@ impl Node {
         &self,
         patch: requests::SettingsPatch,
     ) -> Result<SettingsView, ApiError> {
+        patch.validate()?;
         let mut settings = self.fresh().await?.settings.clone();
         if let Some(d) = patch.downtime_limit_ms {
             settings.downtime_limit_ms = d;

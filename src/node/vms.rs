@@ -7,7 +7,7 @@
 use super::{node_ref, AppendView, Node};
 use crate::error::ApiError;
 use crate::peer::{PeerReply, PeerRequest};
-use crate::requests::{self, check_name};
+use crate::requests::{self, Request};
 use crate::views::{self, *};
 use ferry_actors::node::{encode_program, GuestProgram};
 use ferry_actors::policy::placement::{self, Placement};
@@ -20,25 +20,7 @@ use std::time::{Duration, Instant};
 impl Node {
     /// Defines a simulated VM on a node and, unless `start` is false, starts it.
     pub async fn create_vm(&self, req: requests::CreateVm) -> Result<VmView, ApiError> {
-        check_name("VM", &req.name)?;
-        if !(8..=64 * 1024).contains(&req.memory_mib) {
-            return Err(ApiError::bad_request(
-                "invalid_value",
-                "memory_mib must be between 8 and 65536",
-            ));
-        }
-        if !(1..=64).contains(&req.vcpus) {
-            return Err(ApiError::bad_request(
-                "invalid_value",
-                "vcpus must be between 1 and 64",
-            ));
-        }
-        if req.dirty_pages_per_sec > 10_000_000 {
-            return Err(ApiError::bad_request(
-                "invalid_value",
-                "dirty_pages_per_sec must be at most 10000000",
-            ));
-        }
+        req.validate()?;
         let pattern = match req.pattern.as_deref() {
             None | Some("hot_set") => Pattern::HotSet {
                 write_percent: 80,
@@ -306,6 +288,15 @@ impl Node {
     pub async fn append(&self, vm: &str, record: &[u8]) -> Result<AppendView, ApiError> {
         let state = self.state();
         let v = state.vms.get(vm).ok_or_else(|| ApiError::unknown_vm(vm))?;
+        // A VM that is off has no service to append to: a conflict with its
+        // state, not an outage.
+        if !matches!(v.state, VmState::Running | VmState::Migrating) {
+            return Err(CommandError::VmNotRunning {
+                vm: vm.into(),
+                state: v.state,
+            }
+            .into());
+        }
         let owner = v.owner;
         let refused = |reason: String| ApiError::unavailable("service_unavailable", reason);
         let seq = if owner == self.id() {
