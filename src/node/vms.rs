@@ -318,11 +318,15 @@ impl Node {
                 vm: vm.into(),
                 record: record.to_vec(),
             });
+            // A client waits on this: a silent path is left after 100 ms, not
+            // the default quarter second (the owner runs each request once).
+            let opts = ferry_transport::CallOptions::new(Duration::from_secs(5))
+                .hedge_after(Duration::from_millis(100));
             let reply = self
                 .inner
                 .shared
                 .rpc
-                .call(owner, &addrs, SERVICE, bytes, Duration::from_secs(5))
+                .call_with(owner, &addrs, SERVICE, bytes, opts)
                 .await
                 .map_err(|e| ApiError::unavailable("node_unreachable", e.to_string()))?;
             match ferry_transport::decode::<Reply>(&reply) {
