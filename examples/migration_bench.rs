@@ -2,7 +2,9 @@
 //! incompressible data, at dirty rates of 0, 16 and 128 MiB/s, moved between
 //! two nodes of a local cluster (real QUIC with TLS, real Raft). Total time is
 //! also given as a ratio to the ideal: memory size divided by the raw
-//! single-path page-stream throughput measured in the same run.
+//! single-path page-stream throughput measured in the same run. Last, the
+//! cluster's bandwidth cap: a 1 GiB idle guest moved under a cap of 100 MiB/s,
+//! its round 0's rate given as a ratio to the cap.
 //!
 //! `cargo run --release --example migration_bench`
 #![allow(clippy::unwrap_used)]
@@ -124,10 +126,17 @@ fn main() {
                 }
             }
         }
-        (raw, rows)
+        let capped = capped_rate(CAP).await;
+        println!(
+            " 1024 MiB idle under a {} MiB/s cap: round 0 at {:.1} MiB/s ({:.3}x the cap)",
+            CAP / MIB,
+            capped / MIB as f64,
+            capped / CAP as f64
+        );
+        (raw, rows, capped)
     })
     .unwrap();
-    let (raw, rows) = rows;
+    let (raw, rows, capped) = rows;
     let mut summary = format!("summary: raw_single_path_mib_s={:.0}", raw / MIB as f64);
     for r in &rows {
         let key = format!("{}mib_{}mibps", r.memory_mib, r.rate_mib);
@@ -139,5 +148,40 @@ fn main() {
             r.rounds
         ));
     }
+    summary.push_str(&format!(
+        " capped_mib_s={:.1} cap_mib_s={} capped_ratio={:.3}",
+        capped / MIB as f64,
+        CAP / MIB,
+        capped / CAP as f64
+    ));
     println!("{summary}");
+}
+
+/// The bandwidth cap of the capped move.
+const CAP: u64 = 100 * MIB;
+
+/// Round 0's rate (bytes/s) of a 1 GiB idle guest moved under the cluster's
+/// bandwidth cap `cap`.
+async fn capped_rate(cap: u64) -> f64 {
+    let cluster = LocalCluster::start("bench-capped", 2).await.unwrap();
+    let settings = ferry::cluster::model::Settings {
+        bandwidth_cap_bytes_per_sec: Some(cap),
+        ..Default::default()
+    };
+    cluster
+        .write(ferry::cluster::Command::UpdateSettings { settings })
+        .await
+        .unwrap();
+    let workload = Workload {
+        dirty_pages_per_sec: Some(0),
+        pattern: Pattern::Uniform,
+        seed: 42,
+    };
+    cluster.start_vm("bench", 1, 1024 * MIB, workload, 1).await.unwrap();
+    let report = cluster.move_vm(MoveRequest::new("bench", 2), 1).await.unwrap();
+    for node in &cluster.nodes {
+        node.shared.kill().await;
+    }
+    let r0 = &report.rounds[0];
+    r0.bytes as f64 / r0.elapsed.as_secs_f64()
 }

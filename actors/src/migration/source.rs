@@ -567,6 +567,10 @@ impl Job {
         let (mut sent, mut zero, mut bytes) = (0, 0, 0);
         let paused = self.guest.is_paused();
         let fail = |reason: String| Failure::BeforeCommit { reason, paused };
+        // The cluster's bandwidth cap, read each round: a change applies to moves
+        // already running from their next round.
+        let cap = self.node.cluster.read().settings.bandwidth_cap_bytes_per_sec;
+        sender.set_rate_limit(cap);
         for (first, count) in pages.runs(RUN_PAGES) {
             if self.cancelled() {
                 return Err(Failure::Cancelled { paused });

@@ -11,9 +11,11 @@
 //! handling the "prepare" RPC of a migration), then the source calls `open_page_stream`.
 //!
 //! The decisions live in I/O-free modules: [`scheduler`] (which chunk on which path,
-//! what to resend, budget, barriers) and [`versions`] (which copy of a page wins). The
+//! what to resend, budget, barriers), [`pacer`] (the bandwidth cap) and [`versions`]
+//! (which copy of a page wins). The
 //! async code in `sender.rs` and `receiver.rs` only moves bytes and time.
 
+pub mod pacer;
 pub mod receiver;
 pub mod scheduler;
 pub mod sender;

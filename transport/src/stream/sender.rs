@@ -13,6 +13,7 @@ use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
+use super::pacer::Pacer;
 use super::scheduler::{Chunk, PathId, Scheduler};
 use crate::config::PageStreamConfig;
 use crate::error::{PageStreamError, RpcError};
@@ -81,6 +82,8 @@ struct State {
     finishing: Option<Control>,
     finish_acked: bool,
     last_error: String,
+    /// The bandwidth cap, over all paths (`set_rate_limit`).
+    pacer: Pacer,
 }
 
 struct Shared {
@@ -212,6 +215,7 @@ impl RpcNode {
                 finishing: None,
                 finish_acked: false,
                 last_error: "no path came up yet".into(),
+                pacer: Pacer::default(),
             }),
             changed: Notify::new(),
             cfg,
@@ -324,8 +328,19 @@ impl PageStreamSender {
         Ok(())
     }
 
+    /// Caps what the stream puts on the wire, all paths together, from now on (`None`:
+    /// as fast as the paths take it). Resends of a dead path's chunks are not charged
+    /// again: they replace bytes that never arrived.
+    pub fn set_rate_limit(&self, bytes_per_sec: Option<u64>) {
+        lock(&self.shared.state).pacer.set_rate(bytes_per_sec);
+    }
+
     async fn push(&self, chunk: Chunk) -> Result<(), PageStreamError> {
         let cost = chunk.cost();
+        let at = lock(&self.shared.state).pacer.admit(Instant::now(), cost);
+        if at > Instant::now() {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        }
         let mut chunk = Some(chunk);
         self.shared
             .wait_for(|st| {
