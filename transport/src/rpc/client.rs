@@ -241,7 +241,9 @@ impl RpcNode {
                 .map_err(|e| e.into_rpc(peer))?;
             send.finish().map_err(|e| RpcError::Closed(e.to_string()))?;
             // Resolves once the peer has acknowledged the whole request (or refused
-            // the stream); either way it got through.
+            // the stream); either way it got through. A request too large to be
+            // acknowledged within the hedge delay (megabytes on a slow link) is
+            // hedged too: wasteful, not wrong, as the peer runs it once.
             let delivered = send.stopped();
             tokio::pin!(delivered);
             let mut got_through = false;
