@@ -2,15 +2,16 @@
 //! incompressible data, at dirty rates of 0, 16 and 128 MiB/s, moved between
 //! two nodes of a local cluster (real QUIC with TLS, real Raft). Total time is
 //! also given as a ratio to the ideal: memory size divided by the raw
-//! single-path page-stream throughput measured in the same run. Last, the
-//! cluster's bandwidth cap: a 1 GiB idle guest moved under a cap of 100 MiB/s,
-//! its round 0's rate given as a ratio to the cap.
+//! single-path page-stream throughput measured in the same run, and the
+//! progress events of round 0 are counted per second of it (at least 4
+//! promised). Last, the cluster's bandwidth cap: a 1 GiB idle guest moved
+//! under a cap of 100 MiB/s, its round 0's rate given as a ratio to the cap.
 //!
 //! `cargo run --release --example migration_bench`
 #![allow(clippy::unwrap_used)]
 
 use ferry::actors::local::{run, LocalCluster, MIB};
-use ferry::actors::migration::source::MoveRequest;
+use ferry::actors::migration::source::{MoveRequest, Phase};
 use ferry::transport::{ClusterCa, NetworkConfig, PageSink, RpcNode, PAGE_SIZE};
 use ferry::vmm::{Pattern, Workload};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -81,6 +82,8 @@ struct Row {
     rounds: usize,
     bytes: u64,
     ratio: f64,
+    /// Progress events of round 0 per second of round 0.
+    progress_per_s: f64,
 }
 
 fn main() {
@@ -98,7 +101,12 @@ fn main() {
                 };
                 cluster.start_vm("bench", 1, memory_mib * MIB, workload, 1).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut events = cluster.node(1).shared.events.subscribe();
                 let report = cluster.move_vm(MoveRequest::new("bench", 2), 1).await.unwrap();
+                let mut round_0 = 0u32;
+                while let Ok(p) = events.try_recv() {
+                    round_0 += u32::from(p.phase == Phase::Copying && p.round == 0);
+                }
                 let ideal = (memory_mib * MIB) as f64 / raw;
                 let row = Row {
                     memory_mib,
@@ -108,9 +116,10 @@ fn main() {
                     rounds: report.rounds.len(),
                     bytes: report.bytes,
                     ratio: report.total.as_secs_f64() / ideal,
+                    progress_per_s: f64::from(round_0) / report.rounds[0].elapsed.as_secs_f64(),
                 };
                 println!(
-                    "{:>5} MiB at {:>3} MiB/s dirty: total {:>8.1?} ({:.2}x ideal), blackout {:>7.1?}, {} rounds, {} MiB sent, {:.0} MiB/s",
+                    "{:>5} MiB at {:>3} MiB/s dirty: total {:>8.1?} ({:.2}x ideal), blackout {:>7.1?}, {} rounds, {} MiB sent, {:.0} MiB/s, {:.1} progress events/s in round 0",
                     row.memory_mib,
                     row.rate_mib,
                     row.total,
@@ -118,7 +127,8 @@ fn main() {
                     row.blackout,
                     row.rounds,
                     row.bytes / MIB,
-                    row.bytes as f64 / MIB as f64 / row.total.as_secs_f64()
+                    row.bytes as f64 / MIB as f64 / row.total.as_secs_f64(),
+                    row.progress_per_s
                 );
                 rows.push(row);
                 for node in &cluster.nodes {
@@ -141,11 +151,12 @@ fn main() {
     for r in &rows {
         let key = format!("{}mib_{}mibps", r.memory_mib, r.rate_mib);
         summary.push_str(&format!(
-            " total_ms_{key}={:.0} ratio_{key}={:.2} blackout_ms_{key}={:.1} rounds_{key}={}",
+            " total_ms_{key}={:.0} ratio_{key}={:.2} blackout_ms_{key}={:.1} rounds_{key}={} progress_per_s_round0_{key}={:.1}",
             r.total.as_secs_f64() * 1e3,
             r.ratio,
             r.blackout.as_secs_f64() * 1e3,
-            r.rounds
+            r.rounds,
+            r.progress_per_s
         ));
     }
     summary.push_str(&format!(

@@ -927,8 +927,29 @@ fn subscribe(c: &Client, path: &str) -> Result<std::sync::mpsc::Receiver<Event>,
     Ok(rx)
 }
 
+const MIB: f64 = 1048576.0;
+
 fn round_message(p: &ProgressView) -> String {
     match p.phase.as_str() {
+        // Mid-round (at least every 250 ms): what the round sent, what is
+        // left of it, and when it will be done at its pace so far.
+        "copying" | "blackout" if p.mid_round => {
+            let eta = p
+                .eta_ms
+                .map(|ms| format!(", {:.1} s left", ms / 1e3))
+                .unwrap_or_default();
+            let label = if p.phase == "copying" {
+                format!("round {}", p.round)
+            } else {
+                "blackout".to_string()
+            };
+            format!(
+                "{label}: {:.1} of {:.1} MiB, {:.0} MB/s{eta}",
+                p.round_bytes_sent as f64 / MIB,
+                (p.round_bytes_sent + p.bytes_remaining) as f64 / MIB,
+                p.rate / 1e6
+            )
+        }
         "copying" => format!(
             "round {}: {} pages dirty, {:.0} MB/s",
             p.round,
@@ -1344,6 +1365,41 @@ fn settings_cmd(c: &Client, json: bool, cmd: SettingsCmd) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bar_mid_round_says_what_the_round_sent_and_has_left() {
+        let p = ProgressView {
+            migration: 4,
+            vm: "web-1".into(),
+            node: 1,
+            phase: "copying".into(),
+            round: 0,
+            bytes_sent: 300 << 20,
+            remaining_pages: (724 << 20) / 4096,
+            bytes_remaining: 724 << 20,
+            dirty_rate: 0.0,
+            bandwidth: 0.0,
+            expected_downtime_ms: 0.0,
+            throttle: 0.0,
+            mid_round: true,
+            round_bytes_sent: 300 << 20,
+            rate: 250e6,
+            eta_ms: Some(3040.0),
+            percent: 29.3,
+            at_ms: 0,
+        };
+        assert_eq!(
+            round_message(&p),
+            "round 0: 300.0 of 1024.0 MiB, 250 MB/s, 3.0 s left"
+        );
+        let ended = ProgressView {
+            mid_round: false,
+            remaining_pages: 120,
+            bandwidth: 251e6,
+            ..p
+        };
+        assert_eq!(round_message(&ended), "round 0: 120 pages dirty, 251 MB/s");
+    }
 
     #[test]
     fn the_command_line_is_well_formed() {

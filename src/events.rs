@@ -16,7 +16,9 @@ use tokio::sync::broadcast;
 
 /// Migrations whose rounds the hub remembers.
 const TRACES_KEPT: usize = 64;
-/// Progress events kept per migration.
+/// Progress events kept per migration. Of the mid-round samples (several a
+/// second) only the newest is kept, until the next event takes its place: a
+/// trace is the rounds' ends and the phases, plus where the move is now.
 const EVENTS_PER_TRACE: usize = 256;
 
 /// What the event stream carries.
@@ -111,6 +113,9 @@ impl EventHub {
                 }
                 let mut traces = lock(&self.traces);
                 let trace = traces.entry(p.migration).or_default();
+                if trace.events.last().is_some_and(|last| last.mid_round) {
+                    trace.events.pop();
+                }
                 if trace.events.len() < EVENTS_PER_TRACE {
                     trace.events.push(p.clone());
                 }
@@ -151,5 +156,63 @@ impl EventHub {
 
     pub fn last_bandwidth(&self) -> Option<f64> {
         *lock(&self.last_bandwidth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(phase: &str, round: u32, mid_round: bool, at_ms: u64) -> Event {
+        Event::Progress(ProgressView {
+            migration: 1,
+            vm: "web-1".into(),
+            node: 1,
+            phase: phase.into(),
+            round,
+            bytes_sent: at_ms,
+            remaining_pages: 0,
+            bytes_remaining: 0,
+            dirty_rate: 0.0,
+            bandwidth: 0.0,
+            expected_downtime_ms: 0.0,
+            throttle: 0.0,
+            mid_round,
+            round_bytes_sent: 0,
+            rate: 0.0,
+            eta_ms: None,
+            percent: 0.0,
+            at_ms,
+        })
+    }
+
+    #[test]
+    fn a_trace_keeps_the_ends_of_rounds_and_only_the_newest_sample() {
+        let hub = EventHub::default();
+        hub.publish(event("preparing", 0, false, 0));
+        for at in 1..=20 {
+            hub.publish(event("copying", 0, true, at));
+        }
+        hub.publish(event("copying", 0, false, 21));
+        hub.publish(event("copying", 1, true, 22));
+        hub.publish(event("copying", 1, true, 23));
+        let (events, _) = hub.trace(1);
+        let kept: Vec<(&str, bool, u64)> = events
+            .iter()
+            .map(|p| (p.phase.as_str(), p.mid_round, p.at_ms))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                ("preparing", false, 0),
+                ("copying", false, 21),
+                ("copying", true, 23)
+            ],
+            "the newest sample shows where round 1 is"
+        );
+        hub.publish(event("blackout", 1, false, 24));
+        let (events, _) = hub.trace(1);
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[2].phase, "blackout");
     }
 }

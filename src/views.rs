@@ -137,16 +137,30 @@ pub struct ProgressView {
     /// `completed`, `aborted`.
     pub phase: String,
     pub round: u32,
+    /// Bytes of page data sent in the whole move so far.
     pub bytes_sent: u64,
-    /// Pages dirtied during the round, still to send.
+    /// Mid-round: pages of the round still to send. At a round's end: pages
+    /// dirtied during it, which the next round sends.
     pub remaining_pages: u64,
+    /// `remaining_pages` in bytes (at most: zero pages travel as markers).
+    pub bytes_remaining: u64,
     /// Pages per second dirtied during the last round.
     pub dirty_rate: f64,
     /// Bytes per second the page stream delivered in the last round.
     pub bandwidth: f64,
     pub expected_downtime_ms: f64,
     pub throttle: f64,
-    /// Copied share so far: bytes sent / (bytes sent + pages still dirty).
+    /// Whether the round was still sending (events come at least every
+    /// 250 ms while it does); false on the event that ends a round.
+    pub mid_round: bool,
+    /// Bytes of page data sent in this round so far.
+    pub round_bytes_sent: u64,
+    /// Bytes per second sent over this round so far.
+    pub rate: f64,
+    /// Time until the round's last page is sent, at its pace so far
+    /// (mid-round events, once a page went out).
+    pub eta_ms: Option<f64>,
+    /// Copied share so far: bytes sent / (bytes sent + pages still to send).
     pub percent: f64,
     pub at_ms: u64,
 }
@@ -361,10 +375,15 @@ impl ProgressView {
             round: p.round,
             bytes_sent: p.bytes_sent,
             remaining_pages: p.remaining_pages,
+            bytes_remaining: remaining,
             dirty_rate: finite(p.dirty_rate),
             bandwidth: finite(p.bandwidth),
             expected_downtime_ms: p.expected_downtime.as_secs_f64() * 1e3,
             throttle: finite(p.throttle),
+            mid_round: p.mid_round,
+            round_bytes_sent: p.round_bytes_sent,
+            rate: finite(p.rate),
+            eta_ms: p.eta.map(|d| d.as_secs_f64() * 1e3),
             percent,
             at_ms,
         }
@@ -415,7 +434,10 @@ impl ReportView {
             vm: m.vm.clone(),
             source: m.source,
             target: m.target,
-            rounds: events.iter().filter(|p| p.phase == "copying").count() as u32,
+            rounds: events
+                .iter()
+                .filter(|p| p.phase == "copying" && !p.mid_round)
+                .count() as u32,
             bytes: done.bytes_sent,
             final_pages: blackout.remaining_pages,
             total_ms: done.at_ms.saturating_sub(m.begun_at_ms.min(first.at_ms)) as f64,

@@ -81,6 +81,75 @@ fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
 }
 
 #[test]
+fn progress_comes_at_least_four_times_a_second_during_round_0() {
+    use ferry_actors::migration::source::{Phase, Progress};
+    run(async {
+        let cluster = TestCluster::start("progress", 3).await.unwrap();
+        // 64 MiB over two paths of 16 MiB/s each: round 0 lasts about 2 s,
+        // long enough to count events per second of it.
+        let proxies = proxy_paths(&cluster, 2).await;
+        for proxy in &proxies {
+            proxy.set_rate_limit(Some(16 * MIB));
+        }
+        cluster
+            .start_vm("bar-1", 1, 64 * MIB, workload(1_000), 8)
+            .await
+            .unwrap();
+        let mut events = cluster.node(1).shared.events.subscribe();
+        let report = cluster
+            .move_vm(MoveRequest::new("bar-1", 2), 1)
+            .await
+            .expect("migration completes");
+        let mut seen = Vec::new();
+        while let Ok(p) = events.try_recv() {
+            seen.push(p);
+        }
+        assert!(
+            seen.iter().any(|p| p.phase == Phase::Completed),
+            "every event of the move was kept: {} seen",
+            seen.len()
+        );
+
+        let round_0: Vec<_> = seen
+            .iter()
+            .filter(|p| p.phase == Phase::Copying && p.round == 0)
+            .collect();
+        let elapsed = report.rounds[0].elapsed;
+        assert!(
+            elapsed >= std::time::Duration::from_secs(1),
+            "the rate limit makes round 0 last over a second (took {elapsed:?})"
+        );
+        let per_sec = round_0.len() as f64 / elapsed.as_secs_f64();
+        println!(
+            "progress_events_round0={} round0_s={:.2} progress_events_per_s_round0={per_sec:.1}",
+            round_0.len(),
+            elapsed.as_secs_f64()
+        );
+        assert!(
+            per_sec >= 4.0,
+            "{} events in a round 0 of {elapsed:?}",
+            round_0.len()
+        );
+
+        // The samples say how far the round is: bytes only grow, pages left
+        // only shrink, and the rate and the time left are known.
+        let (samples, ends): (Vec<&Progress>, Vec<&Progress>) =
+            round_0.iter().partition(|p| p.mid_round);
+        assert_eq!(ends.len(), 1, "one event ends round 0");
+        assert!(samples.windows(2).all(|w| {
+            w[0].bytes_sent <= w[1].bytes_sent
+                && w[0].round_bytes_sent <= w[1].round_bytes_sent
+                && w[0].remaining_pages >= w[1].remaining_pages
+        }));
+        assert!(samples.iter().all(|p| p.bytes_sent == p.round_bytes_sent));
+        let last = samples.last().expect("round 0 reported while it sent");
+        assert!(last.rate > 0.0 && last.eta.is_some(), "{last:?}");
+        assert!(last.bytes_sent <= ends[0].bytes_sent);
+        assert_eq!(ends[0].round_bytes_sent, report.rounds[0].bytes);
+    });
+}
+
+#[test]
 fn a_guest_dirtying_faster_than_a_round_converges_by_auto_converge() {
     run(async {
         let cluster = TestCluster::start("converge", 3).await.unwrap();

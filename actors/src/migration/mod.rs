@@ -14,6 +14,7 @@
 //! of the store shows the switchover committed to it. So at any moment at
 //! most the store's owner runs the VM.
 
+pub mod progress;
 pub mod protocol;
 pub mod source;
 pub mod target;

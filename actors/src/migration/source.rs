@@ -8,6 +8,7 @@
 //! aborted, and it waits (paused) for as long as the store cannot tell it.
 
 use crate::history::{GuestPoint, HistoryEvent};
+use crate::migration::progress::{RoundMeter, PROGRESS_EVERY};
 use crate::migration::protocol::{self, Reply, Request};
 use crate::node::{lock, now_ms, NodeShared, Role, PROBE_SERVICE};
 use crate::policy::convergence::{ConvergenceConfig, ConvergencePolicy, Decision, RoundStats};
@@ -87,14 +88,19 @@ pub enum Phase {
     Aborted,
 }
 
-/// A progress event.
+/// A progress event. Each round (the blackout's included) reports at least
+/// every [`PROGRESS_EVERY`] while it sends (`mid_round`), and once more when
+/// it ends.
 #[derive(Debug, Clone, Serialize)]
 pub struct Progress {
     pub migration: u64,
     pub vm: String,
     pub phase: Phase,
     pub round: u32,
+    /// Bytes of page data sent in the whole move so far.
     pub bytes_sent: u64,
+    /// Mid-round: pages of the round still to send. At a round's end: pages
+    /// dirtied during it, which the next round sends.
     pub remaining_pages: u64,
     /// Pages per second dirtied during the last round.
     pub dirty_rate: f64,
@@ -102,6 +108,15 @@ pub struct Progress {
     pub bandwidth: f64,
     pub expected_downtime: Duration,
     pub throttle: f64,
+    /// Whether the round was still sending: a sample, not the round's end.
+    pub mid_round: bool,
+    /// Bytes of page data sent in this round so far.
+    pub round_bytes_sent: u64,
+    /// Bytes per second sent over this round so far.
+    pub rate: f64,
+    /// Time until the round's last page is sent, at the round's pace so far
+    /// (mid-round events only).
+    pub eta: Option<Duration>,
 }
 
 /// One round as the report shows it.
@@ -395,7 +410,24 @@ impl Job {
         policy: Option<&ConvergencePolicy>,
         throttle: f64,
     ) {
-        let _ = self.node.events.send(Progress {
+        self.emit(self.event(phase, round, bytes_sent, remaining, policy, throttle));
+    }
+
+    fn emit(&self, event: Progress) {
+        let _ = self.node.events.send(event);
+    }
+
+    /// A progress event with no figures of a round in progress.
+    fn event(
+        &self,
+        phase: Phase,
+        round: u32,
+        bytes_sent: u64,
+        remaining: u64,
+        policy: Option<&ConvergencePolicy>,
+        throttle: f64,
+    ) -> Progress {
+        Progress {
             migration: self.migration,
             vm: self.req.vm.clone(),
             phase,
@@ -406,7 +438,11 @@ impl Job {
             bandwidth: policy.and_then(|p| p.bandwidth()).unwrap_or(0.0),
             expected_downtime: policy.map(|p| p.expected_downtime()).unwrap_or_default(),
             throttle,
-        });
+            mid_round: false,
+            round_bytes_sent: 0,
+            rate: 0.0,
+            eta: None,
+        }
     }
 
     /// The page-stream paths: the allowed migration networks in the store's
@@ -558,11 +594,69 @@ impl Job {
     }
 
     /// Sends the pages marked in `pages`; returns (pages sent, zero pages, bytes).
+    /// Reports progress at least every [`PROGRESS_EVERY`] while it runs:
+    /// `base` is the event as the round began (phase, round, the move's bytes
+    /// before it), filled in with the round's figures so far.
     async fn send_round(
         &self,
         sender: &PageStreamSender,
         round: u32,
         pages: &DirtyBitmap,
+        base: &Progress,
+    ) -> Result<(u64, u64, u64), Failure> {
+        let meter = std::sync::Mutex::new(RoundMeter::new(
+            Instant::now(),
+            pages.count(),
+            PROGRESS_EVERY,
+        ));
+        let report_if_due = || {
+            let now = Instant::now();
+            let sample = {
+                let mut meter = lock(&meter);
+                meter.due(now).then(|| meter.sample(now))
+            };
+            if let Some(s) = sample {
+                self.emit(Progress {
+                    bytes_sent: base.bytes_sent + s.bytes_sent,
+                    remaining_pages: s.remaining_pages,
+                    mid_round: true,
+                    round_bytes_sent: s.bytes_sent,
+                    rate: s.rate,
+                    eta: s.eta,
+                    ..base.clone()
+                });
+            }
+        };
+        // The send loop checks after every run of pages; the ticker covers a
+        // send or the barrier that waits (a full window, a path being
+        // dropped), so the events keep coming while nothing moves.
+        let ticker = async {
+            loop {
+                let due = lock(&meter).next_due();
+                tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+                report_if_due();
+            }
+        };
+        let send = self.send_pages(sender, round, pages, |count, bytes| {
+            lock(&meter).advance(count, bytes);
+            report_if_due();
+        });
+        tokio::select! {
+            done = send => done,
+            _ = ticker => unreachable!("the ticker never ends"),
+        }
+    }
+
+    /// [`send_round`](Self::send_round)'s copy: reads the pages in runs, sends
+    /// the non-zero ones (and, after round 0, markers for the zero ones), and
+    /// waits until the target applied them all. `sent_run` hears of each run
+    /// (pages, bytes of data).
+    async fn send_pages(
+        &self,
+        sender: &PageStreamSender,
+        round: u32,
+        pages: &DirtyBitmap,
+        sent_run: impl Fn(u64, u64),
     ) -> Result<(u64, u64, u64), Failure> {
         let (mut sent, mut zero, mut bytes) = (0, 0, 0);
         let paused = self.guest.is_paused();
@@ -572,6 +666,7 @@ impl Job {
         let cap = self.node.cluster.read().settings.bandwidth_cap_bytes_per_sec;
         sender.set_rate_limit(cap);
         for (first, count) in pages.runs(RUN_PAGES) {
+            let bytes_before = bytes;
             if self.cancelled() {
                 return Err(Failure::Cancelled { paused });
             }
@@ -610,6 +705,7 @@ impl Job {
                 }
                 at = end;
             }
+            sent_run(count, bytes - bytes_before);
         }
         sender
             .barrier(round)
@@ -652,7 +748,15 @@ impl Job {
                 round,
             });
             let t = Instant::now();
-            let (sent, zero, bytes) = self.send_round(&sender, round, &pages).await?;
+            let base = self.event(
+                Phase::Copying,
+                round,
+                total_bytes,
+                pages.count(),
+                Some(&policy),
+                throttle,
+            );
+            let (sent, zero, bytes) = self.send_round(&sender, round, &pages, &base).await?;
             let elapsed = t.elapsed();
             total_bytes += bytes;
             self.guest
@@ -676,7 +780,7 @@ impl Job {
                 elapsed,
                 throttle,
             });
-            self.progress(
+            let mut ended = self.event(
                 Phase::Copying,
                 round,
                 total_bytes,
@@ -684,6 +788,9 @@ impl Job {
                 Some(&policy),
                 throttle,
             );
+            ended.round_bytes_sent = bytes;
+            ended.rate = bytes as f64 / elapsed.as_secs_f64().max(1e-9);
+            self.emit(ended);
             match decision {
                 Decision::AnotherRound => {}
                 Decision::Throttle { share } => {
@@ -743,9 +850,17 @@ impl Job {
                 "the blackout ran past its budget of {budget:?} before the switchover"
             ))
         };
+        let base = self.event(
+            Phase::Blackout,
+            round + 1,
+            total_bytes,
+            0,
+            Some(&policy),
+            throttle,
+        );
         let (final_sent, final_bytes, state, offload) = tokio::time::timeout_at(
             budget_deadline,
-            self.final_round(&sender, &mut pages, round),
+            self.final_round(&sender, &mut pages, &base),
         )
         .await
         .map_err(|_| over_budget(budget))??;
@@ -851,11 +966,12 @@ impl Job {
     }
 
     /// The blackout's copy: the last dirty pages and the device state.
+    /// `base` is its progress event (phase blackout, the final round).
     async fn final_round(
         &self,
         sender: &PageStreamSender,
         pages: &mut DirtyBitmap,
-        round: u32,
+        base: &Progress,
     ) -> Result<FinalRound, Failure> {
         let paused_err = |reason: String| Failure::BeforeCommit {
             reason,
@@ -866,7 +982,7 @@ impl Job {
             .fetch_and_clear_dirty(&mut last)
             .map_err(|e| paused_err(e.to_string()))?;
         pages.union_with(&last);
-        let (final_sent, _, final_bytes) = self.send_round(sender, round + 1, pages).await?;
+        let (final_sent, _, final_bytes) = self.send_round(sender, base.round, pages, base).await?;
         let mut state = self
             .guest
             .save_state()
