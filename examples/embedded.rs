@@ -84,6 +84,7 @@ async fn run(configs: Vec<NodeConfig>) -> anyhow::Result<()> {
             MoveVm {
                 target: Some("node-2".into()),
                 verify: true,
+                ..Default::default()
             },
         )
         .await?;
@@ -111,7 +112,13 @@ async fn run(configs: Vec<NodeConfig>) -> anyhow::Result<()> {
 
     let t = Instant::now();
     control
-        .pause_node("node-1", PauseNode { drain: true })
+        .pause_node(
+            "node-1",
+            PauseNode {
+                drain: true,
+                ..Default::default()
+            },
+        )
         .await?;
     let drained = loop {
         let n = control.node("node-1")?;

@@ -173,13 +173,19 @@ Example: ferry node run --config ./cluster/node-1/node.toml")]
     Show { node: String },
     /// Put a node in maintenance mode; with --drain move its VMs off first.
     #[command(after_help = "\
-Example: ferry node pause node-1 --drain
+Examples:
+  ferry node pause node-1 --drain
+  ferry node pause node-1 --drain --downtime-limit-ms 50
 With --drain the command follows the drain and exits 1 if VMs were left behind,
 naming each with the reason.")]
     Pause {
         node: String,
         #[arg(long)]
         drain: bool,
+        /// The longest blackout each move of the drain may impose, in place
+        /// of the cluster's downtime limit.
+        #[arg(long, requires = "drain")]
+        downtime_limit_ms: Option<u32>,
         /// Return once the node is paused, without following the drain.
         #[arg(long)]
         no_wait: bool,
@@ -260,6 +266,7 @@ Examples:
   ferry vm move web-1 --to node-2
   ferry vm move web-1              (placement picks the target)
   ferry vm move web-1 --to node-3 --json --no-wait
+  ferry vm move web-1 --to node-2 --downtime-limit-ms 50
 Shows the estimate, then a progress bar per copy round; exits 0 when the VM runs
 on the target, 1 if the move aborted (the VM runs on the source).")]
     Move {
@@ -270,6 +277,10 @@ on the target, 1 if the move aborted (the VM runs on the source).")]
         /// Compare memory digests of source and target in the blackout.
         #[arg(long)]
         verify: bool,
+        /// The longest blackout this move may impose, in place of the
+        /// cluster's downtime limit (`ferry settings`).
+        #[arg(long)]
+        downtime_limit_ms: Option<u32>,
         /// Return once the migration is recorded.
         #[arg(long)]
         no_wait: bool,
@@ -679,12 +690,16 @@ fn node_cmd(c: &Client, json: bool, cmd: NodeCmd) -> Outcome {
         NodeCmd::Pause {
             node,
             drain,
+            downtime_limit_ms,
             no_wait,
         } => {
             let before: Vec<VmView> = c.get("/api/vms")?;
             let n: NodeView = c.post(
                 &format!("/api/nodes/{node}/pause"),
-                &requests::PauseNode { drain },
+                &requests::PauseNode {
+                    drain,
+                    downtime_limit_ms,
+                },
             )?;
             if !drain || no_wait {
                 if json {
@@ -904,8 +919,16 @@ fn vm_cmd(c: &Client, json: bool, cmd: VmCmd) -> Outcome {
             vm,
             to,
             verify,
+            downtime_limit_ms,
             no_wait,
-        } => return vm_move(c, json, &vm, to, verify, no_wait),
+        } => {
+            let req = requests::MoveVm {
+                target: to,
+                verify,
+                downtime_limit_ms,
+            };
+            return vm_move(c, json, &vm, req, no_wait);
+        }
     }
     Ok(ExitCode::Ok)
 }
@@ -966,23 +989,13 @@ fn bar_style() -> ProgressStyle {
         .progress_chars("=> ")
 }
 
-fn vm_move(
-    c: &Client,
-    json: bool,
-    vm: &str,
-    to: Option<String>,
-    verify: bool,
-    no_wait: bool,
-) -> Outcome {
+fn vm_move(c: &Client, json: bool, vm: &str, req: requests::MoveVm, no_wait: bool) -> Outcome {
     let events = if no_wait {
         None
     } else {
         Some(subscribe(c, "/api/events")?)
     };
-    let started: MoveStarted = c.post(
-        &format!("/api/vms/{vm}/move"),
-        &requests::MoveVm { target: to, verify },
-    )?;
+    let started: MoveStarted = c.post(&format!("/api/vms/{vm}/move"), &req)?;
     if no_wait {
         if json {
             print_json(&started);

@@ -28,8 +28,9 @@ use std::net::{IpAddr, SocketAddr};
 /// RPC service name of this exchange.
 pub const SERVICE: &str = "ferry-control";
 
-/// Version of this exchange; a node refuses any other.
-pub const VERSION: u32 = 1;
+/// Version of this exchange; a node refuses any other. 2: a move and a
+/// drain carry their own downtime limit.
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
@@ -65,6 +66,8 @@ pub enum PeerRequest {
         target: NodeId,
         trigger: MigrationTrigger,
         verify: bool,
+        /// The move's own downtime limit; `None`: the cluster's.
+        downtime_limit_ms: Option<u32>,
     },
     Cancel {
         vm: String,
@@ -74,6 +77,11 @@ pub enum PeerRequest {
         failback: bool,
     },
     Relay(Relayed),
+    /// Pause the receiving node and drain it, each move under this downtime
+    /// limit (a drain under the cluster's limit is only a store write).
+    Drain {
+        downtime_limit_ms: u32,
+    },
 }
 
 /// Events a node relays to its peers.
@@ -92,6 +100,7 @@ pub enum PeerReply {
     Cancelled,
     Resumed(FailbackView),
     Relayed,
+    DrainBegun,
 }
 
 /// The answer on the wire.

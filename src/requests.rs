@@ -21,7 +21,9 @@ pub const VCPUS: RangeInclusive<u32> = 1..=64;
 pub const DIRTY_PAGES_PER_SEC: RangeInclusive<u64> = 0..=10_000_000;
 /// `CreateVm::tcp_connections` (the guest opens them all at boot).
 pub const TCP_CONNECTIONS: RangeInclusive<u32> = 0..=65_535;
-/// `SettingsPatch::downtime_limit_ms`.
+/// `SettingsPatch::downtime_limit_ms`, and a move's or a drain's own
+/// (`MoveVm::downtime_limit_ms`, `PauseNode::downtime_limit_ms`): the same
+/// promise, so the same bounds.
 pub const DOWNTIME_LIMIT_MS: RangeInclusive<u32> = 1..=u32::MAX;
 /// `SettingsPatch::max_migrations_per_node`.
 pub const MAX_MIGRATIONS_PER_NODE: RangeInclusive<u32> = 1..=u32::MAX;
@@ -61,6 +63,18 @@ pub const INTEGER_BOUNDS: &[(&str, &str, u64, u64)] = &[
     ),
     (
         "SettingsPatch",
+        "downtime_limit_ms",
+        *DOWNTIME_LIMIT_MS.start() as u64,
+        *DOWNTIME_LIMIT_MS.end() as u64,
+    ),
+    (
+        "MoveVm",
+        "downtime_limit_ms",
+        *DOWNTIME_LIMIT_MS.start() as u64,
+        *DOWNTIME_LIMIT_MS.end() as u64,
+    ),
+    (
+        "PauseNode",
         "downtime_limit_ms",
         *DOWNTIME_LIMIT_MS.start() as u64,
         *DOWNTIME_LIMIT_MS.end() as u64,
@@ -270,6 +284,14 @@ pub struct MoveVm {
     /// Compare memory digests of source and target in the blackout.
     #[serde(default)]
     pub verify: bool,
+    /// This move's downtime limit in place of the cluster's
+    /// (`Settings::downtime_limit_ms`); default: the cluster's.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub downtime_limit_ms: Option<u32>,
 }
 
 /// `POST /api/vms/{vm}/append`: a client's write to the guest's service.
@@ -286,6 +308,14 @@ pub struct PauseNode {
     /// Move every running VM off the node (maintenance drain).
     #[serde(default)]
     pub drain: bool,
+    /// The drain's moves' downtime limit in place of the cluster's (without
+    /// `drain` nothing moves, and it has nothing to limit).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub downtime_limit_ms: Option<u32>,
 }
 
 /// `POST /api/nodes/{node}/resume`.
@@ -385,6 +415,13 @@ impl Request for VmPatch {
 
 impl Request for MoveVm {
     const SCHEMA: &'static str = "MoveVm";
+
+    fn validate(&self) -> Result<(), ApiError> {
+        if let Some(d) = &self.downtime_limit_ms {
+            in_range("downtime_limit_ms", d, &DOWNTIME_LIMIT_MS)?;
+        }
+        Ok(())
+    }
 }
 
 impl Request for Append {
@@ -404,6 +441,13 @@ impl Request for Append {
 
 impl Request for PauseNode {
     const SCHEMA: &'static str = "PauseNode";
+
+    fn validate(&self) -> Result<(), ApiError> {
+        if let Some(d) = &self.downtime_limit_ms {
+            in_range("downtime_limit_ms", d, &DOWNTIME_LIMIT_MS)?;
+        }
+        Ok(())
+    }
 }
 
 impl Request for ResumeNode {

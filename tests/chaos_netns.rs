@@ -127,6 +127,7 @@ fn a_link_killed_mid_migration_the_move_continues_on_the_other_network() {
     let request = MoveVm {
         target: Some("node-2".into()),
         verify: true,
+        ..Default::default()
     };
     let move_at = Instant::now();
     let moving: MoveStarted = d.api(0, |c| c.post("/api/vms/web/move", &request)).unwrap();

@@ -89,6 +89,7 @@ fn sigkill_mid_migration_and_right_after_switchover_keeps_the_invariants() {
         let request = MoveVm {
             target: Some(target.to_string()),
             verify: true,
+            ..Default::default()
         };
         let moving: MoveStarted = d
             .api(source as usize - 1, |c| {

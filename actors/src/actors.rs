@@ -19,8 +19,9 @@ use crate::node::{now_ms, NodeShared};
 use crate::policy::drain::{drain_requested, drained_vms, DrainReport};
 use crate::policy::tips::tips_to_apply;
 use crate::triggers::drain::{self, DrainOptions, FailbackReport};
+use crate::triggers::tips::tip_move;
 use actix::prelude::*;
-use ferry_cluster::model::{MigrationTrigger, TipState};
+use ferry_cluster::model::TipState;
 use ferry_cluster::{Applied, Change, Command, Response, TipId};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -140,8 +141,7 @@ impl NodeActor {
             let me = ctx.address();
             let shared = self.shared.clone();
             tokio::spawn(async move {
-                let mut request = MoveRequest::new(vm, target);
-                request.trigger = MigrationTrigger::Tip(tip);
+                let request = tip_move(tip, vm, target);
                 let result = me
                     .send(MoveVm(request))
                     .await

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use ferry_actors::migration::source::MoveRequest;
+use ferry_actors::migration::source::{MovePolicy, MoveRequest};
 
 #[test]
 fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
@@ -168,8 +168,11 @@ fn a_guest_dirtying_faster_than_a_round_converges_by_auto_converge() {
         let mut request = MoveRequest::new("busy", 3);
         request.verify = true;
         // A tight blackout promise: the whole guest is dirty every round.
-        request.policy.downtime_limit = std::time::Duration::from_millis(50);
-        let policy = request.policy.clone();
+        let policy = ferry_actors::policy::convergence::ConvergenceConfig {
+            downtime_limit: std::time::Duration::from_millis(50),
+            ..Default::default()
+        };
+        request.policy = MovePolicy::Explicit(policy.clone());
         let report = cluster.move_vm(request, 1).await.expect("converges");
         let log = client.stop();
         assert_no_acked_append_lost(&cluster, 3, "busy", &log);

@@ -18,18 +18,36 @@ impl Node {
     /// Puts a node in maintenance mode; with `drain`, its running VMs are
     /// moved off by live migration (the node reports the drain's progress in
     /// the store: `draining`, then `drained` or `failed` naming each VM left).
+    /// The drain's moves obey the cluster's downtime limit, or the request's.
     pub async fn pause_node(
         &self,
         node: &str,
         req: requests::PauseNode,
     ) -> Result<NodeView, ApiError> {
+        req.validate()?;
         let state = self.fresh().await?;
         let id = node_ref(&state, node)?;
-        self.write(Command::PauseNode {
-            node: id,
-            drain: req.drain,
-        })
-        .await?;
+        match req.downtime_limit_ms.filter(|_| req.drain) {
+            None => {
+                self.write(Command::PauseNode {
+                    node: id,
+                    drain: req.drain,
+                })
+                .await?;
+            }
+            // The store holds no per-drain limit: the node that runs the
+            // drain takes it with the request, then pauses itself.
+            Some(downtime_limit_ms) => {
+                let reply = self
+                    .on_node(id, PeerRequest::Drain { downtime_limit_ms })
+                    .await?;
+                let PeerReply::DrainBegun = reply else {
+                    return Err(ApiError::internal(format!("unexpected reply {reply:?}")));
+                };
+                // The node wrote the pause: show it as the store has it now.
+                self.fresh().await?;
+            }
+        }
         self.node(&id.to_string())
     }
 

@@ -1,6 +1,6 @@
 //! Forwarding: an operation that must be carried out by a particular node —
 //! joining, starting, stopping, moving or cancelling the move of a VM it owns,
-//! resuming it from maintenance — travels to that node over the
+//! draining it under a limit of its own, resuming it from maintenance — travels to that node over the
 //! `ferry-control` RPC service (see [`crate::peer`]), and [`Node::serve`]
 //! carries it out where it lands. A move answers as soon as the store holds
 //! the migration; progress follows on the event stream.
@@ -11,10 +11,9 @@ use crate::error::ApiError;
 use crate::events::Event;
 use crate::peer::{self, Envelope, PeerReply, PeerRequest, PeerResult, Relayed};
 use crate::views::{FailbackView, ReportView};
-use ferry_actors::actors::{CancelMove, MoveVm, ResumeNode, StartVm};
-use ferry_actors::migration::source::{MigrationError, MoveRequest};
-use ferry_actors::policy::convergence::ConvergenceConfig;
-use ferry_actors::triggers::drain::FailbackReport;
+use ferry_actors::actors::{CancelMove, DrainNode, MoveVm, ResumeNode, StartVm};
+use ferry_actors::migration::source::{MigrationError, MovePolicy, MoveRequest};
+use ferry_actors::triggers::drain::{DrainOptions, FailbackReport};
 use ferry_cluster::model::{ClusterState, MigrationTrigger};
 use ferry_cluster::{Command, NodeId};
 use ferry_transport::RpcHandler;
@@ -123,8 +122,12 @@ impl Node {
                 target,
                 trigger,
                 verify,
+                downtime_limit_ms,
             } => {
-                let migration = self.begin_move_here(&vm, target, trigger, verify).await?;
+                let policy = MovePolicy::Cluster { downtime_limit_ms };
+                let migration = self
+                    .begin_move_here(&vm, target, trigger, verify, policy)
+                    .await?;
                 Ok(PeerReply::MoveBegun { migration })
             }
             PeerRequest::Cancel { vm } => {
@@ -156,6 +159,19 @@ impl Node {
                     .map_err(|e| ApiError::conflict("resume_failed", e))?;
                 Ok(PeerReply::Resumed(FailbackView::from_report(&report)))
             }
+            PeerRequest::Drain { downtime_limit_ms } => {
+                let options = DrainOptions {
+                    policy: MovePolicy::downtime_limit_ms(downtime_limit_ms),
+                    ..DrainOptions::default()
+                };
+                self.inner
+                    .actor
+                    .send(DrainNode(options))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("node actor: {e}")))?
+                    .map_err(|e| ApiError::conflict("drain_failed", e))?;
+                Ok(PeerReply::DrainBegun)
+            }
             PeerRequest::Relay(event) => {
                 self.inner.hub.publish(match event {
                     Relayed::Progress(p) => Event::Progress(p),
@@ -174,16 +190,14 @@ impl Node {
         target: NodeId,
         trigger: MigrationTrigger,
         verify: bool,
+        policy: MovePolicy,
     ) -> Result<u64, ApiError> {
-        let state = self.state();
-        let first_new = state.next_migration_id;
+        let first_new = self.state().next_migration_id;
         let mut request = MoveRequest::new(vm, target);
         request.trigger = trigger;
         request.verify = verify;
-        request.policy = ConvergenceConfig {
-            downtime_limit: Duration::from_millis(u64::from(state.settings.downtime_limit_ms)),
-            ..ConvergenceConfig::default()
-        };
+        // Resolved against the cluster's settings by the job as it begins.
+        request.policy = policy;
         let (tx, mut rx) = tokio::sync::oneshot::channel();
         let inner = self.inner.clone();
         self.inner.runtime.spawn(async move {

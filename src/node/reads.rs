@@ -11,7 +11,6 @@ use crate::views::{self, *};
 use ferry_actors::policy::convergence::ConvergenceConfig;
 use ferry_actors::policy::estimate::{estimate, Factors};
 use ferry_cluster::model::{NodeState, TipState, VmState};
-use std::time::Duration;
 
 /// Bandwidth assumed for an estimate before this node has measured any.
 const ASSUMED_BANDWIDTH: f64 = 500e6;
@@ -122,8 +121,18 @@ impl Node {
 
     /// The pre-move estimate for `vm`, from its memory size, its workload's
     /// dirty rate and the bandwidth this node last measured (or an assumed
-    /// 500 MB/s before any move).
+    /// 500 MB/s before any move), under the cluster's downtime limit.
     pub fn estimate(&self, vm: &str) -> Result<EstimateView, ApiError> {
+        self.estimate_under(vm, None)
+    }
+
+    /// The estimate of a move of `vm` under its own downtime limit, if it
+    /// names one (see [`requests::MoveVm`](crate::requests::MoveVm)).
+    pub(super) fn estimate_under(
+        &self,
+        vm: &str,
+        downtime_limit_ms: Option<u32>,
+    ) -> Result<EstimateView, ApiError> {
         let state = self.state();
         let v = state.vms.get(vm).ok_or_else(|| ApiError::unknown_vm(vm))?;
         let dirty_rate = ferry_actors::node::spec_of(&v.config)
@@ -134,10 +143,7 @@ impl Node {
             Some(b) => (b, "measured"),
             None => (ASSUMED_BANDWIDTH, "assumed"),
         };
-        let config = ConvergenceConfig {
-            downtime_limit: Duration::from_millis(u64::from(state.settings.downtime_limit_ms)),
-            ..ConvergenceConfig::default()
-        };
+        let config = ConvergenceConfig::for_move(&state.settings, downtime_limit_ms);
         let e = estimate(
             &Factors {
                 memory_bytes: v.config.memory_bytes,

@@ -185,6 +185,7 @@ impl Node {
     /// picks. Answers once the migration is recorded; follow it with
     /// [`wait_migration`](Self::wait_migration) or the event stream.
     pub async fn move_vm(&self, vm: &str, req: requests::MoveVm) -> Result<MoveStarted, ApiError> {
+        req.validate()?;
         let state = self.fresh().await?;
         let v = state.vms.get(vm).ok_or_else(|| ApiError::unknown_vm(vm))?;
         if let Some(m) = v.migration {
@@ -217,7 +218,7 @@ impl Node {
         if target == source {
             return Err(CommandError::SameSourceAndTarget { node: source }.into());
         }
-        let estimate = self.estimate(vm).ok();
+        let estimate = self.estimate_under(vm, req.downtime_limit_ms).ok();
         let reply = self
             .on_node(
                 source,
@@ -226,6 +227,7 @@ impl Node {
                     target,
                     trigger: MigrationTrigger::User,
                     verify: req.verify,
+                    downtime_limit_ms: req.downtime_limit_ms,
                 },
             )
             .await?;

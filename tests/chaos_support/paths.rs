@@ -248,6 +248,7 @@ impl PathRig {
         let request = MoveVm {
             target: Some(format!("node-{}", to + 1)),
             verify: self.verify,
+            ..Default::default()
         };
         let begun = Instant::now();
         let moving: MoveStarted = self

@@ -16,7 +16,7 @@ use super::faults::{self, Driven};
 use super::recording::Recording;
 use ferry_actors::actors::{DrainNode, MoveVm, ResumeNode};
 use ferry_actors::local::vm_config;
-use ferry_actors::migration::source::MoveRequest;
+use ferry_actors::migration::source::{MovePolicy, MoveRequest};
 use ferry_actors::switch::ClientError;
 use ferry_actors::triggers::drain::DrainOptions;
 use ferry_chaos::checker::{self, Invariant, Report, Timed, Violation};
@@ -464,8 +464,7 @@ async fn lane(lanes: &Lanes<'_>, lane: u64, drain_at: Option<u64>) {
         let mut request = MoveRequest::new(vm.clone(), target);
         request.verify = true;
         // Tight blackout promises make dirty rounds (and throttling) likely.
-        request.policy.downtime_limit =
-            Duration::from_millis([15, 30, 100, 300][rng.below(4) as usize]);
+        request.policy = MovePolicy::downtime_limit_ms([15, 30, 100, 300][rng.below(4) as usize]);
         let result = tokio::time::timeout(MOVE_WAIT, live.actor.send(MoveVm(request))).await;
         let said = match &result {
             Ok(Ok(Ok(r))) => format!("completed, epoch {}, {:?}", r.epoch, r.total),

@@ -14,7 +14,9 @@ use crate::node::{lock, now_ms, NodeShared, Role, PROBE_SERVICE};
 use crate::policy::convergence::{ConvergenceConfig, ConvergencePolicy, Decision, RoundStats};
 use crate::policy::placement::{self, NetworkPath};
 use ferry_cluster::command::CommandError;
-use ferry_cluster::model::{MigrationOutcome, MigrationPhase, MigrationTrigger, StorageSpec};
+use ferry_cluster::model::{
+    MigrationOutcome, MigrationPhase, MigrationTrigger, Settings, StorageSpec,
+};
 use ferry_cluster::{ClusterError, Command, NodeId, Response};
 use ferry_transport::{CallOptions, PageStreamSender, PAGE_SIZE};
 use ferry_vmm::guest::is_zero as is_zero_page;
@@ -61,7 +63,9 @@ pub struct MoveRequest {
     /// Compare memory and device-state digests of source and target in the
     /// blackout (a full memory hash on each side: tests turn it on).
     pub verify: bool,
-    pub policy: ConvergenceConfig,
+    /// Where the convergence policy's limits come from: by default the
+    /// cluster's settings when the move begins.
+    pub policy: MovePolicy,
 }
 
 impl MoveRequest {
@@ -71,7 +75,48 @@ impl MoveRequest {
             target,
             trigger: MigrationTrigger::User,
             verify: false,
-            policy: ConvergenceConfig::default(),
+            policy: MovePolicy::default(),
+        }
+    }
+}
+
+/// The convergence configuration a move asks for. Resolved by the source job
+/// when the move begins, so every kind of move — a user's, a drain's, a
+/// tip's, a failback — obeys the cluster's downtime limit unless it says
+/// otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MovePolicy {
+    /// The cluster's ([`ConvergenceConfig::for_move`]), with this move's own
+    /// downtime limit in place of the cluster's where one is named.
+    Cluster { downtime_limit_ms: Option<u32> },
+    /// Exactly this configuration, whatever the settings say (tests and
+    /// benchmarks that tune more than the settings hold).
+    Explicit(ConvergenceConfig),
+}
+
+impl Default for MovePolicy {
+    fn default() -> Self {
+        MovePolicy::Cluster {
+            downtime_limit_ms: None,
+        }
+    }
+}
+
+impl MovePolicy {
+    /// This move's downtime limit in place of the cluster's.
+    pub fn downtime_limit_ms(ms: u32) -> Self {
+        MovePolicy::Cluster {
+            downtime_limit_ms: Some(ms),
+        }
+    }
+
+    /// The configuration under `settings`, the cluster's as the move begins.
+    pub fn resolve(&self, settings: &Settings) -> ConvergenceConfig {
+        match self {
+            MovePolicy::Cluster { downtime_limit_ms } => {
+                ConvergenceConfig::for_move(settings, *downtime_limit_ms)
+            }
+            MovePolicy::Explicit(config) => config.clone(),
         }
     }
 }
@@ -220,6 +265,8 @@ type ChosenPaths = (Vec<PathReport>, Vec<(String, String)>);
 struct Job {
     node: Arc<NodeShared>,
     req: MoveRequest,
+    /// `req.policy` resolved against the settings as the move began.
+    config: ConvergenceConfig,
     handle: JobHandle,
     migration: u64,
     epoch: u64,
@@ -251,7 +298,8 @@ pub async fn run(
             req.target
         ))
     })?;
-    ConvergencePolicy::new(req.policy.clone(), guest.page_count() * PAGE_SIZE as u64)
+    let config = req.policy.resolve(&node.cluster.read().settings);
+    ConvergencePolicy::new(config.clone(), guest.page_count() * PAGE_SIZE as u64)
         .map_err(|e| MigrationError::Refused(e.to_string()))?;
     let at_ms = now_ms();
     let begun = node
@@ -282,13 +330,12 @@ pub async fn run(
         vm: req.vm.clone(),
         source: node.id,
         target: req.target,
-        budget: req
-            .policy
-            .time_budget(guest.page_count() * PAGE_SIZE as u64),
+        budget: config.time_budget(guest.page_count() * PAGE_SIZE as u64),
     });
     let job = Job {
         node,
         req,
+        config,
         handle,
         migration,
         epoch,
@@ -720,7 +767,7 @@ impl Job {
         started: Instant,
     ) -> Result<MigrationReport, Failure> {
         let memory = self.guest.page_count() * PAGE_SIZE as u64;
-        let mut policy = ConvergencePolicy::new(self.req.policy.clone(), memory).map_err(|e| {
+        let mut policy = ConvergencePolicy::new(self.config.clone(), memory).map_err(|e| {
             Failure::BeforeCommit {
                 reason: e.to_string(),
                 paused: false,

@@ -19,6 +19,7 @@
 //! [`ConvergenceConfig::forced_stop`] explicitly allows it, and is marked
 //! `forced`.
 
+use ferry_cluster::model::Settings;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
@@ -152,6 +153,20 @@ pub enum ConfigError {
 }
 
 impl ConvergenceConfig {
+    /// The configuration every move of a cluster runs under, whoever starts
+    /// it (a user, a drain, a tip, a failback) and its estimate: the
+    /// defaults, with the cluster's downtime limit — or the move's own,
+    /// `downtime_limit_ms`, where it names one. The one place a cluster's
+    /// settings become a policy, so no kind of move can fall back to the
+    /// default limit on its own.
+    pub fn for_move(settings: &Settings, downtime_limit_ms: Option<u32>) -> Self {
+        let ms = downtime_limit_ms.unwrap_or(settings.downtime_limit_ms);
+        ConvergenceConfig {
+            downtime_limit: Duration::from_millis(u64::from(ms)),
+            ..ConvergenceConfig::default()
+        }
+    }
+
     /// Checks the configuration; the policy is built only from a valid one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_rounds == 0 {
@@ -705,6 +720,28 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         ConvergenceConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_move_takes_the_clusters_downtime_limit_unless_it_names_its_own() {
+        let settings = Settings {
+            downtime_limit_ms: 50,
+            ..Settings::default()
+        };
+        let cluster = ConvergenceConfig::for_move(&settings, None);
+        assert_eq!(cluster.downtime_limit, Duration::from_millis(50));
+        let own = ConvergenceConfig::for_move(&settings, Some(20));
+        assert_eq!(own.downtime_limit, Duration::from_millis(20));
+        // Nothing but the limit comes from the settings.
+        let defaults = ConvergenceConfig::default();
+        assert_eq!(
+            ConvergenceConfig {
+                downtime_limit: defaults.downtime_limit,
+                ..own.clone()
+            },
+            defaults
+        );
+        own.validate().unwrap();
     }
 
     #[test]

@@ -20,9 +20,8 @@
 //! migration that was already copying to it when it was paused.
 
 use crate::actors::{MoveVm, NodeActor};
-use crate::migration::source::{MigrationError, MoveRequest};
+use crate::migration::source::{MigrationError, MovePolicy, MoveRequest};
 use crate::node::NodeShared;
-use crate::policy::convergence::ConvergenceConfig;
 use crate::policy::drain::{drain_requested, DrainPlan, DrainReport, MoveOutcome};
 use actix::Addr;
 use ferry_cluster::model::{DrainStatus, MigrationTrigger};
@@ -42,7 +41,9 @@ pub struct DrainOptions {
     /// Compare memory and device-state digests of source and target in each
     /// blackout (see [`MoveRequest::verify`]).
     pub verify: bool,
-    pub policy: ConvergenceConfig,
+    /// The convergence policy of every move: by default the cluster's, with
+    /// its downtime limit as the settings say when each move begins.
+    pub policy: MovePolicy,
     /// Moves tried per VM before it is reported stuck.
     pub max_attempts: u32,
 }
@@ -51,7 +52,7 @@ impl Default for DrainOptions {
     fn default() -> Self {
         DrainOptions {
             verify: false,
-            policy: ConvergenceConfig::default(),
+            policy: MovePolicy::default(),
             max_attempts: 3,
         }
     }
@@ -94,10 +95,7 @@ pub async fn run(
             return;
         }
         for (vm, target) in plan.step(&state) {
-            let mut request = MoveRequest::new(vm.clone(), target);
-            request.trigger = MigrationTrigger::Drain;
-            request.verify = options.verify;
-            request.policy = options.policy.clone();
+            let request = drain_move(&vm, target, &options);
             let actor = actor.clone();
             moves.spawn(async move {
                 let result = actor
@@ -153,6 +151,15 @@ pub async fn run(
     }
 }
 
+/// The move a drain makes of `vm` to `target`.
+fn drain_move(vm: &str, target: NodeId, options: &DrainOptions) -> MoveRequest {
+    let mut request = MoveRequest::new(vm, target);
+    request.trigger = MigrationTrigger::Drain;
+    request.verify = options.verify;
+    request.policy = options.policy.clone();
+    request
+}
+
 /// Waits until the drain published on `progress` ends, at most `timeout`.
 pub async fn wait(
     progress: &mut watch::Receiver<DrainReport>,
@@ -197,8 +204,7 @@ pub fn serve_failback(shared: &Arc<NodeShared>, actor: Addr<NodeActor>) {
             async move {
                 let request: FailbackRequest =
                     ferry_transport::decode(&request).map_err(|e| e.to_string())?;
-                let mut req = MoveRequest::new(request.vm.clone(), from);
-                req.verify = request.verify;
+                let req = failback_move(&request, from);
                 let reply: FailbackReply = match actor.send(MoveVm(req)).await {
                     Ok(Ok(report)) => Ok((report.migration, report.epoch)),
                     Ok(Err(e)) => Err(e.to_string()),
@@ -208,6 +214,15 @@ pub fn serve_failback(shared: &Arc<NodeShared>, actor: Addr<NodeActor>) {
             }
         }),
     );
+}
+
+/// The move an owner makes of a VM back to `home`, the node that drained it:
+/// under the cluster's downtime limit, like every other move.
+fn failback_move(request: &FailbackRequest, home: NodeId) -> MoveRequest {
+    let mut req = MoveRequest::new(request.vm.clone(), home);
+    req.verify = request.verify;
+    req.policy = MovePolicy::default();
+    req
 }
 
 /// Moves `vms` (name, current owner) back to `shared`'s node, each by its
@@ -289,5 +304,50 @@ async fn ask_owner(
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_cluster::model::Settings;
+
+    fn settings_50_ms() -> Settings {
+        Settings {
+            downtime_limit_ms: 50,
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn a_drains_moves_carry_the_clusters_downtime_limit() {
+        let request = drain_move("web", 2, &DrainOptions::default());
+        assert_eq!(request.trigger, MigrationTrigger::Drain);
+        let config = request.policy.resolve(&settings_50_ms());
+        assert_eq!(config.downtime_limit, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_drain_may_name_its_own_downtime_limit() {
+        let options = DrainOptions {
+            policy: MovePolicy::downtime_limit_ms(20),
+            ..DrainOptions::default()
+        };
+        let config = drain_move("web", 2, &options)
+            .policy
+            .resolve(&settings_50_ms());
+        assert_eq!(config.downtime_limit, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn a_failback_carries_the_clusters_downtime_limit() {
+        let request = FailbackRequest {
+            vm: "web".into(),
+            verify: true,
+        };
+        let req = failback_move(&request, 1);
+        assert_eq!((req.target, req.verify), (1, true));
+        let config = req.policy.resolve(&settings_50_ms());
+        assert_eq!(config.downtime_limit, Duration::from_millis(50));
     }
 }

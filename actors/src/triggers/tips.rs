@@ -15,10 +15,11 @@
 //!   applied in the same commit, so a tip is applied at most once; a
 //!   dismissed ([`dismiss`]) or expired tip is final and nothing acts on it.
 
+use crate::migration::source::{MovePolicy, MoveRequest};
 use crate::node::{lock, now_ms, NodeShared};
 use crate::policy::tips::{LoadReport, TipAction, TipConfig, TipPolicy, VmLoad};
-use ferry_cluster::model::TipState;
-use ferry_cluster::{Command, TipId};
+use ferry_cluster::model::{MigrationTrigger, TipState};
+use ferry_cluster::{Command, NodeId, TipId};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -46,6 +47,15 @@ async fn resolve(node: &NodeShared, tip: TipId, state: TipState) -> Result<(), S
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// The move the source node makes to apply tip `tip`: under the cluster's
+/// downtime limit, like every other move.
+pub(crate) fn tip_move(tip: TipId, vm: String, target: NodeId) -> MoveRequest {
+    let mut request = MoveRequest::new(vm, target);
+    request.trigger = MigrationTrigger::Tip(tip);
+    request.policy = MovePolicy::default();
+    request
 }
 
 /// A node's load as it can measure it: memory pressure from the guests it
@@ -252,5 +262,23 @@ impl Tips {
 impl Drop for Tips {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_cluster::model::Settings;
+
+    #[test]
+    fn a_tips_move_carries_the_clusters_downtime_limit() {
+        let request = tip_move(7, "web".into(), 3);
+        assert_eq!(request.trigger, MigrationTrigger::Tip(7));
+        let settings = Settings {
+            downtime_limit_ms: 50,
+            ..Settings::default()
+        };
+        let config = request.policy.resolve(&settings);
+        assert_eq!(config.downtime_limit, Duration::from_millis(50));
     }
 }
