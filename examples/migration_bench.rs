@@ -188,8 +188,14 @@ async fn capped_rate(cap: u64) -> f64 {
         pattern: Pattern::Uniform,
         seed: 42,
     };
-    cluster.start_vm("bench", 1, 1024 * MIB, workload, 1).await.unwrap();
-    let report = cluster.move_vm(MoveRequest::new("bench", 2), 1).await.unwrap();
+    cluster
+        .start_vm("bench", 1, 1024 * MIB, workload, 1)
+        .await
+        .unwrap();
+    let report = cluster
+        .move_vm(MoveRequest::new("bench", 2), 1)
+        .await
+        .unwrap();
     for node in &cluster.nodes {
         node.shared.kill().await;
     }

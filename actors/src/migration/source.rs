@@ -710,7 +710,12 @@ impl Job {
         let fail = |reason: String| Failure::BeforeCommit { reason, paused };
         // The cluster's bandwidth cap, read each round: a change applies to moves
         // already running from their next round.
-        let cap = self.node.cluster.read().settings.bandwidth_cap_bytes_per_sec;
+        let cap = self
+            .node
+            .cluster
+            .read()
+            .settings
+            .bandwidth_cap_bytes_per_sec;
         sender.set_rate_limit(cap);
         for (first, count) in pages.runs(RUN_PAGES) {
             let bytes_before = bytes;
