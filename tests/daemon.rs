@@ -63,6 +63,24 @@ fn three_daemons_move_a_vm_and_drain_a_node_through_the_cli() {
     assert_eq!(r.code, 0, "{r:?}");
     let before: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
 
+    // A move under a 1 ms limit of its own cannot promise it (the policy
+    // plans 10 ms for the device state alone): it gives up, web-1 stays.
+    let r = cli(
+        &c1,
+        &[
+            "vm",
+            "move",
+            "web-1",
+            "--to",
+            "node-2",
+            "--downtime-limit-ms",
+            "1",
+        ],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    let vm: VmView = api.get("/api/vms/web-1").unwrap();
+    assert_eq!((vm.owner, vm.state.as_str()), (1, "running"));
+
     // Move web-1 to node 2 through the CLI.
     let r = cli(&c1, &["vm", "move", "web-1", "--to", "node-2"]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -79,7 +97,11 @@ fn three_daemons_move_a_vm_and_drain_a_node_through_the_cli() {
         before["seq"].as_u64().unwrap() + 1
     );
     let ms: Vec<MigrationView> = api.get("/api/migrations").unwrap();
-    let m = ms.iter().find(|m| m.vm == "web-1").unwrap();
+    let m = ms
+        .iter()
+        .filter(|m| m.vm == "web-1")
+        .max_by_key(|m| m.id)
+        .unwrap();
     assert_eq!(m.outcome, "completed");
     let report = m.report.as_ref().expect("the move's report reached node 1");
     println!(
@@ -92,8 +114,19 @@ fn three_daemons_move_a_vm_and_drain_a_node_through_the_cli() {
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("unknown_node"), "{}", r.stderr);
 
-    // Drain node 1 through the CLI: db-1 leaves, node 1 is paused and drained.
-    let r = cli(&c3, &["node", "pause", "node-1", "--drain"]);
+    // Drain node 1 through the CLI, under a limit of the drain's own (asked
+    // of node 1 through node 3): db-1 leaves, node 1 is paused and drained.
+    let r = cli(
+        &c3,
+        &[
+            "node",
+            "pause",
+            "node-1",
+            "--drain",
+            "--downtime-limit-ms",
+            "200",
+        ],
+    );
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("drained"), "{}", r.stdout);
     let n1: NodeView = api.get("/api/nodes/node-1").unwrap();
