@@ -478,7 +478,11 @@ fn a_manual_tip_moves_the_vm_once_a_user_accepts_it() {
             state.tips[&tip.id].state,
             TipState::Applied { migration: m.id }
         );
-        assert_eq!(cluster.running("hot"), vec![(2, 2)]);
+        // The commit is in the store; the target resumes once it sees it.
+        store_until(&cluster, 2, Duration::from_secs(10), "resumed", |_| {
+            cluster.running("hot") == vec![(2, 2)]
+        })
+        .await;
         let log = client.stop();
         assert_no_acked_append_lost(&cluster, 2, "hot", &log);
         println!("manual tip: {}", tip.reason);
