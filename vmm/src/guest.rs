@@ -1,6 +1,7 @@
 //! The `Guest` trait: what a live-migration engine needs from any kind of VM.
 
 use crate::dirty::DirtyBitmap;
+use crate::lease::RunLease;
 use crate::service::ServiceError;
 use crate::state::DeviceState;
 
@@ -100,6 +101,15 @@ pub trait Guest: Send + Sync {
 
     /// Whether the vCPUs are stopped.
     fn is_paused(&self) -> bool;
+
+    /// From now on the guest runs only while `lease` holds: while it does not,
+    /// the vCPUs do no guest work (they stop within one batch) and
+    /// `service_append` refuses with [`ServiceError::Fenced`], with no call to
+    /// `pause` needed. Replaces the lease bound before; a guest starts with
+    /// [`RunLease::unlimited`]. Independent of pause: `is_paused` says only
+    /// whether `pause` stopped the guest, and the caller asks the lease it
+    /// bound whether the guest is fenced.
+    fn bind_lease(&self, lease: RunLease);
 
     /// Holds the vCPUs back for `share` (0.0..=0.99) of their time.
     fn set_throttle(&self, share: f64) -> GuestResult<()>;

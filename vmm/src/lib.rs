@@ -6,11 +6,17 @@
 //! with real memory and real vCPU threads writing into it; it also runs a small
 //! append service whose state lives in guest memory, so tests can prove that no
 //! acknowledged write is lost across a move.
+//!
+//! A guest runs only while the [`RunLease`] bound to it holds: its vCPUs and
+//! its service check the lease themselves, so a node whose cluster lease ran
+//! out (or a process resumed after a long stop) runs no guest work and
+//! acknowledges no append, even before anyone pauses the guest.
 
 pub mod dirty;
 pub mod guest;
 #[cfg(target_os = "linux")]
 pub mod kvm;
+pub mod lease;
 pub mod local;
 pub mod memory;
 pub mod service;
@@ -22,6 +28,7 @@ pub use dirty::DirtyBitmap;
 pub use guest::{Guest, GuestError, GuestResult, MemoryDigest, PAGE_SIZE};
 #[cfg(target_os = "linux")]
 pub use kvm::{KvmGuest, KvmGuestConfig};
+pub use lease::RunLease;
 pub use service::{ServiceError, SERVICE_PAGES};
 pub use sim::{SimGuest, SimGuestConfig};
 pub use state::{DeviceState, NicState, VcpuState, DEVICE_STATE_VERSION};

@@ -5,7 +5,9 @@
 //! it moves with the guest's memory: after a migration the target continues the
 //! sequence, and every acknowledged record must be found there. While the guest
 //! is paused the service refuses with [`ServiceError::Paused`], which is how a
-//! client measures the blackout.
+//! client measures the blackout. While the guest's
+//! [`RunLease`](crate::RunLease) does not hold it refuses with
+//! [`ServiceError::Fenced`]: a fenced guest acknowledges nothing.
 //!
 //! Layout, at the start of guest memory (little-endian):
 //! `magic u64 | count u64 | used u64 | …` header in the first 64 bytes, then
@@ -31,6 +33,8 @@ pub enum ServiceError {
     Paused,
     #[error("the guest is not running here (destroyed or never started)")]
     NotRunning,
+    #[error("the guest is fenced: its node's lease with the cluster expired")]
+    Fenced,
     #[error("the service log is full ({used} of {capacity} bytes)")]
     Full { used: u64, capacity: u64 },
     #[error("record of {0} bytes is over the {MAX_RECORD} byte limit")]

@@ -4,10 +4,13 @@
 //! bytes into it at a set rate and pattern and mark the dirty log after each
 //! write; the append service keeps its log in the first pages. Pause, resume
 //! and throttle act on the vCPU threads through a run gate, so a pause returns
-//! only once no vCPU (and no service call) can write guest memory.
+//! only once no vCPU (and no service call) can write guest memory. The bound
+//! [`RunLease`] is checked by each vCPU once per batch and by each append, so a
+//! fenced guest stops writing within a batch with no pause needed.
 
 use crate::dirty::{DirtyBitmap, DirtyLog};
 use crate::guest::{pages_in, Guest, GuestError, GuestResult, MemoryDigest, PAGE_SIZE};
+use crate::lease::{BoundLease, RunLease};
 use crate::memory::GuestMemory;
 use crate::service::{ServiceError, ServiceLog, SERVICE_PAGES};
 use crate::state::{DeviceState, NicState, VcpuState};
@@ -22,6 +25,9 @@ const KIND: &str = "sim";
 const SLICE: Duration = Duration::from_millis(5);
 /// Writes between checks of the clock and the gate; keeps pause latency short.
 const BATCH: u64 = 64;
+/// How often a fenced vCPU looks at its lease again: extending a lease wakes
+/// no one, so this bounds how late a vCPU resumes after a renewal.
+const FENCE_POLL: Duration = Duration::from_millis(1);
 
 /// How to build a simulated guest.
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +170,7 @@ struct Inner {
     service: Mutex<()>,
     writes: AtomicU64,
     destroyed: AtomicBool,
+    lease: BoundLease,
 }
 
 impl Inner {
@@ -189,6 +196,18 @@ impl Inner {
         f64::from(self.throttle_ppm.load(Ordering::Relaxed)) / 1e6
     }
 
+    /// Waits while the lease does not hold; false once destroyed. Outside the
+    /// gate, so a pause does not wait for the lease.
+    fn wait_out_fence(&self) -> bool {
+        while !self.lease.holds() {
+            if self.gate.is(DESTROYED) {
+                return false;
+            }
+            std::thread::sleep(FENCE_POLL);
+        }
+        true
+    }
+
     fn vcpu_loop(&self, index: usize) {
         let per_vcpu = self
             .config
@@ -212,9 +231,18 @@ impl Inner {
                 None => u64::MAX,
             };
             while budget > 0 && slice_start.elapsed() < running && pages > 0 {
-                let Some(_entered) = self.gate.enter_wait() else {
+                let Some(entered) = self.gate.enter_wait() else {
                     return;
                 };
+                if !self.lease.holds() {
+                    drop(entered);
+                    if !self.wait_out_fence() {
+                        return;
+                    }
+                    // Time held counts against the slice: a fenced vCPU
+                    // does not catch up on the writes it missed.
+                    continue;
+                }
                 let mut ctx = self.vcpus[index].lock().unwrap_or_else(|p| p.into_inner());
                 for _ in 0..BATCH.min(budget) {
                     let page = first + ctx.next_page(pattern, pages);
@@ -298,6 +326,7 @@ impl SimGuest {
             service: Mutex::new(()),
             writes: AtomicU64::new(0),
             destroyed: AtomicBool::new(false),
+            lease: BoundLease::new(),
         });
         let threads = (0..inner.config.vcpus as usize)
             .map(|i| {
@@ -437,6 +466,10 @@ impl Guest for SimGuest {
         self.inner.gate.is(PAUSED)
     }
 
+    fn bind_lease(&self, lease: RunLease) {
+        self.inner.lease.bind(lease);
+    }
+
     fn set_throttle(&self, share: f64) -> GuestResult<()> {
         if !(0.0..=0.99).contains(&share) {
             return Err(GuestError::BadThrottle(share.to_string()));
@@ -528,16 +561,26 @@ impl Guest for SimGuest {
 
     fn service_append(&self, record: &[u8]) -> Result<u64, ServiceError> {
         let _one_at_a_time = self.inner.service.lock().unwrap_or_else(|p| p.into_inner());
-        let _entered = self.inner.gate.try_enter().map_err(|closed| match closed {
-            Closed::Paused => ServiceError::Paused,
-            Closed::Destroyed => ServiceError::NotRunning,
-        })?;
-        ServiceLog::new(
+        let entered = self.inner.gate.try_enter();
+        if let Err(Closed::Destroyed) = entered {
+            return Err(ServiceError::NotRunning);
+        }
+        if !self.inner.lease.holds() {
+            return Err(ServiceError::Fenced);
+        }
+        let _entered = entered.map_err(|_| ServiceError::Paused)?;
+        let seq = ServiceLog::new(
             &self.inner.mem,
             &self.inner.dirty,
             self.inner.config.service_pages,
         )
-        .append(record)
+        .append(record)?;
+        // The acknowledgement needs the lease too: one that ran out during the
+        // append leaves the record unacknowledged, as a lost answer would.
+        if !self.inner.lease.holds() {
+            return Err(ServiceError::Fenced);
+        }
+        Ok(seq)
     }
 
     fn service_records(&self) -> Result<Vec<(u64, Vec<u8>)>, ServiceError> {

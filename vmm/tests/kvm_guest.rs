@@ -9,7 +9,7 @@
 use ferry_vmm::dirty::DirtyBitmap;
 use ferry_vmm::kvm::{self, KvmGuest, KvmGuestConfig};
 use ferry_vmm::workload::VcpuContext;
-use ferry_vmm::{Guest, GuestError, Pattern, ServiceError, Workload, PAGE_SIZE};
+use ferry_vmm::{Guest, GuestError, Pattern, RunLease, ServiceError, Workload, PAGE_SIZE};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -377,5 +377,122 @@ fn the_guest_keeps_its_dirty_rate() {
         (21_000.0..=34_500.0).contains(&rate),
         "paced at 30000/s, wrote {rate:.0}/s"
     );
+    guest.destroy();
+}
+
+/// Waits until the guest's write counters stand still for a while; returns them.
+fn settled_counters(guest: &KvmGuest) -> Vec<ferry_vmm::kvm::VcpuCounters> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = guest.counters();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = guest.counters();
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the guest kept running");
+        last = now;
+    }
+}
+
+#[test]
+fn a_fenced_guest_runs_nothing_and_acknowledges_nothing() {
+    let Some(_) = kvm::usable_or_skip("a_fenced_guest_runs_nothing_and_acknowledges_nothing")
+    else {
+        return;
+    };
+    let guest = KvmGuest::boot(config(16 * MIB, Workload::uniform(20_000, 7))).unwrap();
+    wait_for("writes", Duration::from_secs(5), || guest.writes() > 100);
+    assert_eq!(guest.service_append(b"before"), Ok(1));
+
+    let lease = RunLease::expired();
+    guest.bind_lease(lease.clone());
+    assert_eq!(guest.service_append(b"fenced"), Err(ServiceError::Fenced));
+    let fenced = settled_counters(&guest);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(guest.counters(), fenced, "a fenced guest runs nothing");
+    assert!(!guest.is_paused(), "fencing is not a pause");
+    assert_eq!(guest.service_records().unwrap().len(), 1);
+
+    // Pause and resume still work while fenced, and resuming runs nothing.
+    let t = Instant::now();
+    guest.pause().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "pause while fenced"
+    );
+    guest.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        guest.counters(),
+        fenced,
+        "a resumed guest waits for its lease"
+    );
+    assert_eq!(guest.service_append(b"fenced"), Err(ServiceError::Fenced));
+
+    lease.extend_to(Instant::now() + Duration::from_secs(600));
+    wait_for("writes after the extension", Duration::from_secs(5), || {
+        guest.writes() > fenced[0].writes
+    });
+    assert_eq!(guest.service_append(b"after"), Ok(2));
+    assert_eq!(guest.failure(), None);
+
+    // Destroy returns while the vCPUs are held by the lease.
+    guest.bind_lease(RunLease::expired());
+    settled_counters(&guest);
+    guest.destroy();
+    assert_eq!(guest.service_append(b"x"), Err(ServiceError::NotRunning));
+}
+
+#[test]
+fn a_kvm_lease_that_runs_out_fences_the_guest_by_itself() {
+    let Some(_) = kvm::usable_or_skip("a_kvm_lease_that_runs_out_fences_the_guest_by_itself")
+    else {
+        return;
+    };
+    let guest = KvmGuest::boot(config(16 * MIB, Workload::uniform(20_000, 8))).unwrap();
+    wait_for("writes", Duration::from_secs(5), || guest.writes() > 100);
+    let deadline = Instant::now() + Duration::from_millis(100);
+    guest.bind_lease(RunLease::until(deadline));
+    let give_up = deadline + Duration::from_secs(5);
+    let mut acked = 0u64;
+    loop {
+        let start = Instant::now();
+        let result = guest.service_append(b"r");
+        let end = Instant::now();
+        match result {
+            Ok(seq) => {
+                assert!(start < deadline, "acknowledged after the deadline");
+                acked += 1;
+                assert_eq!(seq, acked);
+            }
+            Err(ServiceError::Fenced) => {
+                assert!(end >= deadline, "refused before the deadline");
+                // Caught by the deadline on its way: refused at once, not
+                // after the service timeout.
+                assert!(
+                    end - start < Duration::from_secs(1),
+                    "took {:?}",
+                    end - start
+                );
+                if start >= deadline {
+                    break;
+                }
+            }
+            Err(e) => panic!("unexpected service error: {e}"),
+        }
+        assert!(Instant::now() < give_up, "appends still acknowledged");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let fenced = settled_counters(&guest);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        guest.counters(),
+        fenced,
+        "a guest whose lease ran out runs nothing"
+    );
+    let records = guest.service_records().unwrap().len() as u64;
+    assert!((acked..=acked + 1).contains(&records), "{records} records");
+    assert_eq!(guest.failure(), None);
     guest.destroy();
 }

@@ -8,7 +8,7 @@
 use ferry_vmm::dirty::DirtyBitmap;
 use ferry_vmm::kvm::{self, KvmGuest, KvmGuestConfig};
 use ferry_vmm::local::{live_copy, LocalCopyConfig};
-use ferry_vmm::{DeviceState, Guest, GuestResult, MemoryDigest, ServiceError, Workload};
+use ferry_vmm::{DeviceState, Guest, GuestResult, MemoryDigest, RunLease, ServiceError, Workload};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -167,6 +167,9 @@ impl Guest for SlowLink {
     }
     fn is_paused(&self) -> bool {
         self.target.is_paused()
+    }
+    fn bind_lease(&self, lease: RunLease) {
+        self.target.bind_lease(lease)
     }
     fn set_throttle(&self, share: f64) -> GuestResult<()> {
         self.target.set_throttle(share)

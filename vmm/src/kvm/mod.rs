@@ -21,6 +21,9 @@
 //! - Pause kicks every vCPU out of `KVM_RUN` (signal + `immediate_exit`) and
 //!   returns once all are parked; throttle and dirty rate are host-side sleeps
 //!   at the doorbell between batches (`vcpu.rs`).
+//! - The bound [`RunLease`] is checked before every `KVM_RUN`: while it does
+//!   not hold, a vCPU stays out of the guest (`vcpu.rs`) and appends are
+//!   refused.
 //! - State is saved and restored as versioned values ([`state`]).
 //! - [`probe`] finds out at start whether this node can run KVM guests at
 //!   all; [`KvmGuest::boot`] refuses with its reason if not.
@@ -37,6 +40,7 @@ pub use state::{KvmVcpuState, KvmVmState, KVM_VCPU_STATE_VERSION, KVM_VM_STATE_V
 
 use crate::dirty::{DirtyBitmap, DirtyLog};
 use crate::guest::{Guest, GuestError, GuestResult, MemoryDigest, PAGE_SIZE};
+use crate::lease::{BoundLease, RunLease};
 use crate::memory::GuestMemory;
 use crate::service::{ServiceError, ServiceLog, MAX_RECORD, SERVICE_PAGES};
 use crate::state::{DeviceState, NicState, VcpuState};
@@ -165,6 +169,7 @@ pub(crate) struct Inner {
     /// The vCPUs hold a real CPU state (booted, or restored): may run.
     armed: AtomicBool,
     destroyed: AtomicBool,
+    lease: BoundLease,
     mem: GuestMemory,
 }
 
@@ -366,6 +371,7 @@ impl KvmGuest {
             service: Mutex::new(()),
             armed: AtomicBool::new(!incoming),
             destroyed: AtomicBool::new(false),
+            lease: BoundLease::new(),
             mem,
         });
         let mut threads = Vec::with_capacity(inner.vcpus.len());
@@ -530,6 +536,76 @@ impl KvmGuest {
             }
         }
     }
+
+    /// Posts `record` in the mailbox and waits for vCPU 0 to serve it. The
+    /// caller holds the service lock and found the guest running.
+    fn serve(&self, record: &[u8]) -> Result<u64, ServiceError> {
+        let inner = &self.inner;
+        let control = &inner.control;
+        let (mem, at) = (&inner.mem, inner.layout.mailbox_offset());
+        let request = get_u64(mem, at + mb::REQ).max(get_u64(mem, at + mb::ACK)) + 1;
+        mem.store(at + mb::DATA, record);
+        mem.store(at + mb::LEN, &(record.len() as u64).to_le_bytes());
+        // The guest reads the request number first: publish it last.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        mem.store(at + mb::REQ, &request.to_le_bytes());
+        inner.host_dirty.mark(inner.layout.mailbox);
+
+        let deadline = Instant::now() + SERVICE_TIMEOUT;
+        let mut ctl = lock(&control.ctl);
+        ctl.service_pending = true;
+        control.vcpu_wake.notify_all();
+        while get_u64(mem, at + mb::ACK) != request {
+            if ctl.run == Run::Destroyed || ctl.failed.is_some() {
+                return Err(ServiceError::NotRunning);
+            }
+            // A vCPU 0 still held under a lease that holds again is about to
+            // go: the notify above woke it, or its next look at the lease will.
+            if ctl.server_fenced && !inner.lease.holds() {
+                // The lease ran out after the check: vCPU 0 is held at the
+                // doorbell, outside any append, and cannot re-enter the guest
+                // while this lock is held. Take the request back, so it is
+                // neither served later nor torn by the next one.
+                let ack = get_u64(mem, at + mb::ACK);
+                mem.store(at + mb::REQ, &ack.to_le_bytes());
+                inner.host_dirty.mark(inner.layout.mailbox);
+                ctl.service_pending = false;
+                return Err(ServiceError::Fenced);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if !inner.lease.holds() {
+                    return Err(ServiceError::Fenced);
+                }
+                tracing::warn!("KVM guest did not serve an append within {SERVICE_TIMEOUT:?}");
+                return Err(ServiceError::NotRunning);
+            }
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            ctl = control
+                .host_wake
+                .wait_timeout(ctl, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(ctl);
+        // The acknowledgement needs the lease too: one that ran out while the
+        // guest served leaves the record unacknowledged, as a lost answer would.
+        if !inner.lease.holds() {
+            return Err(ServiceError::Fenced);
+        }
+        match get_u64(mem, at + mb::RES) {
+            mb::ERR_FULL => Err(ServiceError::Full {
+                used: get_u64(mem, 16),
+                capacity: inner.config.service_pages * PAGE_SIZE as u64,
+            }),
+            mb::ERR_TOO_LARGE => Err(ServiceError::TooLarge(record.len())),
+            mb::ERR_CORRUPT => Err(ServiceError::Corrupt("no service header".into())),
+            seq if seq & mb::ERROR != 0 => {
+                Err(ServiceError::Corrupt(format!("guest answered {seq:#x}")))
+            }
+            seq => Ok(seq),
+        }
+    }
 }
 
 /// Writes pseudo-random pages as `SimGuest::guest_fill` does (same bytes).
@@ -625,6 +701,10 @@ impl Guest for KvmGuest {
 
     fn is_paused(&self) -> bool {
         lock(&self.inner.control.ctl).run != Run::Running
+    }
+
+    fn bind_lease(&self, lease: RunLease) {
+        self.inner.lease.bind(lease);
     }
 
     fn set_throttle(&self, share: f64) -> GuestResult<()> {
@@ -725,54 +805,14 @@ impl Guest for KvmGuest {
         {
             let ctl = lock(&control.ctl);
             match ctl.run {
-                Run::Paused => return Err(ServiceError::Paused),
                 Run::Destroyed => return Err(ServiceError::NotRunning),
                 Run::Running if ctl.failed.is_some() => return Err(ServiceError::NotRunning),
+                _ if !inner.lease.holds() => return Err(ServiceError::Fenced),
+                Run::Paused => return Err(ServiceError::Paused),
                 Run::Running => {}
             }
         }
-        let (mem, at) = (&inner.mem, inner.layout.mailbox_offset());
-        let request = get_u64(mem, at + mb::REQ).max(get_u64(mem, at + mb::ACK)) + 1;
-        mem.store(at + mb::DATA, record);
-        mem.store(at + mb::LEN, &(record.len() as u64).to_le_bytes());
-        // The guest reads the request number first: publish it last.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        mem.store(at + mb::REQ, &request.to_le_bytes());
-        inner.host_dirty.mark(inner.layout.mailbox);
-
-        let deadline = Instant::now() + SERVICE_TIMEOUT;
-        let mut ctl = lock(&control.ctl);
-        ctl.service_pending = true;
-        control.vcpu_wake.notify_all();
-        while get_u64(mem, at + mb::ACK) != request {
-            if ctl.run == Run::Destroyed || ctl.failed.is_some() {
-                return Err(ServiceError::NotRunning);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                tracing::warn!("KVM guest did not serve an append within {SERVICE_TIMEOUT:?}");
-                return Err(ServiceError::NotRunning);
-            }
-            let wait = (deadline - now).min(Duration::from_millis(20));
-            ctl = control
-                .host_wake
-                .wait_timeout(ctl, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        drop(ctl);
-        match get_u64(mem, at + mb::RES) {
-            mb::ERR_FULL => Err(ServiceError::Full {
-                used: get_u64(mem, 16),
-                capacity: inner.config.service_pages * PAGE_SIZE as u64,
-            }),
-            mb::ERR_TOO_LARGE => Err(ServiceError::TooLarge(record.len())),
-            mb::ERR_CORRUPT => Err(ServiceError::Corrupt("no service header".into())),
-            seq if seq & mb::ERROR != 0 => {
-                Err(ServiceError::Corrupt(format!("guest answered {seq:#x}")))
-            }
-            seq => Ok(seq),
-        }
+        self.serve(record)
     }
 
     fn service_records(&self) -> Result<Vec<(u64, Vec<u8>)>, ServiceError> {
@@ -798,5 +838,44 @@ impl Guest for KvmGuest {
 impl Drop for KvmGuest {
     fn drop(&mut self) {
         self.destroy();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_append_the_lease_runs_out_under_is_taken_back() {
+        let Some(_) = usable_or_skip("an_append_the_lease_runs_out_under_is_taken_back") else {
+            return;
+        };
+        let mut config = KvmGuestConfig::new(4 << 20, Workload::idle());
+        config.service_pages = 4;
+        let guest = KvmGuest::boot(config).unwrap();
+        assert_eq!(guest.service_append(b"first"), Ok(1));
+
+        let lease = RunLease::expired();
+        guest.bind_lease(lease.clone());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lock(&guest.inner.control.ctl).server_fenced {
+            assert!(Instant::now() < deadline, "vCPU 0 is not held by the lease");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // As if the lease ran out between the append's own check and vCPU 0's
+        // next doorbell exit: the request is already in the mailbox.
+        let t = Instant::now();
+        assert_eq!(guest.serve(b"withdrawn"), Err(ServiceError::Fenced));
+        assert!(t.elapsed() < SERVICE_TIMEOUT, "refused only at the timeout");
+
+        // Once the guest runs again it does not serve the withdrawn request.
+        lease.extend_to(Instant::now() + Duration::from_secs(600));
+        assert_eq!(guest.service_append(b"second"), Ok(2));
+        assert_eq!(
+            guest.service_records().unwrap(),
+            vec![(1, b"first".to_vec()), (2, b"second".to_vec())]
+        );
+        assert_eq!(guest.counters()[0].appends, 2);
+        guest.destroy();
     }
 }

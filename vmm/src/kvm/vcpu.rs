@@ -15,6 +15,11 @@
 //! runs no guest instruction but finishes the load or store, whose result
 //! would otherwise live only in `kvm_run` and not in the saved registers),
 //! then parks. `pause` returns when every vCPU is parked.
+//!
+//! Fencing: before every `KVM_RUN` the thread checks the guest's run lease;
+//! while it does not hold, the thread stays out of `KVM_RUN` (the guest runs
+//! no instruction) and looks again every millisecond, still obeying the stop
+//! flag. A vCPU is normally held at the doorbell read, between two batches.
 
 use super::layout::{
     Layout, GDT_ENTRIES, SEL_TSS, SEL_USER_CODE, SEL_USER_DATA, TSS_LIMIT, TSS_OFFSET,
@@ -50,6 +55,9 @@ pub(super) const REKICK: Duration = Duration::from_millis(10);
 
 /// The pace the host keeps a rate-limited vCPU to: one batch per slice.
 const SLICE: Duration = Duration::from_millis(1);
+/// How often a vCPU held by its lease looks at it again: extending a lease
+/// wakes no one, so this bounds how late a vCPU resumes after a renewal.
+const FENCE_POLL: Duration = Duration::from_millis(1);
 /// An idle vCPU (rate 0, or its write limit reached) yields this often.
 const IDLE: Duration = Duration::from_millis(5);
 /// How far a paced vCPU may fall behind its schedule and still catch up.
@@ -118,6 +126,10 @@ pub(super) struct Ctl {
     pub failed: Option<String>,
     /// An append waits in the mailbox: vCPU 0 should not sleep.
     pub service_pending: bool,
+    /// vCPU 0 is held out of the guest by the lease just after a doorbell
+    /// access: between batches, outside any append, and it cannot re-enter
+    /// the guest without taking this lock.
+    pub server_fenced: bool,
 }
 
 pub(super) struct Control {
@@ -139,6 +151,7 @@ impl Control {
                 parked: 0,
                 failed: None,
                 service_pending: false,
+                server_fenced: false,
             }),
             vcpu_wake: Condvar::new(),
             host_wake: Condvar::new(),
@@ -505,6 +518,36 @@ fn gate(control: &Control) -> bool {
     }
 }
 
+/// Keeps the vCPU out of KVM_RUN while the lease does not hold. Returns false
+/// if it was told to stop meanwhile. `serves_at_doorbell`: this is vCPU 0 and
+/// its program stands just after a doorbell access (see `Ctl::server_fenced`).
+fn wait_out_fence(inner: &Inner, serves_at_doorbell: bool) -> bool {
+    if inner.lease.holds() {
+        return true;
+    }
+    let control = &inner.control;
+    let mut ctl = lock(&control.ctl);
+    if serves_at_doorbell {
+        ctl.server_fenced = true;
+        control.host_wake.notify_all();
+    }
+    let may_run = loop {
+        if ctl.run != Run::Running {
+            break false;
+        }
+        if inner.lease.holds() {
+            break true;
+        }
+        ctl = control
+            .vcpu_wake
+            .wait_timeout(ctl, FENCE_POLL)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    };
+    ctl.server_fenced = false;
+    may_run
+}
+
 /// Body of vCPU thread `index`.
 pub(super) fn vcpu_thread(inner: Arc<Inner>, index: u32) {
     // Threads inherit their creator's signal mask; the kick must get through.
@@ -512,6 +555,9 @@ pub(super) fn vcpu_thread(inner: Arc<Inner>, index: u32) {
     let mut pacer = Pacer::new(&inner, index);
     let vcpu = &inner.vcpus[index as usize];
     let control = &inner.control;
+    // Whether the program stands just after a doorbell access. Not known at
+    // the start (a restored vCPU may have been stopped anywhere).
+    let mut at_doorbell = false;
     loop {
         if !gate(control) {
             return;
@@ -519,7 +565,7 @@ pub(super) fn vcpu_thread(inner: Arc<Inner>, index: u32) {
         vcpu.set_immediate_exit(0);
         let result = {
             let mut fd = lock(&vcpu.fd);
-            run_until_stopped(&inner, vcpu, &mut fd, &mut pacer)
+            run_until_stopped(&inner, vcpu, &mut fd, &mut pacer, &mut at_doorbell)
         };
         if let Err(reason) = result {
             tracing::error!(vcpu = index, %reason, "KVM vCPU stopped");
@@ -545,6 +591,7 @@ fn run_until_stopped(
     vcpu: &Vcpu,
     fd: &mut VcpuFd,
     pacer: &mut Pacer,
+    at_doorbell: &mut bool,
 ) -> Result<(), String> {
     let control = &inner.control;
     let serves = vcpu.index == 0;
@@ -557,6 +604,10 @@ fn run_until_stopped(
             }
             return Ok(());
         }
+        if !wait_out_fence(inner, serves && *at_doorbell) {
+            // Told to stop while held: the check above parks the vCPU.
+            continue;
+        }
         let entered = Instant::now();
         match fd.run() {
             Ok(VcpuExit::MmioRead(addr, data)) if addr == doorbell + DB_YIELD => {
@@ -564,15 +615,24 @@ fn run_until_stopped(
                 let n = data.len().min(batch.len());
                 data[..n].copy_from_slice(&batch[..n]);
                 io_in_flight = true;
+                *at_doorbell = true;
             }
             Ok(VcpuExit::MmioWrite(addr, _)) if addr == doorbell + DB_SERVED => {
                 let mut ctl = lock(&control.ctl);
                 ctl.service_pending = false;
                 control.host_wake.notify_all();
                 io_in_flight = true;
+                *at_doorbell = true;
             }
-            Ok(VcpuExit::Intr) => io_in_flight = false,
-            Err(e) if e.errno() == libc::EINTR => io_in_flight = false,
+            // Interrupted, the program may stand anywhere, even inside an append.
+            Ok(VcpuExit::Intr) => {
+                io_in_flight = false;
+                *at_doorbell = false;
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                io_in_flight = false;
+                *at_doorbell = false;
+            }
             Ok(exit) => {
                 let exit = format!("{exit:?}");
                 return Err(describe_exit(fd, &exit));
