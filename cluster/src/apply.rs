@@ -8,9 +8,10 @@ use std::collections::BTreeSet;
 
 use crate::command::{Command, CommandError, Resource, Response};
 use crate::model::{
-    Capacity, ClusterState, DrainStatus, MigrationId, MigrationOutcome, MigrationPhase,
+    Capacity, ClusterState, Downed, DrainStatus, MigrationId, MigrationOutcome, MigrationPhase,
     MigrationTrigger, MigrationUse, Network, Node, NodeId, NodeState, ProTipMode, Settings,
-    StorageSpec, Subnet, Tip, TipId, TipState, Vm, VmConfig, VmState, HISTORY_LIMIT,
+    StorageSpec, Subnet, Tip, TipId, TipState, Vm, VmConfig, VmState, FAILURE_DETECTION_MS,
+    HISTORY_LIMIT, MAX_FAILOVER_PRIORITY,
 };
 
 type Result<T> = std::result::Result<T, CommandError>;
@@ -51,6 +52,7 @@ pub fn apply(state: &mut ClusterState, command: Command) -> Result<Response> {
                     tcp_offload,
                     state: NodeState::Up,
                     drain: DrainStatus::Idle,
+                    down: None,
                 },
             );
             Ok(Response::Done)
@@ -116,7 +118,11 @@ pub fn apply(state: &mut ClusterState, command: Command) -> Result<Response> {
             node_mut(state, node)?.drain = status;
             Ok(Response::Done)
         }
-        Command::MarkNodeDown { node, at_ms } => {
+        Command::MarkNodeDown {
+            node,
+            reason,
+            at_ms,
+        } => {
             if node_ref(state, node)?.state == NodeState::Down {
                 return Err(CommandError::NodeDown { node });
             }
@@ -165,6 +171,7 @@ pub fn apply(state: &mut ClusterState, command: Command) -> Result<Response> {
             let n = node_mut(state, node)?;
             n.state = NodeState::Down;
             n.drain = DrainStatus::Idle;
+            n.down = Some(Downed { reason, at_ms });
             prune_history(state);
             Ok(Response::NodeMarkedDown {
                 aborted,
@@ -175,7 +182,9 @@ pub fn apply(state: &mut ClusterState, command: Command) -> Result<Response> {
             if node_ref(state, node)?.state != NodeState::Down {
                 return Err(CommandError::NodeNotDown { node });
             }
-            node_mut(state, node)?.state = NodeState::Up;
+            let n = node_mut(state, node)?;
+            n.state = NodeState::Up;
+            n.down = None;
             Ok(Response::Done)
         }
         Command::SetNodeAddress {
@@ -380,8 +389,16 @@ pub fn apply(state: &mut ClusterState, command: Command) -> Result<Response> {
                 cpu_features,
             })
         }
-        Command::StopVm { vm } => {
+        Command::StopVm { vm, epoch } => {
             let v = vm_ref(state, &vm)?;
+            if let Some(expected) = epoch {
+                if expected != v.epoch {
+                    return Err(CommandError::StaleEpoch {
+                        expected,
+                        current: v.epoch,
+                    });
+                }
+            }
             match v.state {
                 VmState::Running | VmState::NeedsRestart => {}
                 VmState::Migrating => {
@@ -393,6 +410,20 @@ pub fn apply(state: &mut ClusterState, command: Command) -> Result<Response> {
                 VmState::Off => return Err(CommandError::VmNotRunning { vm, state: v.state }),
             }
             vm_mut(state, &vm)?.state = VmState::Off;
+            Ok(Response::Done)
+        }
+        Command::VmLost { vm, epoch } => {
+            let v = vm_ref(state, &vm)?;
+            if epoch != v.epoch {
+                return Err(CommandError::StaleEpoch {
+                    expected: epoch,
+                    current: v.epoch,
+                });
+            }
+            if v.state != VmState::Running {
+                return Err(CommandError::VmNotRunning { vm, state: v.state });
+            }
+            vm_mut(state, &vm)?.state = VmState::NeedsRestart;
             Ok(Response::Done)
         }
         Command::SetProcessorCompatibility { vm, enabled } => {
@@ -814,6 +845,12 @@ fn check_vm_config(config: &VmConfig) -> Result<()> {
             return Err(invalid("storage.volume", "empty"));
         }
     }
+    if config.failover.priority > MAX_FAILOVER_PRIORITY {
+        return Err(invalid(
+            "failover.priority",
+            &format!("at most {MAX_FAILOVER_PRIORITY}"),
+        ));
+    }
     Ok(())
 }
 
@@ -823,6 +860,16 @@ fn check_settings(settings: &Settings) -> Result<()> {
     }
     if settings.max_migrations_per_node == 0 {
         return Err(invalid("max_migrations_per_node", "must be at least 1"));
+    }
+    if !FAILURE_DETECTION_MS.contains(&settings.failure_detection_ms) {
+        return Err(invalid(
+            "failure_detection_ms",
+            &format!(
+                "must be {} to {} ms",
+                FAILURE_DETECTION_MS.start(),
+                FAILURE_DETECTION_MS.end()
+            ),
+        ));
     }
     if settings.bandwidth_cap_bytes_per_sec == Some(0) {
         return Err(invalid(

@@ -52,8 +52,11 @@ pub enum Command {
         status: DrainStatus,
     },
     /// Declare a node dead: its active migrations abort, its running VMs need a restart.
+    /// Only safe once the node can no longer run them (its lease has expired, or it is
+    /// known to be stopped): the failure detector and a node's own shutdown write it.
     MarkNodeDown {
         node: NodeId,
+        reason: String,
         at_ms: u64,
     },
     /// Declare a dead node alive again.
@@ -110,9 +113,18 @@ pub enum Command {
         vm: String,
         node: NodeId,
     },
-    /// Stop a running VM (or acknowledge one that needs a restart).
+    /// Stop a running VM (or acknowledge one that needs a restart). With `epoch`, only the
+    /// VM as it was at that epoch: a stop issued before a switchover or a restart must not
+    /// stop the VM that now runs elsewhere.
     StopVm {
         vm: String,
+        epoch: Option<u64>,
+    },
+    /// The owner lost a running VM (it restarted and the guest's memory went with the
+    /// process): the VM needs a restart. Only at `epoch`, only by a running VM.
+    VmLost {
+        vm: String,
+        epoch: u64,
     },
     /// Turn processor-compatibility mode on or off; only while the VM is off.
     SetProcessorCompatibility {
@@ -191,6 +203,7 @@ impl Command {
             Command::DeleteVm { .. } => "DeleteVm",
             Command::StartVm { .. } => "StartVm",
             Command::StopVm { .. } => "StopVm",
+            Command::VmLost { .. } => "VmLost",
             Command::SetProcessorCompatibility { .. } => "SetProcessorCompatibility",
             Command::BeginMigration { .. } => "BeginMigration",
             Command::RecordMigrationPhase { .. } => "RecordMigrationPhase",

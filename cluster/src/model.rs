@@ -67,6 +67,16 @@ pub struct Node {
     pub state: NodeState,
     /// Progress of a maintenance drain, recorded by the node that runs it.
     pub drain: DrainStatus,
+    /// Why and when the node was declared down, while it is [`NodeState::Down`].
+    pub down: Option<Downed>,
+}
+
+/// Why a node is down: what the failure detector (or an operator, or the node's own
+/// shutdown) said, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downed {
+    pub reason: String,
+    pub at_ms: u64,
 }
 
 /// What a node can host.
@@ -294,7 +304,31 @@ pub struct VmConfig {
     /// The workload the guest runs, opaque to the cluster store (the `vmm` crate reads it).
     pub workload: Vec<u8>,
     pub storage: StorageSpec,
+    /// What happens to the VM when its node dies.
+    pub failover: Failover,
 }
+
+/// A VM's failover choice: whether the cluster restarts it on another node when its node
+/// dies (a cold start: its memory died with the node), and in which order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    /// Restart it elsewhere; otherwise it stays `NeedsRestart` until a user acts.
+    pub restart: bool,
+    /// Higher restarts first when a node's VMs compete for the survivors' room.
+    pub priority: u32,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            restart: true,
+            priority: 0,
+        }
+    }
+}
+
+/// The highest failover priority a VM may have.
+pub const MAX_FAILOVER_PRIORITY: u32 = 1000;
 
 /// A VM's life-cycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -456,7 +490,15 @@ pub struct Settings {
     /// How many migrations a node may take part in at once (as source or target).
     pub max_migrations_per_node: u32,
     pub pro_tip_mode: ProTipMode,
+    /// How long a node may stay silent (no lease renewal reaching the leader) before the
+    /// cluster declares it down and restarts its VMs elsewhere, in milliseconds. A node
+    /// fences itself (its guests stop) well before this: see `ferry_actors`' failover.
+    pub failure_detection_ms: u32,
 }
+
+/// Bounds of [`Settings::failure_detection_ms`]: under a second a busy node would be
+/// suspected for a scheduling hiccup; over a minute a dead node's VMs wait too long.
+pub const FAILURE_DETECTION_MS: std::ops::RangeInclusive<u32> = 1000..=60_000;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -465,6 +507,7 @@ impl Default for Settings {
             bandwidth_cap_bytes_per_sec: None,
             max_migrations_per_node: 2,
             pro_tip_mode: ProTipMode::Manual,
+            failure_detection_ms: 3000,
         }
     }
 }

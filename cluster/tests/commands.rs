@@ -62,6 +62,7 @@ fn add_node(id: NodeId, features_: &[&str], memory: u64, max_vms: u32) -> Comman
 
 fn vm_config(mac_last: u8, memory: u64, storage: StorageSpec) -> VmConfig {
     VmConfig {
+        failover: Default::default(),
         memory_bytes: memory,
         vcpus: 2,
         mac: MacAddr([0x52, 0x54, 0, 0, 0, mac_last]),
@@ -348,7 +349,14 @@ fn node_down_and_up() {
         CommandError::NodeNotDown { node: 1 }
     ));
     // The target dies: the migration aborts, the VM keeps running on the source.
-    match ok(&mut s, Command::MarkNodeDown { node: 3, at_ms: 5 }) {
+    match ok(
+        &mut s,
+        Command::MarkNodeDown {
+            node: 3,
+            reason: "test".into(),
+            at_ms: 5,
+        },
+    ) {
         Response::NodeMarkedDown {
             aborted,
             needs_restart,
@@ -365,7 +373,14 @@ fn node_down_and_up() {
         MigrationOutcome::Aborted { .. }
     ));
     assert!(matches!(
-        refused(&mut s, Command::MarkNodeDown { node: 3, at_ms: 6 }),
+        refused(
+            &mut s,
+            Command::MarkNodeDown {
+                node: 3,
+                reason: "test".into(),
+                at_ms: 6
+            }
+        ),
         CommandError::NodeDown { node: 3 }
     ));
     assert!(matches!(
@@ -394,7 +409,14 @@ fn node_down_and_up() {
     ));
     // The source dies mid-migration: aborted, and the VM is known to need a restart.
     let (to2, _) = begun(&mut s, "a", 1, 2);
-    match ok(&mut s, Command::MarkNodeDown { node: 1, at_ms: 7 }) {
+    match ok(
+        &mut s,
+        Command::MarkNodeDown {
+            node: 1,
+            reason: "test".into(),
+            at_ms: 7,
+        },
+    ) {
         Response::NodeMarkedDown {
             aborted,
             needs_restart,
@@ -417,8 +439,123 @@ fn node_down_and_up() {
     );
     assert_eq!(s.vms["a"].owner, 2);
     assert_eq!(s.vms["a"].epoch, epoch + 1);
+    // Why a node is down is kept until it is up again.
+    assert_eq!(
+        s.nodes[&3].down,
+        Some(Downed {
+            reason: "test".into(),
+            at_ms: 5
+        })
+    );
     ok(&mut s, Command::MarkNodeUp { node: 3 });
     assert_eq!(s.nodes[&3].state, NodeState::Up);
+    assert_eq!(s.nodes[&3].down, None);
+}
+
+#[test]
+fn a_stop_or_a_loss_names_the_epoch_it_means() {
+    let mut s = cluster();
+    let epoch = s.vms["a"].epoch;
+    // A stop issued before the VM changed hands does not stop it where it runs now.
+    assert!(matches!(
+        refused(
+            &mut s,
+            Command::StopVm {
+                vm: "a".into(),
+                epoch: Some(epoch - 1)
+            }
+        ),
+        CommandError::StaleEpoch { expected, current } if expected == epoch - 1 && current == epoch
+    ));
+    assert!(matches!(
+        refused(
+            &mut s,
+            Command::VmLost {
+                vm: "a".into(),
+                epoch: epoch + 1
+            }
+        ),
+        CommandError::StaleEpoch { .. }
+    ));
+    // The owner lost it: it needs a restart, once, at a new epoch.
+    ok(
+        &mut s,
+        Command::VmLost {
+            vm: "a".into(),
+            epoch,
+        },
+    );
+    assert_eq!(s.vms["a"].state, VmState::NeedsRestart);
+    assert!(matches!(
+        refused(
+            &mut s,
+            Command::VmLost {
+                vm: "a".into(),
+                epoch
+            }
+        ),
+        CommandError::VmNotRunning { .. }
+    ));
+    ok(
+        &mut s,
+        Command::StartVm {
+            vm: "a".into(),
+            node: 2,
+        },
+    );
+    assert_eq!(s.vms["a"].epoch, epoch + 1);
+    assert!(matches!(
+        refused(
+            &mut s,
+            Command::StartVm {
+                vm: "a".into(),
+                node: 3
+            }
+        ),
+        CommandError::VmNotOff { .. }
+    ));
+    ok(
+        &mut s,
+        Command::StopVm {
+            vm: "a".into(),
+            epoch: Some(epoch + 1),
+        },
+    );
+    assert_eq!(s.vms["a"].state, VmState::Off);
+}
+
+#[test]
+fn failure_detection_and_failover_priority_have_bounds() {
+    let mut s = cluster();
+    for bad in [0, 999, 60_001] {
+        let settings = Settings {
+            failure_detection_ms: bad,
+            ..Settings::default()
+        };
+        assert!(matches!(
+            refused(&mut s, Command::UpdateSettings { settings }),
+            CommandError::InvalidValue { field, .. } if field == "failure_detection_ms"
+        ));
+    }
+    let mut config = vm_config(
+        90,
+        GIB,
+        StorageSpec::Shared {
+            volume: "csv".into(),
+        },
+    );
+    config.failover.priority = MAX_FAILOVER_PRIORITY + 1;
+    assert!(matches!(
+        refused(
+            &mut s,
+            Command::CreateVm {
+                name: "p".into(),
+                config,
+                node: 1
+            }
+        ),
+        CommandError::InvalidValue { field, .. } if field == "failover.priority"
+    ));
 }
 
 #[test]
@@ -788,14 +925,26 @@ fn vm_life_cycle_refusals() {
         }
     ));
     assert!(matches!(
-        refused(&mut s, Command::StopVm { vm: "off".into() }),
+        refused(
+            &mut s,
+            Command::StopVm {
+                vm: "off".into(),
+                epoch: None
+            }
+        ),
         CommandError::VmNotRunning {
             state: VmState::Off,
             ..
         }
     ));
     // A VM on a node-local disk starts only where its disk is.
-    ok(&mut s, Command::StopVm { vm: "b".into() });
+    ok(
+        &mut s,
+        Command::StopVm {
+            vm: "b".into(),
+            epoch: None,
+        },
+    );
     assert!(matches!(
         refused(
             &mut s,
@@ -812,7 +961,7 @@ fn vm_life_cycle_refusals() {
     ));
     let (id, _) = begun(&mut s, "a", 1, 2);
     assert!(matches!(
-        refused(&mut s, Command::StopVm { vm: "a".into() }),
+        refused(&mut s, Command::StopVm { vm: "a".into(), epoch: None }),
         CommandError::VmMigrating { migration, .. } if migration == id
     ));
     ok(&mut s, Command::DeleteVm { vm: "off".into() });
@@ -918,7 +1067,13 @@ fn processor_compatibility_only_while_off() {
         e => panic!("{e:?}"),
     }
     // Off, switched to compatibility mode, restarted: it gets the common baseline.
-    ok(&mut s, Command::StopVm { vm: "b".into() });
+    ok(
+        &mut s,
+        Command::StopVm {
+            vm: "b".into(),
+            epoch: None,
+        },
+    );
     ok(
         &mut s,
         Command::SetProcessorCompatibility {
@@ -1467,6 +1622,7 @@ fn settings_validation() {
         bandwidth_cap_bytes_per_sec: Some(1 << 30),
         max_migrations_per_node: 4,
         pro_tip_mode: ProTipMode::Automatic,
+        failure_detection_ms: 5000,
     };
     ok(
         &mut s,
@@ -1567,7 +1723,11 @@ mod random {
             node().prop_map(|node| Command::RemoveNode { node }),
             (node(), any::<bool>()).prop_map(|(node, drain)| Command::PauseNode { node, drain }),
             node().prop_map(|node| Command::ResumeNode { node }),
-            node().prop_map(|node| Command::MarkNodeDown { node, at_ms: 1 }),
+            node().prop_map(|node| Command::MarkNodeDown {
+                node,
+                reason: "test".into(),
+                at_ms: 1
+            }),
             node().prop_map(|node| Command::MarkNodeUp { node }),
             (network(), any::<bool>()).prop_map(|(name, gw)| Command::SetNetworkGateway {
                 gateway: gw.then(|| ip(&format!("127.{}.0.254", 1 + name.len() % 3))),
@@ -1598,7 +1758,8 @@ mod random {
                 }
             }),
             vm().prop_map(|vm| Command::DeleteVm { vm }),
-            vm().prop_map(|vm| Command::StopVm { vm }),
+            vm().prop_map(|vm| Command::StopVm { vm, epoch: None }),
+            (vm(), 0u64..3).prop_map(|(vm, epoch)| Command::VmLost { vm, epoch }),
             (vm(), any::<bool>())
                 .prop_map(|(vm, enabled)| Command::SetProcessorCompatibility { vm, enabled }),
         ];

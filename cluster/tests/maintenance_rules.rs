@@ -62,6 +62,7 @@ fn cluster() -> ClusterState {
         Command::CreateVm {
             name: "a".into(),
             config: VmConfig {
+                failover: Default::default(),
                 memory_bytes: 1 << 28,
                 vcpus: 1,
                 mac: MacAddr([2, 0, 0, 0, 0, 1]),

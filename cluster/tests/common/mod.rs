@@ -112,6 +112,7 @@ pub fn create_vm(name: &str, n: u32, node: NodeId) -> Command {
     Command::CreateVm {
         name: name.into(),
         config: VmConfig {
+            failover: Default::default(),
             memory_bytes: 1 << 20,
             vcpus: 1,
             mac: MacAddr([0x52, 0x54, b[0], b[1], b[2], b[3]]),
