@@ -187,7 +187,14 @@ impl Actor for NodeActor {
             loop {
                 match changes.recv().await {
                     Ok(applied) => addr.do_send(StoreChanged(applied)),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    // Changes were missed: look at everything again, as
+                    // after a snapshot.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        addr.do_send(StoreChanged(Applied {
+                            index: 0,
+                            change: Change::Snapshot,
+                        }))
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
@@ -221,6 +228,15 @@ impl Handler<StoreChanged> for NodeActor {
         }
         if tips {
             self.apply_tips(ctx);
+        }
+        // VMs the store started here without this node asking (failover).
+        match &msg.0.change {
+            Change::Command {
+                command: Command::StartVm { vm, .. },
+                result: Ok(Response::VmStarted { node, epoch, .. }),
+            } if *node == self.shared.id => self.shared.spawn_adopt(vm.clone(), *epoch),
+            Change::Snapshot => self.shared.adopt_orphans(),
+            _ => {}
         }
         // Migrations whose outcome this change may have decided.
         let decided: Vec<u64> = match msg.0.change {

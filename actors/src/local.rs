@@ -115,6 +115,9 @@ impl LocalCluster {
                 .await
                 .map_err(|e| err("cluster store")(&e))?;
             let shared = NodeShared::new(rpc.clone(), cluster, switch.clone(), directory.clone());
+            // A fresh node: nothing from before to tell apart from a restart
+            // the store places here.
+            shared.begin_adopting();
             let actor = NodeActor::new(shared.clone()).start();
             nodes.push(LocalNode {
                 id,
@@ -274,6 +277,7 @@ impl LocalCluster {
 /// no TCP connections. Change what a test needs before starting it.
 pub fn vm_config(memory: u64, workload: Workload, mac: u8) -> VmConfig {
     VmConfig {
+        failover: Default::default(),
         memory_bytes: memory,
         vcpus: 2,
         mac: MacAddr([2, 0, 0, 0, 0, mac]),

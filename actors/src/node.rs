@@ -16,8 +16,8 @@ use crate::switch::{ClientError, ServicePort, VirtualSwitch};
 use ferry_cluster::model::VmConfig;
 use ferry_cluster::{ClusterNode, Command, NodeId, Response};
 use ferry_transport::{PageStreamReceiver, RpcNode};
-use ferry_vmm::{Guest, ServiceError, SimGuest, SimGuestConfig};
-use std::collections::{BTreeMap, HashMap};
+use ferry_vmm::{Guest, RunLease, ServiceError, SimGuest, SimGuestConfig};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -141,6 +141,17 @@ pub struct NodeShared {
     /// Shown every guest at its pause and resume points, if set (see
     /// [`crate::history`]).
     observer: RwLock<Option<GuestObserver>>,
+    /// Every guest of this node runs only while this holds. Unlimited unless
+    /// a failover loop ([`crate::triggers::failover`]) ties it to the node's
+    /// lease with the cluster, so a node that lost touch with the quorum has
+    /// stopped its guests before the cluster restarts them elsewhere.
+    run_lease: RunLease,
+    /// VMs being booted here now, by [`Self::start_vm`] or because the store
+    /// started them here ([`Self::adopt_start`]): one boot per VM.
+    starting: Mutex<HashSet<String>>,
+    /// Whether this node boots VMs the store starts here by itself (see
+    /// [`Self::begin_adopting`]).
+    adopting: std::sync::atomic::AtomicBool,
 }
 
 /// What a simulated guest runs, stored opaquely in the VM's config.
@@ -211,10 +222,19 @@ fn sim_config(spec: &GuestSpec) -> SimGuestConfig {
     }
 }
 
+/// Builds a guest from its spec, bound to the node's run lease (see
+/// [`NodeShared::run_lease`]): it runs only while the node holds its lease.
 pub(crate) fn build_guest(
     spec: &GuestSpec,
     boot: Option<NicBoot>,
+    lease: &RunLease,
 ) -> Result<Arc<dyn Guest>, String> {
+    let guest = build_unbound(spec, boot)?;
+    guest.bind_lease(lease.clone());
+    Ok(guest)
+}
+
+fn build_unbound(spec: &GuestSpec, boot: Option<NicBoot>) -> Result<Arc<dyn Guest>, String> {
     match spec.backend.as_str() {
         "sim" => {
             let config = sim_config(spec);
@@ -262,6 +282,9 @@ impl NodeShared {
             dead: std::sync::atomic::AtomicBool::new(false),
             history: RwLock::new(None),
             observer: RwLock::new(None),
+            run_lease: RunLease::unlimited(),
+            starting: Mutex::new(HashSet::new()),
+            adopting: std::sync::atomic::AtomicBool::new(false),
         });
         node.rpc.register(
             protocol::SERVICE,
@@ -278,6 +301,11 @@ impl NodeShared {
 
     pub fn is_dead(&self) -> bool {
         self.dead.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The lease every guest of this node is bound to.
+    pub fn run_lease(&self) -> &RunLease {
+        &self.run_lease
     }
 
     /// Reports this node's history to `recorder` from now on (see
@@ -355,7 +383,7 @@ impl NodeShared {
                 role: Role::Owner { epoch },
                 guest,
                 ..
-            }) if !guest.is_paused() => Some(*epoch),
+            }) if !guest.is_paused() && self.run_lease.holds() => Some(*epoch),
             _ => None,
         }
     }
@@ -378,10 +406,21 @@ impl NodeShared {
     /// destroyed and its route withdrawn. The caller records the stop in the
     /// store first. Returns whether there was a guest to stop.
     pub fn release_vm(&self, vm: &str) -> bool {
+        self.release(vm, None)
+    }
+
+    /// [`Self::release_vm`], only if this node runs `vm` at `epoch`: a stop
+    /// meant for the VM before a switchover or a restart leaves a later
+    /// incarnation alone.
+    pub fn release_vm_at(&self, vm: &str, epoch: u64) -> bool {
+        self.release(vm, Some(epoch))
+    }
+
+    fn release(&self, vm: &str, at: Option<u64>) -> bool {
         let hosted = {
             let mut vms = lock(&self.vms);
             match vms.get(vm).map(|h| &h.role) {
-                Some(Role::Owner { .. }) => vms.remove(vm),
+                Some(Role::Owner { epoch }) if at.is_none_or(|a| a == *epoch) => vms.remove(vm),
                 _ => None,
             }
         };
@@ -402,6 +441,9 @@ impl NodeShared {
     /// Starts `vm` here: the store records this node as its owner first, then
     /// the guest boots and its address is announced.
     pub async fn start_vm(&self, vm: &str) -> Result<u64, String> {
+        let Some(_booting) = Booting::claim(self, vm) else {
+            return Err(format!("VM {vm} is already starting on this node"));
+        };
         // Linearizable: the VM may have been created through another node a
         // moment ago, and this replica may not have applied that yet.
         let state = self
@@ -432,10 +474,29 @@ impl NodeShared {
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => return Err(e.to_string()),
         };
-        let guest = match build_guest(&spec, Some(nic)) {
+        self.boot(vm, epoch, spec, nic).await
+    }
+
+    /// Boots `vm` here as its owner at `epoch`, which the store has recorded,
+    /// and announces it; a guest that cannot boot is recorded stopped.
+    async fn boot(
+        &self,
+        vm: &str,
+        epoch: u64,
+        spec: GuestSpec,
+        nic: NicBoot,
+    ) -> Result<u64, String> {
+        let guest = match build_guest(&spec, Some(nic), &self.run_lease) {
             Ok(g) => g,
             Err(e) => {
-                let _ = self.cluster.write(Command::StopVm { vm: vm.into() }).await;
+                tracing::error!(%vm, epoch, "the guest did not boot: {e}");
+                let _ = self
+                    .cluster
+                    .write(Command::StopVm {
+                        vm: vm.into(),
+                        epoch: Some(epoch),
+                    })
+                    .await;
                 return Err(e);
             }
         };
@@ -460,6 +521,95 @@ impl NodeShared {
         });
         self.switch.announce(vm, self.id, epoch);
         Ok(epoch)
+    }
+
+    /// From now on, boot the VMs the store starts on this node without this
+    /// node asking (failover restarts), including any it shows here now. A
+    /// restarted daemon calls this only after it has told the store which
+    /// VMs it lost with its process, so a VM from before the restart is
+    /// never mistaken for one placed here since.
+    pub fn begin_adopting(self: &Arc<Self>) {
+        self.adopting
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.adopt_orphans();
+    }
+
+    /// Boots every VM the store runs on this node that this node does not
+    /// hold (after a lagged view of the store, or when adopting begins).
+    pub(crate) fn adopt_orphans(self: &Arc<Self>) {
+        if !self.adopting.load(std::sync::atomic::Ordering::Acquire) || self.is_dead() {
+            return;
+        }
+        let state = self.cluster.read();
+        for vm in state.vms_on(self.id) {
+            if vm.state == ferry_cluster::model::VmState::Running && !self.holds(&vm.name) {
+                self.spawn_adopt(vm.name.clone(), vm.epoch);
+            }
+        }
+    }
+
+    /// [`Self::adopt_start`] in the background, if this node adopts.
+    pub(crate) fn spawn_adopt(self: &Arc<Self>, vm: String, epoch: u64) {
+        if !self.adopting.load(std::sync::atomic::Ordering::Acquire) || self.is_dead() {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.adopt_start(&vm, epoch).await {
+                tracing::warn!(%vm, epoch, "could not start the VM placed here: {e}");
+            }
+        });
+    }
+
+    /// The store started `vm` on this node at `epoch` without this node
+    /// asking (a failover restart by the leader): boot it, unless this node
+    /// boots it already or the store has moved on since.
+    pub async fn adopt_start(&self, vm: &str, epoch: u64) -> Result<(), String> {
+        let Some(_booting) = Booting::claim(self, vm) else {
+            return Ok(());
+        };
+        if matches!(lock(&self.vms).get(vm), Some(Hosted { role: Role::Owner { epoch: e }, .. }) if *e >= epoch)
+        {
+            return Ok(());
+        }
+        let state = self.cluster.read();
+        let Some(v) = state.vms.get(vm) else {
+            return Ok(());
+        };
+        if v.owner != self.id
+            || v.epoch != epoch
+            || v.state != ferry_cluster::model::VmState::Running
+        {
+            return Ok(());
+        }
+        let spec = spec_of(&v.config)?;
+        let nic = NicBoot {
+            offload: state.nodes.get(&self.id).is_some_and(|n| n.tcp_offload),
+            connections: program_of(&v.config).map_or(0, |p| p.tcp_connections),
+        };
+        drop(state);
+        tracing::info!(%vm, epoch, "starting a VM the cluster restarted here");
+        self.boot(vm, epoch, spec, nic).await.map(|_| ())
+    }
+
+    /// Throws away every guest this node holds, running or incoming: the
+    /// store has declared the node down, so each of them is being (or has
+    /// been) restarted elsewhere. Returns the VMs dropped.
+    pub fn drop_all_guests(&self) -> Vec<String> {
+        let hosted: Vec<(String, Hosted)> = lock(&self.vms).drain().collect();
+        let mut names = Vec::new();
+        for (vm, h) in hosted {
+            h.guest.destroy();
+            if matches!(h.role, Role::Owner { .. }) {
+                self.record(|| HistoryEvent::CopyDestroyed {
+                    vm: vm.clone(),
+                    node: self.id,
+                });
+                self.switch.withdraw(&vm);
+            }
+            names.push(vm);
+        }
+        names
     }
 
     /// Simulates the node dying: the transport and the store stop, every guest
@@ -492,6 +642,29 @@ impl NodeShared {
                 vm: vm.into(),
                 error,
             })
+    }
+}
+
+/// A claim on booting one VM on a node; released when dropped.
+struct Booting<'a> {
+    node: &'a NodeShared,
+    vm: String,
+}
+
+impl<'a> Booting<'a> {
+    fn claim(node: &'a NodeShared, vm: &str) -> Option<Self> {
+        lock(&node.starting)
+            .insert(vm.to_string())
+            .then(|| Booting {
+                node,
+                vm: vm.to_string(),
+            })
+    }
+}
+
+impl Drop for Booting<'_> {
+    fn drop(&mut self) {
+        lock(&self.node.starting).remove(&self.vm);
     }
 }
 

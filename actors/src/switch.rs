@@ -39,14 +39,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether a client should simply retry (the blackout, or a route that is
-    /// about to move).
+    /// Whether a client should simply retry (the blackout, a route that is
+    /// about to move, or a fenced guest whose VM the cluster restarts
+    /// elsewhere).
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
             ClientError::NotHere { .. }
                 | ClientError::Service {
-                    error: ServiceError::Paused | ServiceError::NotRunning,
+                    error: ServiceError::Paused | ServiceError::NotRunning | ServiceError::Fenced,
                     ..
                 }
         )

@@ -57,7 +57,10 @@ async fn store_until(
 /// Stops `vm` on `node`: recorded in the store, then the guest goes.
 async fn stop_vm(cluster: &TestCluster, node: NodeId, vm: &str) {
     cluster
-        .write(Command::StopVm { vm: vm.into() })
+        .write(Command::StopVm {
+            vm: vm.into(),
+            epoch: None,
+        })
         .await
         .unwrap();
     assert!(cluster.node(node).shared.release_vm(vm));

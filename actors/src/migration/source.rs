@@ -15,7 +15,7 @@ use crate::policy::convergence::{ConvergenceConfig, ConvergencePolicy, Decision,
 use crate::policy::placement::{self, NetworkPath};
 use ferry_cluster::command::CommandError;
 use ferry_cluster::model::{
-    MigrationOutcome, MigrationPhase, MigrationTrigger, Settings, StorageSpec,
+    ClusterState, MigrationOutcome, MigrationPhase, MigrationTrigger, Settings, StorageSpec,
 };
 use ferry_cluster::{ClusterError, Command, NodeId, Response};
 use ferry_transport::{CallOptions, PageStreamSender, PAGE_SIZE};
@@ -369,6 +369,19 @@ pub async fn run(
             let _ = job.abort("cancelled by the user".into(), paused).await;
             Err(MigrationError::Cancelled)
         }
+        Err(Failure::Superseded) => {
+            let reason = "the store moved the VM on without this migration".to_string();
+            tracing::warn!(migration, %reason, "dropping the source copy");
+            job.release_source_copy();
+            job.progress(Phase::Aborted, 0, 0, 0, None, 0.0);
+            job.node.record(|| HistoryEvent::MigrationEnded {
+                migration,
+                vm: job.req.vm.clone(),
+                completed: false,
+                reason: Some(reason.clone()),
+            });
+            Err(MigrationError::Aborted(reason))
+        }
     }
 }
 
@@ -443,8 +456,16 @@ async fn probe(
 }
 
 enum Failure {
-    BeforeCommit { reason: String, paused: bool },
-    Cancelled { paused: bool },
+    BeforeCommit {
+        reason: String,
+        paused: bool,
+    },
+    Cancelled {
+        paused: bool,
+    },
+    /// The store no longer lets this job's guest run (the VM moved on,
+    /// was restarted elsewhere, or deleted): drop the copy, resume nothing.
+    Superseded,
 }
 
 impl Job {
@@ -977,7 +998,9 @@ impl Job {
             epoch,
         });
         // The target also resumes by itself once it sees the commit; this
-        // call only makes it immediate.
+        // call only makes it immediate. The source's copy goes either way:
+        // it is older than whatever the target may have run and acknowledged
+        // since (ARCHITECTURE.md, "the source's copy after the switchover").
         let _ = self
             .call_with(
                 &Request::Resume {
@@ -1191,13 +1214,31 @@ impl Job {
                         _ => {}
                     }
                 }
-                None => {
-                    return Err(Failure::BeforeCommit {
-                        reason: "migration vanished from the store".into(),
-                        paused: true,
-                    })
-                }
+                // The record was pruned from the history: the VM's own
+                // record tells whether it still is this job's to resume.
+                None => return self.outcome_without_record(&state),
             }
+        }
+    }
+
+    /// The migration's record is gone (the store keeps only so much
+    /// history): had it committed, the VM would have a later epoch or
+    /// another owner. Only a VM still at this job's epoch, on this node, and
+    /// in no migration may resume here; anything else is someone else's now.
+    fn outcome_without_record(&self, state: &ClusterState) -> Result<u64, Failure> {
+        match state.vms.get(&self.req.vm) {
+            Some(vm)
+                if vm.owner == self.node.id && vm.epoch == self.epoch && vm.migration.is_none() =>
+            {
+                Err(Failure::BeforeCommit {
+                    reason: "the migration ended without a switchover (its record is pruned)"
+                        .into(),
+                    paused: true,
+                })
+            }
+            // Committed and moved on, or restarted elsewhere: either way not
+            // this copy's to run.
+            _ => Err(Failure::Superseded),
         }
     }
 
@@ -1307,10 +1348,23 @@ impl Job {
             if settled {
                 return;
             }
-            for _ in 0..100 {
+            // Until the store has it (or the migration ended otherwise): an
+            // active record with no job behind it would hold the VM in
+            // `Migrating` and the migration slots for good.
+            let mut wait = Duration::from_millis(100);
+            loop {
                 if node.is_dead() {
                     return;
                 }
+                let state = cluster.read();
+                if state
+                    .migrations
+                    .get(&migration)
+                    .is_some_and(|m| !m.is_active())
+                {
+                    return;
+                }
+                drop(state);
                 match cluster
                     .write(Command::AbortMigration {
                         migration,
@@ -1320,7 +1374,10 @@ impl Job {
                     .await
                 {
                     Ok(_) | Err(ClusterError::Rejected(_)) | Err(ClusterError::Shutdown) => return,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(_) => {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
                 }
             }
         });

@@ -51,7 +51,7 @@ impl NodeShared {
                 }
             }
         }
-        let guest = match build_guest(&spec, None) {
+        let guest = match build_guest(&spec, None, self.run_lease()) {
             Ok(g) => g,
             Err(reason) => return Reply::Refused { reason },
         };

@@ -353,6 +353,7 @@ mod tests {
             Command::CreateVm {
                 name: name.into(),
                 config: VmConfig {
+                    failover: Default::default(),
                     memory_bytes: memory,
                     vcpus: 1,
                     mac: MacAddr([2, 0, 0, 0, 0, mac]),
@@ -529,7 +530,14 @@ mod tests {
         pause(&mut s);
         let mut plan = DrainPlan::new(1, 3);
         assert!(plan.step(&s).is_empty(), "the only slot is taken");
-        apply(&mut s, Command::StopVm { vm: "a".into() }).unwrap();
+        apply(
+            &mut s,
+            Command::StopVm {
+                vm: "a".into(),
+                epoch: None,
+            },
+        )
+        .unwrap();
         commit(&mut s, user);
         assert!(plan.step(&s).is_empty());
         assert!(plan.is_done());

@@ -12,9 +12,12 @@
 //!   outcome means for the rest.
 //! - [`tips`]: when a node's load earns a tip, for which VM and target; which
 //!   tips a node applies.
+//! - [`failover`]: a node's lease, the leader's failure detector, and where
+//!   a dead node's VMs start again.
 
 pub mod convergence;
 pub mod drain;
 pub mod estimate;
+pub mod failover;
 pub mod placement;
 pub mod tips;

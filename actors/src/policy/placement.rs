@@ -406,6 +406,7 @@ mod tests {
             Command::CreateVm {
                 name: name.into(),
                 config: VmConfig {
+                    failover: Default::default(),
                     memory_bytes: memory,
                     vcpus: 1,
                     mac: MacAddr([2, 0, 0, 0, 0, mac]),

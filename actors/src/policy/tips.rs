@@ -483,6 +483,7 @@ mod tests {
                 Command::CreateVm {
                     name: name.to_string(),
                     config: VmConfig {
+                        failover: Default::default(),
                         memory_bytes: 64 * MIB,
                         vcpus: 1,
                         mac: MacAddr([2, 0, 0, 0, 0, i as u8 + 1]),
