@@ -43,6 +43,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/nodes/{node}"),
     ("post", "/api/nodes/{node}/pause"),
     ("post", "/api/nodes/{node}/resume"),
+    ("post", "/api/nodes/{node}/down"),
     ("get", "/api/vms"),
     ("post", "/api/vms"),
     ("get", "/api/vms/{vm}"),
@@ -59,6 +60,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("patch", "/api/networks/{network}"),
     ("get", "/api/migrations"),
     ("get", "/api/migrations/{id}"),
+    ("post", "/api/migrations/{id}/abort"),
     ("get", "/api/tips"),
     ("post", "/api/tips/{id}/accept"),
     ("post", "/api/tips/{id}/dismiss"),
@@ -193,6 +195,18 @@ async fn node_resume(
         .await?)
 }
 
+async fn node_down(
+    node: web::Data<Node>,
+    name: web::Path<String>,
+    payload: web::Payload,
+) -> ApiResult {
+    let req: requests::MarkNodeDown = body(payload).await?;
+    let n = node.get_ref().clone();
+    ok(node
+        .run_here(async move { n.mark_node_down(&name, req).await })
+        .await?)
+}
+
 async fn vms(node: web::Data<Node>) -> ApiResult {
     ok(node.vms())
 }
@@ -321,6 +335,19 @@ async fn migrations(node: web::Data<Node>) -> ApiResult {
 
 async fn migration_get(node: web::Data<Node>, id: web::Path<String>) -> ApiResult {
     ok(node.migration(migration_id(&id)?)?)
+}
+
+async fn migration_abort(
+    node: web::Data<Node>,
+    id: web::Path<String>,
+    payload: web::Payload,
+) -> ApiResult {
+    let _: requests::Empty = body(payload).await?;
+    let id = migration_id(&id)?;
+    let n = node.get_ref().clone();
+    ok(node
+        .run_here(async move { n.abort_migration(id).await })
+        .await?)
 }
 
 async fn tips(node: web::Data<Node>) -> ApiResult {
@@ -534,6 +561,7 @@ fn handler(method: &str, path: &str) -> Option<actix_web::Route> {
         ("get", "/api/nodes/{node}") => web::get().to(node_get),
         ("post", "/api/nodes/{node}/pause") => web::post().to(node_pause),
         ("post", "/api/nodes/{node}/resume") => web::post().to(node_resume),
+        ("post", "/api/nodes/{node}/down") => web::post().to(node_down),
         ("get", "/api/vms") => web::get().to(vms),
         ("post", "/api/vms") => web::post().to(vm_create),
         ("get", "/api/vms/{vm}") => web::get().to(vm_get),
@@ -550,6 +578,7 @@ fn handler(method: &str, path: &str) -> Option<actix_web::Route> {
         ("patch", "/api/networks/{network}") => web::patch().to(network_patch),
         ("get", "/api/migrations") => web::get().to(migrations),
         ("get", "/api/migrations/{id}") => web::get().to(migration_get),
+        ("post", "/api/migrations/{id}/abort") => web::post().to(migration_abort),
         ("get", "/api/tips") => web::get().to(tips),
         ("post", "/api/tips/{id}/accept") => web::post().to(tip_accept),
         ("post", "/api/tips/{id}/dismiss") => web::post().to(tip_dismiss),
@@ -891,6 +920,7 @@ mod tests {
         check_request::<requests::NetworkPatch>();
         check_request::<requests::NetworkOrder>();
         check_request::<requests::SettingsPatch>();
+        check_request::<requests::MarkNodeDown>();
         check_request::<requests::Empty>();
         // Every schema the document gives a body is one of those.
         let doc = doc();
@@ -905,6 +935,7 @@ mod tests {
             "NetworkPatch",
             "NetworkOrder",
             "SettingsPatch",
+            "MarkNodeDown",
             "Empty",
         ];
         for (method, path) in ROUTES {

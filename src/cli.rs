@@ -82,7 +82,8 @@ pub enum Command {
     /// Set up a cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Run a node daemon, list nodes, pause (maintenance, drain) and resume them.
+    /// Run or stop a node daemon, list nodes, pause (maintenance, drain),
+    /// resume them, declare one down.
     #[command(subcommand)]
     Node(NodeCmd),
     /// Create, start, stop and move VMs.
@@ -91,15 +92,16 @@ pub enum Command {
     /// Networks and their use for live migration.
     #[command(subcommand)]
     Network(NetworkCmd),
-    /// Migrations: history and live progress.
-    #[command(subcommand)]
+    /// Migrations: history, live progress, and aborting a stuck one.
+    #[command(subcommand, alias = "migration")]
     Migrations(MigrationsCmd),
     /// Policy tips (move this VM there, because…): list, accept, dismiss.
     Tips {
         #[command(subcommand)]
         command: Option<TipsCmd>,
     },
-    /// Cluster settings: downtime limit, migrations per node, tip mode.
+    /// Cluster settings: downtime limit, migrations per node, tip mode,
+    /// failure detection.
     #[command(subcommand)]
     Settings(SettingsCmd),
     /// The cluster at a glance, as the node sees it.
@@ -161,12 +163,28 @@ pub enum NodeCmd {
     /// Run a node daemon until SIGTERM or Ctrl-C.
     #[command(after_help = "\
 The data directory is locked: a second daemon on it refuses to start. A node
-restarted on its data directory resumes its cluster state. On SIGTERM the node
-stops the VMs it runs (drain it first to keep them), closes its store and exits 0.
+restarted on its data directory resumes its cluster state. On SIGTERM (or
+`ferry node stop`) the node first moves its VMs away live where the cluster can
+take them, stops the rest (the cluster restarts them elsewhere), tells the
+cluster it left, writes <data_dir>/shutdown-report.json and exits 0.
 
 Example: ferry node run --config ./cluster/node-1/node.toml")]
     /// (The node's configuration is the global `--config PATH`.)
     Run,
+    /// Stop the daemon of the node named by --config, gracefully, and print
+    /// what it did with its VMs.
+    #[command(after_help = "\
+Sends SIGTERM to the daemon whose pid is in <data_dir>/ferry.lock and waits (up
+to 150 s) for it to exit: it moves its VMs away live where the cluster can take
+them, stops the rest (the cluster restarts them elsewhere) and tells the cluster
+it left. Then prints its report, <data_dir>/shutdown-report.json (--json: the
+report itself). Run it on the node's machine.
+
+Exit codes: 0 stopped, with a report; 1 not running, no report, or still running
+after 150 s; 4 the process is not yours to signal.
+
+Example: ferry node stop --config ./cluster/node-2/node.toml")]
+    Stop,
     /// List the nodes.
     List,
     /// Show one node.
@@ -199,6 +217,31 @@ naming each with the reason.")]
         /// Move back the VMs the node's drain moved away.
         #[arg(long)]
         failback: bool,
+    },
+    /// Declare a node down, so the cluster restarts its VMs elsewhere.
+    #[command(after_help = "\
+The fencing guarantee: without --confirmed-dead the cluster declares the node
+down only once it has heard no lease renewal from it for the failure-detection
+timeout (`ferry settings`), so the node has already stopped its guests (its
+lease ended). A node that is alive is refused (exit 4, node_alive) and nothing
+changes: stop it first (`ferry node stop`, or kill its process).
+
+With --confirmed-dead you vouch that the node can run nothing (powered off, its
+process killed) and it is declared down at once. If that is wrong, its VMs may
+briefly run twice.
+
+Examples:
+  ferry node mark-down node-3 --reason \"rack 4 lost power\"
+  ferry node mark-down node-3 --confirmed-dead --reason \"powered off at the PDU\"")]
+    MarkDown {
+        node: String,
+        /// Why (shown as the node's down reason; at most 200 characters).
+        #[arg(long)]
+        reason: Option<String>,
+        /// The node can run nothing (powered off, process killed): declare
+        /// it down now, without waiting for its lease to run out.
+        #[arg(long)]
+        confirmed_dead: bool,
     },
 }
 
@@ -239,6 +282,14 @@ pub enum VmCmd {
         /// Define it only.
         #[arg(long)]
         no_start: bool,
+        /// When its node dies, leave it down (needs_restart) instead of
+        /// restarting it on another node.
+        #[arg(long)]
+        no_restart: bool,
+        /// Failover order, 0 to 1000: higher restarts first when a dead
+        /// node's VMs compete for room.
+        #[arg(long, default_value_t = 0)]
+        priority: u32,
     },
     /// Start a VM that is off.
     Start {
@@ -285,7 +336,8 @@ on the target, 1 if the move aborted (the VM runs on the source).")]
         #[arg(long)]
         no_wait: bool,
     },
-    /// Cancel the move of a VM under way.
+    /// Cancel the move of a VM under way (asks its source to stop; for a
+    /// move stuck behind a dead source see `ferry migrations abort`).
     Cancel { vm: String },
     /// How long a move would take, and how long the VM would be paused.
     Estimate { vm: String },
@@ -340,6 +392,16 @@ Examples:
         #[arg(long)]
         timeout: Option<u64>,
     },
+    /// Abort a migration by recording the abort in the cluster store.
+    #[command(after_help = "\
+`ferry vm cancel VM` asks the move's source to stop the move: the usual way.
+`abort` records the abort in the store directly, without the source or the
+target, for a move stuck behind a dead source. It is safe at any point: the
+store orders it against the switchover, and exactly one of them wins. A
+migration that already ended is refused (exit 4).
+
+Example: ferry migrations abort 17")]
+    Abort { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -359,9 +421,10 @@ pub enum TipsCmd {
 pub enum SettingsCmd {
     Show,
     /// Change settings.
-    #[command(
-        after_help = "Example: ferry settings set --downtime-limit-ms 200 --pro-tip-mode automatic"
-    )]
+    #[command(after_help = "\
+Examples:
+  ferry settings set --downtime-limit-ms 200 --pro-tip-mode automatic
+  ferry settings set --failure-detection-ms 5000")]
     Set {
         #[arg(long)]
         downtime_limit_ms: Option<u32>,
@@ -370,6 +433,10 @@ pub enum SettingsCmd {
         /// off, manual or automatic.
         #[arg(long)]
         pro_tip_mode: Option<String>,
+        /// How long a silent node has before the cluster declares it down
+        /// and restarts its VMs elsewhere (1000 to 60000 ms).
+        #[arg(long)]
+        failure_detection_ms: Option<u32>,
     },
 }
 
@@ -578,6 +645,12 @@ fn dispatch(cli: Cli) -> Outcome {
             crate::daemon::run(&path)?;
             Ok(ExitCode::Ok)
         }
+        Command::Node(NodeCmd::Stop) => {
+            let path = conn
+                .config
+                .ok_or_else(|| usage("ferry node stop needs --config PATH (or FERRY_CONFIG)"))?;
+            node_stop(&path, conn.json)
+        }
         Command::Node(cmd) => node_cmd(&client(&conn)?, conn.json, cmd),
         Command::Vm(cmd) => vm_cmd(&client(&conn)?, conn.json, cmd),
         Command::Network(cmd) => network_cmd(&client(&conn)?, conn.json, cmd),
@@ -592,6 +665,7 @@ fn dispatch(cli: Cli) -> Outcome {
             if conn.json {
                 print_json(&s);
             } else {
+                let nodes: Vec<NodeView> = c.get("/api/nodes")?;
                 let leader = s
                     .leader
                     .map(|l| format!("node {l}"))
@@ -602,6 +676,10 @@ fn dispatch(cli: Cli) -> Outcome {
                     s.term, s.voters
                 );
                 println!("nodes           {} ({} up)", s.nodes, s.nodes_up);
+                for n in nodes.iter().filter(|n| n.state == "down") {
+                    println!("  {} down    {}", n.name, down_reason(n));
+                }
+                println!("lease           {}", lease(&s.failover));
                 println!("vms             {} ({} running)", s.vms, s.vms_running);
                 println!("migrations      {} active", s.active_migrations);
                 println!("tips            {} pending", s.pending_tips);
@@ -641,15 +719,54 @@ fn print_nodes(nodes: &[NodeView]) {
     );
 }
 
+/// Why a down node is down, and since when (seconds ago, by this machine's
+/// clock).
+fn down_reason(n: &NodeView) -> String {
+    let reason = n
+        .down_reason
+        .clone()
+        .unwrap_or_else(|| "no reason recorded".into());
+    match n.down_since_ms {
+        Some(at) => {
+            let ago = ferry_actors::node::now_ms().saturating_sub(at) / 1000;
+            format!("{reason} ({ago} s ago)")
+        }
+        None => reason,
+    }
+}
+
+fn lease(f: &FailoverView) -> String {
+    let mut s = if f.leased {
+        format!("held, {} ms left", f.lease_left_ms)
+    } else {
+        "not held (this node's VMs are stopped until the leader renews it)".into()
+    };
+    if f.lapses > 0 || f.downs > 0 {
+        s.push_str(&format!(
+            "; lapsed {} times, declared down {} times",
+            f.lapses, f.downs
+        ));
+    }
+    s
+}
+
+fn print_down_reasons(nodes: &[NodeView]) {
+    for n in nodes.iter().filter(|n| n.state == "down") {
+        println!("{} is down: {}", n.name, down_reason(n));
+    }
+}
+
 fn node_cmd(c: &Client, json: bool, cmd: NodeCmd) -> Outcome {
     match cmd {
         NodeCmd::Run => Err(usage("ferry node run needs --config PATH")),
+        NodeCmd::Stop => Err(usage("ferry node stop needs --config PATH")),
         NodeCmd::List => {
             let nodes: Vec<NodeView> = c.get("/api/nodes")?;
             if json {
                 print_json(&nodes);
             } else {
                 print_nodes(&nodes);
+                print_down_reasons(&nodes);
             }
             Ok(ExitCode::Ok)
         }
@@ -659,9 +776,33 @@ fn node_cmd(c: &Client, json: bool, cmd: NodeCmd) -> Outcome {
                 print_json(&n);
             } else {
                 print_nodes(std::slice::from_ref(&n));
+                print_down_reasons(std::slice::from_ref(&n));
                 for s in &n.stuck {
                     println!("stuck: {} — {}", s.vm, s.reason);
                 }
+            }
+            Ok(ExitCode::Ok)
+        }
+        NodeCmd::MarkDown {
+            node,
+            reason,
+            confirmed_dead,
+        } => {
+            let n: NodeView = c.post(
+                &format!("/api/nodes/{node}/down"),
+                &requests::MarkNodeDown {
+                    reason,
+                    confirmed_dead,
+                },
+            )?;
+            if json {
+                print_json(&n);
+            } else {
+                println!("{} is {}", n.name, n.state);
+                if let Some(r) = &n.down_reason {
+                    println!("reason: {r}");
+                }
+                println!("the cluster restarts its VMs elsewhere (those that allow it)");
             }
             Ok(ExitCode::Ok)
         }
@@ -717,6 +858,182 @@ fn node_cmd(c: &Client, json: bool, cmd: NodeCmd) -> Outcome {
             follow_drain(c, json, &n, &before)
         }
     }
+}
+
+/// How long `ferry node stop` waits for the daemon to exit: its shutdown
+/// drain may take 90 s, and closing the store a few more.
+const STOP_DEADLINE: Duration = Duration::from_secs(150);
+
+fn stop_failure(code: ExitCode, error_code: &str, message: String) -> Failure {
+    let status = if code == ExitCode::Refused { 403 } else { 409 };
+    Failure {
+        code,
+        error: ApiError::new(status, error_code, message),
+    }
+}
+
+/// Whether `pid` still exists as a process that has not exited. A zombie has
+/// exited (its parent has not reaped it yet, which may be the caller's own
+/// shell or test harness): `kill(pid, 0)` still succeeds on it.
+fn alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and
+        // may itself hold spaces or parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => true,
+    }
+}
+
+/// Whether a daemon holds the data directory's lock (`Node::start` takes it
+/// with `flock` and holds it while it runs). Probing takes the lock for an
+/// instant when it is free; a daemon starting in that instant would refuse
+/// to start, which is the price of not signalling a pid that was recycled.
+fn daemon_holds(lock: &std::path::Path) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().read(true).open(lock)?;
+    // SAFETY: `flock` only reads the descriptor, which `file` owns and keeps
+    // open across the call; closing `file` releases a lock taken here.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(false);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(true)
+    } else {
+        Err(e)
+    }
+}
+
+/// `ferry node stop`: SIGTERM to the daemon of the node configured in
+/// `config_path`, then its shutdown report.
+fn node_stop(config_path: &std::path::Path, json: bool) -> Outcome {
+    let config = NodeConfig::load(config_path)?;
+    let data_dir = &config.data_dir;
+    let lock = crate::node::lock_path(data_dir);
+    let not_running = |why: String| stop_failure(ExitCode::Failed, "not_running", why);
+    let text = match std::fs::read_to_string(&lock) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(not_running(format!(
+                "no pid file {}: no daemon has run on {}",
+                lock.display(),
+                data_dir.display()
+            )))
+        }
+        Err(e) => return Err(not_running(format!("reading {}: {e}", lock.display()))),
+    };
+    let pid: libc::pid_t = match text.trim().parse() {
+        Ok(p) if p > 0 => p,
+        _ => {
+            return Err(not_running(format!(
+                "{} holds no pid ({:?}): the daemon of node {} is not running",
+                lock.display(),
+                text.trim(),
+                config.name
+            )))
+        }
+    };
+    match daemon_holds(&lock) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(not_running(format!(
+                "the daemon of node {} is not running ({} is not locked; pid {pid} was its last)",
+                config.name,
+                data_dir.display()
+            )))
+        }
+        Err(e) => return Err(not_running(format!("checking {}: {e}", lock.display()))),
+    }
+    let sent_ms = ferry_actors::node::now_ms();
+    // SAFETY: sends SIGTERM to `pid`; no memory is involved.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EPERM) => stop_failure(
+                ExitCode::Refused,
+                "not_permitted",
+                format!(
+                    "not allowed to signal pid {pid}, the daemon of node {}: it runs as another user",
+                    config.name
+                ),
+            ),
+            Some(libc::ESRCH) => not_running(format!(
+                "the daemon of node {} (pid {pid}) is not running",
+                config.name
+            )),
+            _ => not_running(format!("signalling pid {pid}: {e}")),
+        });
+    }
+    let spinner = if json || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(format!(
+            "stopping node {} (pid {pid}): moving its VMs away, then leaving the cluster",
+            config.name
+        ));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    };
+    let started = Instant::now();
+    while alive(pid) {
+        if started.elapsed() > STOP_DEADLINE {
+            spinner.finish_and_clear();
+            return Err(stop_failure(
+                ExitCode::Failed,
+                "still_running",
+                format!(
+                    "the daemon of node {} (pid {pid}) is still running {} s after SIGTERM; see its log",
+                    config.name,
+                    STOP_DEADLINE.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    spinner.finish_and_clear();
+    let path = crate::node::report_path(data_dir);
+    let report: Option<crate::node::ShutdownReport> = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        // A report written before the signal is an earlier stop's.
+        .filter(|r: &crate::node::ShutdownReport| r.at_ms >= sent_ms);
+    let Some(report) = report else {
+        return Err(stop_failure(
+            ExitCode::Failed,
+            "no_report",
+            format!(
+                "the daemon of node {} (pid {pid}) exited after {:.1?} but left no report of this stop in {}; see its log",
+                config.name,
+                started.elapsed(),
+                path.display()
+            ),
+        ));
+    };
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "node {} (pid {pid}) stopped in {:.1?}",
+            config.name,
+            started.elapsed()
+        );
+        for line in report.lines() {
+            println!("{line}");
+        }
+    }
+    Ok(ExitCode::Ok)
 }
 
 fn on_node(vms: &[VmView], node: u64) -> Vec<String> {
@@ -840,6 +1157,8 @@ fn vm_cmd(c: &Client, json: bool, cmd: VmCmd) -> Outcome {
             backend,
             processor_compatibility,
             no_start,
+            no_restart,
+            priority,
         } => {
             let req = requests::CreateVm {
                 name,
@@ -853,6 +1172,8 @@ fn vm_cmd(c: &Client, json: bool, cmd: VmCmd) -> Outcome {
                 processor_compatibility,
                 tcp_connections: 0,
                 start: !no_start,
+                restart: !no_restart,
+                priority,
             };
             show(&c.post("/api/vms", &req)?);
         }
@@ -1237,6 +1558,17 @@ fn migrations_cmd(c: &Client, json: bool, cmd: MigrationsCmd) -> Outcome {
                 );
             }
         }
+        MigrationsCmd::Abort { id } => {
+            let m: MigrationView = c.post(
+                &format!("/api/migrations/{id}/abort"),
+                &serde_json::json!({}),
+            )?;
+            if json {
+                print_json(&m);
+            } else {
+                print_migration_result(&m);
+            }
+        }
         MigrationsCmd::Watch {
             migration,
             count,
@@ -1354,6 +1686,7 @@ fn settings_cmd(c: &Client, json: bool, cmd: SettingsCmd) -> Outcome {
             downtime_limit_ms,
             max_migrations_per_node,
             pro_tip_mode,
+            failure_detection_ms,
         } => c.call(
             "PATCH",
             "/api/settings",
@@ -1362,6 +1695,7 @@ fn settings_cmd(c: &Client, json: bool, cmd: SettingsCmd) -> Outcome {
                 bandwidth_cap_bytes_per_sec: None,
                 max_migrations_per_node,
                 pro_tip_mode,
+                failure_detection_ms,
             }),
         )?,
     };
@@ -1371,6 +1705,7 @@ fn settings_cmd(c: &Client, json: bool, cmd: SettingsCmd) -> Outcome {
         println!("downtime limit           {} ms", s.downtime_limit_ms);
         println!("migrations per node      {}", s.max_migrations_per_node);
         println!("policy tips              {}", s.pro_tip_mode);
+        println!("failure detection        {} ms", s.failure_detection_ms);
     }
     Ok(ExitCode::Ok)
 }

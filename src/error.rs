@@ -20,6 +20,7 @@
 //! | `unknown_vm`, `unknown_node`, `unknown_network`, `unknown_migration`, `unknown_tip` | 404 | the named thing does not exist |
 //! | `no_eligible_target` | 409 | a move without a target found no node to take the VM |
 //! | `not_migrating` | 409 | cancel, and no move of that VM is under way |
+//! | `node_alive` | 409 | a node marked down renewed its lease within the failure-detection timeout: it may still run its VMs |
 //! | `migration_refused` | 409 | the source refused the move before anything was copied |
 //! | `start_failed` | 409 | the node could not boot the guest |
 //! | `cluster_unavailable` | 503 | no Raft leader answered in time |

@@ -30,7 +30,7 @@ pub const SERVICE: &str = "ferry-control";
 
 /// Version of this exchange; a node refuses any other. 2: a move and a
 /// drain carry their own downtime limit.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
@@ -58,8 +58,12 @@ pub enum PeerRequest {
     StartVm {
         vm: String,
     },
+    /// Stop the VM as it was at `epoch` (what the caller saw): a stop that
+    /// crosses a switchover or a restart is refused, not applied to the VM
+    /// where it runs now.
     StopVm {
         vm: String,
+        epoch: u64,
     },
     Move {
         vm: String,

@@ -33,6 +33,14 @@ pub const BANDWIDTH_CAP_BYTES_PER_SEC: RangeInclusive<u64> = 1..=u64::MAX;
 /// guest's service takes records of at most [`ferry_vmm::service::MAX_RECORD`]
 /// bytes, and a character is at most 4 bytes of UTF-8.
 pub const RECORD_MAX_CHARS: usize = ferry_vmm::service::MAX_RECORD / 4;
+/// `CreateVm::priority`: the store's own bound, so the API refuses what the
+/// store would.
+pub const PRIORITY: RangeInclusive<u32> = 0..=ferry_cluster::model::MAX_FAILOVER_PRIORITY;
+/// `SettingsPatch::failure_detection_ms`: the store's own bounds.
+pub const FAILURE_DETECTION_MS: RangeInclusive<u32> = ferry_cluster::model::FAILURE_DETECTION_MS;
+/// `MarkNodeDown::reason`, in characters: it is kept in the store and shown
+/// on every node's view, so a sentence, not a document.
+pub const REASON_MAX_CHARS: usize = 200;
 
 /// Every bounded integer field of a request body: (schema, field, min, max).
 /// The OpenAPI check walks this list; validation uses the constants above.
@@ -91,6 +99,18 @@ pub const INTEGER_BOUNDS: &[(&str, &str, u64, u64)] = &[
         *BANDWIDTH_CAP_BYTES_PER_SEC.start(),
         *BANDWIDTH_CAP_BYTES_PER_SEC.end(),
     ),
+    (
+        "CreateVm",
+        "priority",
+        *PRIORITY.start() as u64,
+        *PRIORITY.end() as u64,
+    ),
+    (
+        "SettingsPatch",
+        "failure_detection_ms",
+        *FAILURE_DETECTION_MS.start() as u64,
+        *FAILURE_DETECTION_MS.end() as u64,
+    ),
 ];
 
 /// `CreateVm::pattern`.
@@ -122,6 +142,7 @@ pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]*$";
 pub const MAX_CHARS: &[(&str, &str, usize)] = &[
     ("CreateVm", "name", NAME_MAX_LEN),
     ("Append", "record", RECORD_MAX_CHARS),
+    ("MarkNodeDown", "reason", REASON_MAX_CHARS),
 ];
 
 /// A request body: parsed by [`crate::api::parse_json`] and then checked by
@@ -214,6 +235,13 @@ pub struct CreateVm {
     pub tcp_connections: u32,
     #[serde(default = "yes")]
     pub start: bool,
+    /// Restart it on another node (a cold start) when its node dies;
+    /// `false`: it waits, `needs_restart`, for a user.
+    #[serde(default = "yes")]
+    pub restart: bool,
+    /// Higher restarts first when a dead node's VMs compete for room.
+    #[serde(default)]
+    pub priority: u32,
 }
 
 fn default_memory_mib() -> u64 {
@@ -240,6 +268,8 @@ impl CreateVm {
             processor_compatibility: false,
             tcp_connections: 0,
             start: true,
+            restart: true,
+            priority: 0,
         }
     }
 }
@@ -384,6 +414,33 @@ pub struct SettingsPatch {
         skip_serializing_if = "Option::is_none"
     )]
     pub pro_tip_mode: Option<String>,
+    /// How long a node may go without renewing its lease before the cluster
+    /// declares it down and restarts its VMs elsewhere.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub failure_detection_ms: Option<u32>,
+}
+
+/// `POST /api/nodes/{node}/down`: an operator declares a node down, so its
+/// VMs restart elsewhere (see [`crate::Node::mark_node_down`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkNodeDown {
+    /// Why, for the node's view and the log (at most 200 characters).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reason: Option<String>,
+    /// The operator vouches that the node can run nothing (powered off, its
+    /// process killed): it is declared down at once, even if it renewed its
+    /// lease recently.
+    #[serde(default)]
+    pub confirmed_dead: bool,
 }
 
 impl Request for CreateVm {
@@ -399,6 +456,7 @@ impl Request for CreateVm {
             &DIRTY_PAGES_PER_SEC,
         )?;
         in_range("tcp_connections", &self.tcp_connections, &TCP_CONNECTIONS)?;
+        in_range("priority", &self.priority, &PRIORITY)?;
         one_of("pattern", self.pattern.as_deref(), PATTERNS)?;
         one_of("storage", self.storage.as_deref(), STORAGES)?;
         one_of("backend", self.backend.as_deref(), BACKENDS)
@@ -492,7 +550,25 @@ impl Request for SettingsPatch {
         if let Some(m) = &self.max_migrations_per_node {
             in_range("max_migrations_per_node", m, &MAX_MIGRATIONS_PER_NODE)?;
         }
+        if let Some(f) = &self.failure_detection_ms {
+            in_range("failure_detection_ms", f, &FAILURE_DETECTION_MS)?;
+        }
         one_of("pro_tip_mode", self.pro_tip_mode.as_deref(), TIP_MODES)
+    }
+}
+
+impl Request for MarkNodeDown {
+    const SCHEMA: &'static str = "MarkNodeDown";
+
+    fn validate(&self) -> Result<(), ApiError> {
+        let chars = self.reason.as_deref().map_or(0, |r| r.chars().count());
+        if chars > REASON_MAX_CHARS {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("reason has {chars} characters, more than {REASON_MAX_CHARS}"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -570,6 +646,8 @@ mod tests {
         assert!(sent.get("node").is_none() && sent.get("pattern").is_none());
         let c: CreateVm = serde_json::from_str(r#"{"name": "web-1"}"#).unwrap();
         assert!(c.start && c.memory_mib == 64);
+        assert!(c.restart && c.priority == 0);
+        assert_eq!(c, CreateVm::new("web-1"));
         assert!(check_name("VM", "web-1").is_ok());
         assert!(check_name("VM", "-x").is_err());
         assert!(check_name("VM", "a b").is_err());

@@ -36,6 +36,11 @@ pub struct NodeView {
     pub active_migrations: u32,
     /// Whether this node is the Raft leader (as the answering node knows it).
     pub leader: bool,
+    /// Why the node was declared down (by the failure detector, an
+    /// operator, or its own shutdown); `None` unless it is down.
+    pub down_reason: Option<String>,
+    /// When it was declared down, in milliseconds since the Unix epoch.
+    pub down_since_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +65,10 @@ pub struct VmView {
     /// `shared:<volume>` or `local:<bytes>`.
     pub storage: String,
     pub migration: Option<u64>,
+    /// Whether the cluster restarts it on another node when its node dies.
+    pub restart: bool,
+    /// Higher restarts first when a dead node's VMs compete for room.
+    pub priority: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +133,9 @@ pub struct SettingsView {
     pub max_migrations_per_node: u32,
     /// `off`, `manual` or `automatic`.
     pub pro_tip_mode: String,
+    /// How long a node may go without renewing its lease before the cluster
+    /// declares it down and restarts its VMs elsewhere.
+    pub failure_detection_ms: u32,
 }
 
 /// One progress event of a migration, as its source node reported it.
@@ -245,6 +257,33 @@ pub struct StatusView {
     pub active_migrations: usize,
     pub pending_tips: usize,
     pub version: String,
+    /// The answering node's lease.
+    pub failover: FailoverView,
+}
+
+/// Where a node stands with failover: its lease (its guests run only while
+/// it holds one) and how often it lost it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FailoverView {
+    /// Whether the node holds its lease now.
+    pub leased: bool,
+    /// What is left of the lease, in milliseconds (0 without one).
+    pub lease_left_ms: u64,
+    /// Times its lease lapsed while it ran (its guests stopped).
+    pub lapses: u64,
+    /// Times the cluster declared it down and it dropped its guests.
+    pub downs: u64,
+}
+
+impl FailoverView {
+    pub fn from_status(s: &ferry_actors::triggers::failover::FailoverStatus) -> FailoverView {
+        FailoverView {
+            leased: s.leased,
+            lease_left_ms: s.lease_left_ms,
+            lapses: s.lapses,
+            downs: s.downs,
+        }
+    }
 }
 
 /// The pre-move estimate, with what it was computed from.
@@ -496,6 +535,8 @@ pub fn nodes(state: &ClusterState, leader: Option<NodeId>) -> Vec<NodeView> {
                 memory_used_bytes: load.memory_bytes,
                 active_migrations: load.migrations,
                 leader: leader == Some(n.id),
+                down_reason: n.down.as_ref().map(|d| d.reason.clone()),
+                down_since_ms: n.down.as_ref().map(|d| d.at_ms),
             }
         })
         .collect()
@@ -518,6 +559,8 @@ pub fn vm(state: &ClusterState, v: &ferry_cluster::model::Vm) -> VmView {
             StorageSpec::Local { size_bytes } => format!("local:{size_bytes}"),
         },
         migration: v.migration,
+        restart: v.config.failover.restart,
+        priority: v.config.failover.priority,
     }
 }
 
@@ -619,5 +662,6 @@ pub fn settings(s: &Settings) -> SettingsView {
         bandwidth_cap_bytes_per_sec: s.bandwidth_cap_bytes_per_sec,
         max_migrations_per_node: s.max_migrations_per_node,
         pro_tip_mode: tip_mode(s.pro_tip_mode).into(),
+        failure_detection_ms: s.failure_detection_ms,
     }
 }

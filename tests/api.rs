@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use ferry::client::Client;
-use ferry::views::{StatusView, VmView};
+use ferry::views::{NodeView, SettingsView, StatusView, VmView};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -212,6 +212,7 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     );
     let created: VmView = serde_json::from_value(created).unwrap();
     assert_eq!(created.state, "running");
+    assert!(created.restart && created.priority == 0, "{created:?}");
     // Every read answers what the document says it does.
     for path in [
         "/api/status",
@@ -354,10 +355,19 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     ] {
         expect_error(&api, "PATCH", path, Some(body), 400, "invalid_value");
     }
+    expect_error(
+        &api,
+        "PATCH",
+        "/api/settings",
+        Some(b"{\"failure_detection_ms\": 999}"),
+        400,
+        "invalid_value",
+    );
     for body in [
         &b"{\"name\": \"x\", \"memory_mib\": 65537}"[..],
         b"{\"name\": \"x\", \"vcpus\": 65}",
         b"{\"name\": \"x\", \"tcp_connections\": 65536}",
+        b"{\"name\": \"x\", \"priority\": 1001}",
     ] {
         expect_error(&api, "POST", "/api/vms", Some(body), 400, "invalid_value");
     }
@@ -372,6 +382,34 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
         Some(long.as_bytes()),
         400,
         "invalid_value",
+    );
+    let long = format!(
+        "{{\"reason\": \"{}\"}}",
+        "r".repeat(ferry::requests::REASON_MAX_CHARS + 1)
+    );
+    expect_error(
+        &api,
+        "POST",
+        "/api/nodes/node-1/down",
+        Some(long.as_bytes()),
+        400,
+        "invalid_value",
+    );
+    expect_error(
+        &api,
+        "POST",
+        "/api/nodes/node-1/down",
+        Some(b"{\"confirmed_dead\": \"yes\"}"),
+        400,
+        "invalid_request",
+    );
+    expect_error(
+        &api,
+        "POST",
+        "/api/migrations/12345/abort",
+        Some(b"{\"now\": true}"),
+        400,
+        "invalid_request",
     );
     // A method a path lacks: 405 with the path's methods in Allow.
     for (method, path) in [
@@ -438,6 +476,38 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     );
     expect_error(
         &api,
+        "POST",
+        "/api/migrations/12345/abort",
+        None,
+        404,
+        "unknown_migration",
+    );
+    expect_error(
+        &api,
+        "POST",
+        "/api/migrations/nope/abort",
+        Some(b"{}"),
+        404,
+        "unknown_migration",
+    );
+    expect_error(
+        &api,
+        "POST",
+        "/api/nodes/node-7/down",
+        Some(b"{}"),
+        404,
+        "unknown_node",
+    );
+    expect_error(
+        &api,
+        "GET",
+        "/api/nodes/node-1/down",
+        None,
+        405,
+        "method_not_allowed",
+    );
+    expect_error(
+        &api,
         "PATCH",
         "/api/networks/nope",
         Some(b"{\"migration\": \"allow\"}"),
@@ -456,6 +526,40 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
 
     // None of that reached the cluster store.
     assert_eq!(applied(&api), before, "a refused request changed the store");
+
+    // A live node is not declared down: it renewed its lease, so it may
+    // still run its VMs. Nothing changes.
+    for body in [None, Some(&b"{\"reason\": \"maintenance\"}"[..])] {
+        expect_error(
+            &api,
+            "POST",
+            "/api/nodes/node-1/down",
+            body,
+            409,
+            "node_alive",
+        );
+    }
+    let n1: NodeView = api.get("/api/nodes/node-1").unwrap();
+    assert_eq!(n1.state, "up", "{n1:?}");
+    assert_eq!((n1.down_reason, n1.down_since_ms), (None, None));
+    let web: VmView = api.get("/api/vms/web-1").unwrap();
+    assert_eq!((web.state.as_str(), web.owner), ("running", 1));
+    // The answering node shows its lease, which it holds while it runs VMs.
+    wait_for("node-1 to hold its lease", Duration::from_secs(10), || {
+        let s: StatusView = api.get("/api/status").ok()?;
+        (s.failover.leased && s.failover.lease_left_ms > 0).then_some(())
+    });
+
+    // The failure-detection timeout is a setting.
+    let set = expect_ok(
+        &api,
+        "PATCH",
+        "/api/settings",
+        Some(serde_json::json!({ "failure_detection_ms": 5000 })),
+    );
+    assert_eq!(set["failure_detection_ms"], 5000);
+    let shown: SettingsView = api.get("/api/settings").unwrap();
+    assert_eq!(shown.failure_detection_ms, 5000);
 
     // The longest record the document allows, in the widest characters,
     // is one the guest's service takes.
@@ -528,11 +632,18 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
             }
         }
     });
-    expect_ok(
+    let db = expect_ok(
         &api,
         "POST",
         "/api/vms",
-        Some(serde_json::json!({ "name": "db-1", "memory_mib": 16, "start": false })),
+        Some(serde_json::json!({
+            "name": "db-1", "memory_mib": 16, "start": false,
+            "restart": false, "priority": 1000
+        })),
+    );
+    assert_eq!(
+        (&db["restart"], &db["priority"]),
+        (&false.into(), &1000.into())
     );
     let change = loop {
         let e = rx.recv_timeout(Duration::from_secs(10)).unwrap();

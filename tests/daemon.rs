@@ -165,14 +165,72 @@ fn three_daemons_move_a_vm_and_drain_a_node_through_the_cli() {
     });
     let db = vms3.iter().find(|v| v.name == "db-1").unwrap();
     if db_owner == 3 {
-        // It ran on node 3, which stopped: the store says so.
-        assert_eq!(db.state, "off");
-    } else {
-        assert_eq!(db.state, "running");
+        // It ran on node 3, which moved it away live before it stopped
+        // (node 1 is in maintenance, so node 2 took it), and said so.
+        let report: ferry::node::ShutdownReport = serde_json::from_slice(
+            &std::fs::read(ferry::node::report_path(
+                &ferry::config::NodeConfig::load(&c3).unwrap().data_dir,
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            report.moved.iter().any(|m| m.vm == "db-1" && m.to == 2),
+            "{report:?}"
+        );
+        assert_eq!(db.owner, 2, "{db:?}");
     }
+    assert_eq!(db.state, "running", "{db:?}");
     let r = cli(&c3, &["node", "resume", "node-1", "--json"]);
     assert_eq!(r.code, 0, "{r:?}");
     let n1: NodeView = api.get("/api/nodes/node-1").unwrap();
     assert_eq!(n1.state, "up");
     println!("three-daemon test took {:.1?}", started.elapsed());
+}
+
+#[test]
+fn node_stop_sends_sigterm_and_prints_the_daemons_report() {
+    let dir = TempDir::new("node-stop");
+    let mut d = Daemons::init(&dir.0, 1, 47, 49);
+    let c1 = d.configs[0].clone();
+
+    // Nothing ran on the data directory yet: no pid file.
+    let r = cli(&c1, &["node", "stop"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no pid file"), "{}", r.stderr);
+
+    d.spawn(0);
+    let api = client(&c1);
+    wait_for("the node up", Duration::from_secs(30), || {
+        let s: StatusView = api.get("/api/status").ok()?;
+        (s.nodes_up == 1).then_some(())
+    });
+    let r = cli(&c1, &["vm", "create", "web-1", "--memory-mib", "16"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = cli(&c1, &["status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("lease"), "{}", r.stdout);
+
+    // A one-node cluster has nowhere to move web-1: it stops with the node.
+    let t = Instant::now();
+    let r = cli(&c1, &["node", "stop", "--json"]);
+    assert_eq!(r.code, 0, "{r:?}\n{}", d.log(0));
+    let report: ferry::node::ShutdownReport = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report.node, "node-1");
+    assert!(
+        report.moved.is_empty() && report.stopped.iter().any(|s| s.vm == "web-1"),
+        "{report:?}"
+    );
+    println!(
+        "ferry node stop took {:.1?}: {}",
+        t.elapsed(),
+        report.lines().join("; ")
+    );
+    // The daemon exited 0 (the CLI saw it gone, so this does not wait).
+    assert_eq!(d.terminate(0), Some(0), "{}", d.log(0));
+
+    // Stopped already: not running, and the old report is not shown again.
+    let r = cli(&c1, &["node", "stop"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not running"), "{}", r.stderr);
 }

@@ -1,8 +1,9 @@
 //! Cluster-wide operations: maintenance mode for a node (pause, with a drain
 //! its own actor runs; resume, with failback, carried out by the node itself),
-//! network roles and the migration order, a user's answer to a policy tip,
-//! and the cluster settings. Each validates its request against a fresh read
-//! of the store before writing.
+//! an operator's "this node is down" and abort of a migration, network roles
+//! and the migration order, a user's answer to a policy tip, and the cluster
+//! settings. Each validates its request against a fresh read of the store
+//! before writing.
 
 use super::{node_ref, Node};
 use crate::error::ApiError;
@@ -94,6 +95,77 @@ impl Node {
             node: self.node(&id.to_string())?,
             failback,
         })
+    }
+
+    /// An operator declares a node down, so the cluster restarts its VMs
+    /// elsewhere. The Raft leader decides, and keeps the fencing guarantee:
+    /// without `confirmed_dead` a node is declared down only once the leader
+    /// has heard no lease renewal from it for the failure-detection timeout
+    /// (its lease has ended, so its guests have stopped); a node that renewed
+    /// more recently is refused, 409 `node_alive`. With `confirmed_dead` the
+    /// operator vouches the node can run nothing, and it is declared down at
+    /// once: if that is wrong, its VMs may briefly run twice.
+    pub async fn mark_node_down(
+        &self,
+        node: &str,
+        req: requests::MarkNodeDown,
+    ) -> Result<NodeView, ApiError> {
+        req.validate()?;
+        if self.stopping() {
+            return Err(ApiError::unavailable(
+                "shutting_down",
+                "this node is shutting down",
+            ));
+        }
+        let state = self.fresh().await?;
+        let id = node_ref(&state, node)?;
+        let reason = req.reason.as_deref().unwrap_or("no reason given");
+        match self
+            .failover()
+            .mark_down(id, reason, req.confirmed_dead)
+            .await
+        {
+            Ok(said) => tracing::info!(node = id, "{said}"),
+            // The failover loop answers in sentences; this one is the
+            // fencing refusal, the only one an operator can act on by
+            // waiting or by confirming the node is dead.
+            Err(why) if why.contains("renewed its lease") => {
+                return Err(ApiError::conflict("node_alive", why))
+            }
+            Err(why) => {
+                return Err(ApiError::unavailable(
+                    "cluster_unavailable",
+                    format!("could not declare node {id} down: {why}"),
+                ))
+            }
+        }
+        // The leader wrote it: show it as the store has it now.
+        self.fresh().await?;
+        self.node(&id.to_string())
+    }
+
+    /// An operator's abort of a migration, written to the store directly: it
+    /// needs neither the source nor the target, so it ends a move stuck
+    /// behind a dead source. It is always safe: the store orders it against
+    /// the switchover's commit and exactly one of them wins; the source
+    /// resumes the VM only if the store says aborted, the target runs it only
+    /// on a committed switchover. (`cancel_move` is the gentler way while the
+    /// source is alive: it asks the source to stop.)
+    pub async fn abort_migration(&self, id: u64) -> Result<MigrationView, ApiError> {
+        let state = self.fresh().await?;
+        if !state.migrations.contains_key(&id) {
+            return Err(CommandError::UnknownMigration { id }.into());
+        }
+        self.write(Command::AbortMigration {
+            migration: id,
+            reason: "aborted by an operator".into(),
+            at_ms: now_ms(),
+        })
+        .await?;
+        // The write may have committed on the leader before this replica
+        // applied it: answer with the outcome, not the move still active.
+        self.fresh().await?;
+        self.migration(id)
     }
 
     /// Changes a network's role (gateway) or its use for live migration.
@@ -190,6 +262,9 @@ impl Node {
         }
         if let Some(m) = patch.max_migrations_per_node {
             settings.max_migrations_per_node = m;
+        }
+        if let Some(f) = patch.failure_detection_ms {
+            settings.failure_detection_ms = f;
         }
         if let Some(mode) = &patch.pro_tip_mode {
             settings.pro_tip_mode = views::parse_tip_mode(mode).ok_or_else(|| {

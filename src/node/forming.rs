@@ -121,10 +121,21 @@ impl Node {
 
     /// After a restart nothing runs here, whatever the store last said: moves
     /// this node was the source of are aborted, and VMs it ran are recorded
-    /// as stopped, so the store tells the truth again.
+    /// lost, so the cluster starts each of them again, once, at a new epoch
+    /// (after a cluster-wide stop too: the VMs that were running run again).
+    /// Only then does this node boot VMs the store places here. Retried until
+    /// the store answers: at a cluster's cold start the quorum may take a
+    /// moment.
     async fn reconcile(&self) {
-        let Ok(state) = self.fresh().await else {
-            return;
+        let state = loop {
+            match self.fresh().await {
+                Ok(s) => break s,
+                Err(e) if !self.stopping() => {
+                    tracing::debug!(node = self.id(), "reconcile: {}", e.message);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(_) => return,
+            }
         };
         for m in state.active_migrations() {
             if m.source == self.id() {
@@ -138,19 +149,22 @@ impl Node {
                     .await;
             }
         }
+        let state = self.cluster().read();
         for vm in state.vms_on(self.id()) {
             if matches!(vm.state, VmState::Running | VmState::Migrating)
                 && !self.inner.shared.holds(&vm.name)
             {
-                tracing::warn!(vm = %vm.name, "VM was running here before a restart; recording it stopped");
+                tracing::warn!(vm = %vm.name, epoch = vm.epoch, "VM was running here before a restart; its memory is gone: the cluster restarts it");
                 let _ = self
                     .cluster()
-                    .write(Command::StopVm {
+                    .write(Command::VmLost {
                         vm: vm.name.clone(),
+                        epoch: vm.epoch,
                     })
                     .await;
             }
         }
+        self.inner.shared.begin_adopting();
     }
 }
 

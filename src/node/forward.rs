@@ -112,9 +112,13 @@ impl Node {
                     .map_err(|e| ApiError::conflict("start_failed", e))?;
                 Ok(PeerReply::Started { epoch })
             }
-            PeerRequest::StopVm { vm } => {
-                self.write(Command::StopVm { vm: vm.clone() }).await?;
-                self.inner.shared.release_vm(&vm);
+            PeerRequest::StopVm { vm, epoch } => {
+                self.write(Command::StopVm {
+                    vm: vm.clone(),
+                    epoch: Some(epoch),
+                })
+                .await?;
+                self.inner.shared.release_vm_at(&vm, epoch);
                 Ok(PeerReply::Stopped)
             }
             PeerRequest::Move {

@@ -50,6 +50,7 @@ use ferry_actors::actors::NodeActor;
 use ferry_actors::node::{Directory, NodeShared};
 use ferry_actors::policy::tips::TipConfig;
 use ferry_actors::switch::VirtualSwitch;
+use ferry_actors::triggers::failover::{FailoverLoop, FailoverStatus};
 use ferry_actors::triggers::tips::Tips;
 use ferry_cluster::model::ClusterState;
 use ferry_cluster::{ClusterNode, ClusterNodeConfig, Command, NodeId};
@@ -67,7 +68,10 @@ mod cluster_ops;
 mod forming;
 mod forward;
 mod reads;
+mod shutdown;
 mod vms;
+
+pub use shutdown::{report_path, MovedAway, ShutdownReport, StoppedVm};
 
 /// Deadline of a forwarded operation (a move answers once it has begun).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(20);
@@ -123,6 +127,11 @@ struct Inner {
     peers: BTreeMap<NodeId, PeerEntry>,
     relay: tokio::sync::mpsc::Sender<Relayed>,
     tips: Mutex<Option<Arc<Tips>>>,
+    /// Lease renewals, fencing, and (on the leader) failure detection and
+    /// restarts: see `ferry_actors::triggers::failover`.
+    failover: Arc<FailoverLoop>,
+    /// Set when a shutdown begins (a second one returns at once).
+    shut: AtomicBool,
     stopping: AtomicBool,
     lock: Mutex<Option<DataDirLock>>,
     api: ApiCounters,
@@ -199,6 +208,7 @@ impl Node {
             Arc::new(Directory::default()),
         );
         let actor = NodeActor::new(shared.clone()).start();
+        let failover = FailoverLoop::start(shared.clone());
         let (relay, relay_rx) = tokio::sync::mpsc::channel(256);
         let node = Node {
             inner: Arc::new(Inner {
@@ -210,6 +220,8 @@ impl Node {
                 runtime: tokio::runtime::Handle::current(),
                 relay,
                 tips: Mutex::new(None),
+                failover,
+                shut: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
                 lock: Mutex::new(Some(dir_lock)),
                 api: ApiCounters::default(),
@@ -335,26 +347,36 @@ impl Node {
         self.inner.stopping.load(Ordering::Acquire)
     }
 
-    /// Stops the node cleanly: VMs it runs are stopped and recorded off (drain
-    /// first to keep them running elsewhere), the transport and the store
-    /// close, and the data directory is unlocked.
-    pub async fn shutdown(&self) {
-        if self.inner.stopping.swap(true, Ordering::AcqRel) {
-            return;
+    /// Where this node stands with the cluster's failover: its lease, and
+    /// how often it lapsed or was declared down.
+    pub fn failover_status(&self) -> FailoverStatus {
+        self.inner.failover.status()
+    }
+
+    pub(crate) fn failover(&self) -> &FailoverLoop {
+        &self.inner.failover
+    }
+
+    /// Stops the node gracefully: its VMs move away live as far as the
+    /// cluster can take them, what is left stops with it and the node tells
+    /// the store it is down, so the cluster restarts those VMs elsewhere
+    /// (see `shutdown.rs`); then the transport and the store close and the
+    /// data directory is unlocked. Returns what it did.
+    pub async fn shutdown(&self) -> ShutdownReport {
+        if self.inner.shut.swap(true, Ordering::AcqRel) {
+            return ShutdownReport {
+                node: self.inner.config.name.clone(),
+                ..Default::default()
+            };
         }
         tracing::info!(node = self.id(), "shutting down");
         if let Some(tips) = lock(&self.inner.tips).take() {
             tips.stop();
         }
-        for vm in self.inner.shared.running() {
-            let _ = self
-                .cluster()
-                .write_within(Command::StopVm { vm: vm.clone() }, Duration::from_secs(2))
-                .await;
-            self.inner.shared.release_vm(&vm);
-        }
+        let report = self.leave_cluster().await;
         self.inner.shared.kill().await;
         lock(&self.inner.lock).take();
+        report
     }
 }
 

@@ -45,6 +45,7 @@ impl Node {
                 .filter(|t| t.state == TipState::Pending)
                 .count(),
             version: env!("CARGO_PKG_VERSION").into(),
+            failover: FailoverView::from_status(&self.failover_status()),
         }
     }
 

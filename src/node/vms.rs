@@ -94,6 +94,10 @@ impl Node {
                 tcp_connections: req.tcp_connections,
             }),
             storage,
+            failover: ferry_cluster::model::Failover {
+                restart: req.restart,
+                priority: req.priority,
+            },
         };
         self.write(Command::CreateVm {
             name: req.name.clone(),
@@ -146,10 +150,20 @@ impl Node {
         let state = self.fresh().await?;
         let v = state.vms.get(vm).ok_or_else(|| ApiError::unknown_vm(vm))?;
         if v.state == VmState::NeedsRestart {
-            self.write(Command::StopVm { vm: vm.into() }).await?;
+            self.write(Command::StopVm {
+                vm: vm.into(),
+                epoch: Some(v.epoch),
+            })
+            .await?;
         } else {
-            self.on_node(v.owner, PeerRequest::StopVm { vm: vm.into() })
-                .await?;
+            self.on_node(
+                v.owner,
+                PeerRequest::StopVm {
+                    vm: vm.into(),
+                    epoch: v.epoch,
+                },
+            )
+            .await?;
         }
         self.vm_fresh(vm).await
     }

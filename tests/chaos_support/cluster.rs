@@ -477,6 +477,7 @@ impl ChaosCluster {
             .write_within(
                 Command::MarkNodeDown {
                     node: id,
+                    reason: "killed by the chaos schedule".into(),
                     at_ms: ferry_actors::node::now_ms(),
                 },
                 Duration::from_secs(30),

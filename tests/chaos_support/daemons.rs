@@ -124,6 +124,8 @@ pub struct Daemons {
     pub netns: Vec<Option<String>>,
     children: Vec<Option<Child>>,
     spawned: Vec<u32>,
+    /// Nodes stopped with SIGSTOP: their API would not answer.
+    stopped: Vec<bool>,
 }
 
 impl Daemons {
@@ -166,6 +168,7 @@ impl Daemons {
             netns,
             children: (0..nodes).map(|_| None).collect(),
             spawned: vec![0; nodes as usize],
+            stopped: vec![false; nodes as usize],
         }
     }
 
@@ -211,6 +214,43 @@ impl Daemons {
         }
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT, SIGTERM …) to node `i`'s process.
+    pub fn signal(&mut self, i: usize, signal: i32) {
+        match signal {
+            libc::SIGSTOP => self.stopped[i] = true,
+            libc::SIGCONT => self.stopped[i] = false,
+            _ => {}
+        }
+        let child = self.children[i].as_ref().expect("node is running");
+        // SAFETY: `kill` only sends a signal to the pid of a child this
+        // struct spawned and has not reaped, so the pid is still ours.
+        let rc = unsafe { libc::kill(child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// SIGTERM, then waits for the process to exit by itself (a graceful
+    /// shutdown), at most `timeout`. Returns its exit status.
+    pub fn sigterm_and_wait(&mut self, i: usize, timeout: Duration) -> std::process::ExitStatus {
+        self.signal(i, libc::SIGTERM);
+        let mut child = self.children[i].take().expect("node is running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "node {} did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    i + 1,
+                    self.log(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn is_running(&self, i: usize) -> bool {
         self.children[i].is_some()
     }
@@ -242,7 +282,7 @@ impl Daemons {
     /// The first live node's answer to `GET path`.
     pub fn get<T: serde::de::DeserializeOwned + Send>(&self, path: &str) -> Option<T> {
         (0..self.nodes())
-            .filter(|&i| self.is_running(i))
+            .filter(|&i| self.is_running(i) && !self.stopped[i])
             .find_map(|i| self.api(i, |c| c.get::<T>(path).ok()))
     }
 
@@ -404,6 +444,11 @@ impl Observer {
         seen.last_on.clear();
     }
 
+    /// Forgets what was seen of `vm` so far (a new phase of a test).
+    pub fn forget(&self, vm: &str) {
+        self.seen.lock().unwrap().remove(vm);
+    }
+
     pub fn seen(&self, vm: &str) -> Seen {
         self.seen
             .lock()
@@ -430,5 +475,48 @@ impl Drop for Observer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Like [`wait_for`], but `None` at the deadline rather than a panic: a chaos
+/// checker records the miss as a violation and goes on to report the rest.
+pub fn try_wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Daemons {
+    /// Whether node `i` (0-based) is stopped with SIGSTOP now.
+    pub fn is_stopped(&self, i: usize) -> bool {
+        self.stopped[i]
+    }
+
+    /// `GET path` answered by node `i` itself, from its own replica (which
+    /// may lag: a node continued after SIGSTOP, or just restarted, answers
+    /// from what it had). `None` if it does not answer.
+    pub fn get_from<T: serde::de::DeserializeOwned + Send>(
+        &self,
+        i: usize,
+        path: &str,
+    ) -> Option<T> {
+        if !self.is_running(i) || self.stopped[i] {
+            return None;
+        }
+        self.api(i, |c| c.get::<T>(path).ok())
+    }
+
+    /// The last `lines` lines of node `i`'s log (for a failure report).
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let log = self.log(i);
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 }

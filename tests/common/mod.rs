@@ -32,15 +32,29 @@ impl Drop for TempDir {
     }
 }
 
-/// A base port such that `n` consecutive ports on 127.0.0.1 are free now.
+/// A base port such that `n` consecutive ports on 127.0.0.1 are free now
+/// and were not handed out before in this process: the tests of one binary
+/// run at once, and a test's daemons bind their ports only later, so "free
+/// now" alone would give two tests the same ports.
 pub fn free_ports(n: u16) -> u16 {
-    let mut base = 20_000 + (std::process::id() % 20_000) as u16;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static HANDED_OUT: AtomicU16 = AtomicU16::new(0);
+    let first = 20_000 + (std::process::id() % 20_000) as u16;
+    let mut base = first.max(HANDED_OUT.load(Ordering::SeqCst));
     loop {
         let all_free = (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if all_free {
+        let unclaimed = HANDED_OUT
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
+                (all_free && h <= base).then_some(base + n)
+            })
+            .is_ok();
+        if unclaimed {
             return base;
         }
-        base = base.wrapping_add(n + 7).max(20_000);
+        base = base
+            .max(HANDED_OUT.load(Ordering::SeqCst))
+            .wrapping_add(n + 7)
+            .max(20_000);
     }
 }
 

@@ -97,8 +97,14 @@ echo "=== schemathesis $("$venv/bin/st" --version | awk '{print $NF}'): all chec
 "$ferry" vm create db-1 --memory-mib 16 >/dev/null
 # /api/events is an endless stream (server-sent events): no response ever
 # ends, so it cannot be checked by a tool that reads whole responses;
-# tests/api.rs covers it. One worker: schemathesis's generator calls
-# ast.parse, which CPython 3.11 does not make safe across threads.
+# tests/api.rs covers it. POST /api/nodes/{node}/down (markNodeDown) is
+# left out too: with confirmed_dead, which the document rightly allows, it
+# declares a live node down at once, and the cluster restarts that node's
+# VMs elsewhere while the node drops them and rejoins; the rest of the run
+# would test a cluster in failover, not the API. tests/api.rs checks its
+# answers (a live node is refused, 409 node_alive). One worker: schemathesis's
+# generator calls ast.parse, which CPython 3.11 does not make safe across
+# threads.
 set +e
 cd "$work" # schemathesis keeps its cache in the working directory
 "$venv/bin/st" run "$base/api/openapi.json" \
@@ -109,6 +115,7 @@ cd "$work" # schemathesis keeps its cache in the working directory
   --seed "$seed" \
   --generation-database none \
   --exclude-path /api/events \
+  --exclude-operation-id markNodeDown \
   --workers 1 \
   --request-timeout 20 \
   --no-color \
