@@ -5,7 +5,8 @@
 //!
 //! Three nodes run in this process through the library (the same `Node` the
 //! daemon runs), each serving the API; the browser talks to node 1.
-//! Without chromium the test prints a SKIPPED line and passes.
+//! Without chromium the test prints a SKIPPED line and passes, unless
+//! `FERRY_CI_PROVIDES` names `browser` (CI installs chromium), where it fails.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -15,13 +16,21 @@ use common::*;
 use ferry::views::{NodeView, VmView};
 use std::time::{Duration, Instant};
 
+/// Whether CI (`.ci/run`) promises `what` in `FERRY_CI_PROVIDES`: then a
+/// test that needs it fails instead of skipping without it.
+fn ci_provides(what: &str) -> bool {
+    std::env::var("FERRY_CI_PROVIDES")
+        .is_ok_and(|list| list.split(',').any(|item| item.trim() == what))
+}
+
 #[test]
 fn dashboard_shows_progress_and_a_click_on_drain_starts_a_drain() {
     let Some(chromium) = find_chromium() else {
-        println!(
-            "SKIPPED dashboard_shows_progress_and_a_click_on_drain_starts_a_drain: \
-             no chromium on PATH (apt-get install -y chromium)"
-        );
+        let reason = "no chromium on PATH (apt-get install -y chromium)";
+        if ci_provides("browser") {
+            panic!("FERRY_CI_PROVIDES says it provides browser, but: {reason}");
+        }
+        println!("SKIPPED dashboard_shows_progress_and_a_click_on_drain_starts_a_drain: {reason}");
         return;
     };
     let started = Instant::now();

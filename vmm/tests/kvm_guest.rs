@@ -1,8 +1,10 @@
 //! The KVM guest on its own: it boots straight into long mode at CPL3, its
 //! program writes exactly what the SimGuest workload would, its service
 //! keeps the SimGuest log format, pause stops it, and bad input is refused
-//! clearly. Each test prints `SKIPPED kvm: <reason>` and returns where this
-//! machine cannot run KVM guests.
+//! clearly. Each test passes `kvm::usable_or_skip` first: it prints
+//! `SKIPPED kvm: <test>: <reason>` and returns where this host has no usable
+//! KVM (fails instead where `FERRY_CI_PROVIDES` names `kvm`), and fails
+//! wherever Ferry's own guest does not run.
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 

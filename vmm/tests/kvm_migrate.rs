@@ -7,8 +7,10 @@
 //! memory after more writes is what one uninterrupted run from the seed
 //! writes), the digests of source and target are equal at the switch, no
 //! acknowledged append is lost, the source never runs again. The blackout is
-//! measured and printed. Where KVM is unusable each test prints
-//! `SKIPPED kvm: <reason>` and returns.
+//! measured and printed. Where this host has no usable KVM each test prints
+//! `SKIPPED kvm: <test>: <reason>` and returns (`kvm::usable_or_skip`: fails
+//! instead where `FERRY_CI_PROVIDES` names `kvm`, and wherever Ferry's own
+//! guest does not run).
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 

@@ -1,7 +1,9 @@
 //! A KVM guest that dirties memory faster than a copy can keep up: throttling
 //! holds its vCPUs back, the measured dirty rate falls, and a live copy that
-//! could not converge unthrottled converges with auto-converge. Where KVM is
-//! unusable each test prints `SKIPPED kvm: <reason>` and returns.
+//! could not converge unthrottled converges with auto-converge. Where this host
+//! has no usable KVM each test prints `SKIPPED kvm: <test>: <reason>` and
+//! returns (`kvm::usable_or_skip`: fails instead where `FERRY_CI_PROVIDES`
+//! names `kvm`, and wherever Ferry's own guest does not run).
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 

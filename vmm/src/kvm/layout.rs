@@ -206,7 +206,7 @@ impl Layout {
         let iopb = (TSS_LIMIT + 1) as u16;
         mem.store((tss + 0x66) as usize, &iopb.to_le_bytes());
 
-        mem.store((self.code * PAGE) as usize, PROGRAM);
+        mem.store((self.code * PAGE) as usize, &super::program::image());
         mem.store(self.mailbox_offset(), &[0u8; PAGE_SIZE]);
 
         let pages = self.workload_pages();

@@ -26,7 +26,9 @@
 //!   refused.
 //! - State is saved and restored as versioned values ([`state`]).
 //! - [`probe`] finds out at start whether this node can run KVM guests at
-//!   all; [`KvmGuest::boot`] refuses with its reason if not.
+//!   all; [`KvmGuest::boot`] refuses with its reason if not. It tells a host
+//!   without usable KVM from Ferry's own guest failing, and KVM tests pass
+//!   [`usable_or_skip`], which skips only for the first.
 
 pub mod caps;
 pub mod layout;
@@ -34,8 +36,9 @@ pub mod program;
 pub mod state;
 mod vcpu;
 
-pub use caps::{probe, usable_or_skip, KvmCaps, KvmUnavailable};
+pub use caps::{ci_provides, probe, usable_or_skip, KvmCaps, KvmUnavailable, CI_PROVIDES_ENV};
 pub use layout::Layout;
+pub use program::BREAK_GUEST_ENV;
 pub use state::{KvmVcpuState, KvmVmState, KVM_VCPU_STATE_VERSION, KVM_VM_STATE_VERSION};
 
 use crate::dirty::{DirtyBitmap, DirtyLog};

@@ -65,6 +65,29 @@ pub mod mb {
     pub const ERR_FULL: u64 = ERROR | 3;
 }
 
+/// Test-only switch (never set it outside tests): with
+/// `FERRY_TEST_BREAK_KVM_GUEST=1` in a process's environment, every KVM guest
+/// it boots gets the program with a `ud2` over its first instruction, so the
+/// guest faults at once (a `Shutdown` exit) — the probe's trial guest
+/// included, which then reports `GuestFailed`. It exists so a test can show
+/// that a broken guest makes the KVM tests fail rather than skip
+/// (`vmm/tests/kvm_broken.rs`).
+pub const BREAK_GUEST_ENV: &str = "FERRY_TEST_BREAK_KVM_GUEST";
+
+/// The bytes loaded into a guest: [`PROGRAM`], unless [`BREAK_GUEST_ENV`]
+/// is `1`.
+pub(crate) fn image() -> std::borrow::Cow<'static, [u8]> {
+    if std::env::var_os(BREAK_GUEST_ENV).is_some_and(|v| v == "1") {
+        tracing::warn!("{BREAK_GUEST_ENV}=1: loading a broken KVM guest program (tests only)");
+        let mut broken = PROGRAM.to_vec();
+        for (byte, ud2) in broken.iter_mut().zip([0x0f, 0x0b]) {
+            *byte = ud2;
+        }
+        return std::borrow::Cow::Owned(broken);
+    }
+    std::borrow::Cow::Borrowed(PROGRAM)
+}
+
 /// The program, position-independent: it may sit at any page.
 #[rustfmt::skip]
 pub const PROGRAM: &[u8] = &[
