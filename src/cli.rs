@@ -105,7 +105,20 @@ pub enum Command {
     #[command(subcommand)]
     Settings(SettingsCmd),
     /// The cluster at a glance, as the node sees it.
-    Status,
+    #[command(after_help = "\
+With --wait, waits until the node answers, the cluster has a leader and every
+node of the configuration (or, with --api alone, every node the cluster
+knows) is a voting member and up, then prints the status; exit 1 if that does
+not happen within --timeout-s. Right after starting daemons:
+  ferry status --wait && ferry vm create web-1")]
+    Status {
+        /// Wait until every node has joined and is up.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 60, requires = "wait")]
+        timeout_s: u64,
+    },
     /// Copy a running simulated guest live into a second one in this process
     /// and print what was measured (no cluster, no network).
     #[command(after_help = "Example: ferry demo --memory-mib 512 --dirty-pages-per-sec 20000")]
@@ -659,8 +672,11 @@ fn dispatch(cli: Cli) -> Outcome {
             tips_cmd(&client(&conn)?, conn.json, command.unwrap_or(TipsCmd::List))
         }
         Command::Settings(cmd) => settings_cmd(&client(&conn)?, conn.json, cmd),
-        Command::Status => {
+        Command::Status { wait, timeout_s } => {
             let c = client(&conn)?;
+            if wait {
+                wait_for_members(&c, &conn, Duration::from_secs(timeout_s))?;
+            }
             let s: StatusView = c.get("/api/status")?;
             if conn.json {
                 print_json(&s);
@@ -686,6 +702,56 @@ fn dispatch(cli: Cli) -> Outcome {
             }
             Ok(ExitCode::Ok)
         }
+    }
+}
+
+/// `ferry status --wait`: polls the node until the cluster is whole (a
+/// leader, every expected node a voter and up). A node that does not answer
+/// yet (its daemon still starting) is waited for too.
+fn wait_for_members(c: &Client, conn: &Conn, timeout: Duration) -> Result<(), Failure> {
+    // The configuration names every node of the cluster (itself and its
+    // peers); without one, the cluster's own list is what there is.
+    let expected = match &conn.config {
+        Some(path) => Some(NodeConfig::load(path)?.peers.len() + 1),
+        None => None,
+    };
+    let deadline = Instant::now() + timeout;
+    let mut said = String::new();
+    loop {
+        let now = match c.get::<StatusView>("/api/status") {
+            Ok(s) => {
+                let want = expected.unwrap_or(s.nodes).max(1);
+                if s.leader.is_some()
+                    && s.voters.len() >= want
+                    && s.nodes >= want
+                    && s.nodes_up >= want
+                {
+                    return Ok(());
+                }
+                format!(
+                    "waiting: {} of {want} nodes joined, {} up, leader {}",
+                    s.voters.len().min(s.nodes),
+                    s.nodes_up,
+                    s.leader
+                        .map_or("none yet".to_string(), |l| format!("node {l}"))
+                )
+            }
+            Err(e) => format!("waiting for the node to answer: {e}"),
+        };
+        if now != said {
+            eprintln!("{now}");
+            said = now;
+        }
+        if Instant::now() > deadline {
+            return Err(Failure {
+                code: ExitCode::Failed,
+                error: ApiError::unavailable(
+                    "not_ready",
+                    format!("the cluster was not whole within {timeout:?} ({said})"),
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

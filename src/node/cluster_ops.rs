@@ -5,7 +5,7 @@
 //! settings. Each validates its request against a fresh read of the store
 //! before writing.
 
-use super::{node_ref, Node};
+use super::Node;
 use crate::error::ApiError;
 use crate::peer::{PeerReply, PeerRequest};
 use crate::requests::{self, Request};
@@ -27,7 +27,7 @@ impl Node {
     ) -> Result<NodeView, ApiError> {
         req.validate()?;
         let state = self.fresh().await?;
-        let id = node_ref(&state, node)?;
+        let id = self.node_ref(&state, node)?;
         match req.downtime_limit_ms.filter(|_| req.drain) {
             None => {
                 self.write(Command::PauseNode {
@@ -61,7 +61,7 @@ impl Node {
         req: requests::ResumeNode,
     ) -> Result<ResumedView, ApiError> {
         let state = self.fresh().await?;
-        let id = node_ref(&state, node)?;
+        let id = self.node_ref(&state, node)?;
         let n = &state.nodes[&id];
         if n.state != NodeState::Paused {
             return Err(CommandError::NodeNotPaused {
@@ -118,7 +118,7 @@ impl Node {
             ));
         }
         let state = self.fresh().await?;
-        let id = node_ref(&state, node)?;
+        let id = self.node_ref(&state, node)?;
         let reason = req.reason.as_deref().unwrap_or("no reason given");
         match self
             .failover()

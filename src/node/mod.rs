@@ -165,6 +165,32 @@ fn node_ref(state: &ClusterState, r: &str) -> Result<NodeId, ApiError> {
 }
 
 impl Node {
+    /// The node a user names (by name or id). One the configuration lists
+    /// but the store does not know yet is still joining (or its daemon is not
+    /// running): said so, rather than "unknown".
+    pub(crate) fn node_ref(&self, state: &ClusterState, r: &str) -> Result<NodeId, ApiError> {
+        node_ref(state, r).map_err(|unknown| {
+            let configured = self
+                .inner
+                .peers
+                .values()
+                .any(|p| p.name == r || p.id.to_string() == r);
+            if configured {
+                // Same status and code (it is not in the cluster), a message
+                // that says what to do.
+                ApiError {
+                    message: format!(
+                        "node {r:?} is not a member of the cluster yet: it is still joining, or \
+                         its daemon is not running (`ferry status --wait` waits for every node)"
+                    ),
+                    ..unknown
+                }
+            } else {
+                unknown
+            }
+        })
+    }
+
     /// Starts the node described by `config`: locks its data directory, opens
     /// its transport and cluster store, and forms the cluster (a bootstrap
     /// node on its first start) or asks a peer to let it join. Returns once

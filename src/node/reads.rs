@@ -5,7 +5,7 @@
 //! waits for every write committed so far (to answer after an operation
 //! another node carried out).
 
-use super::{node_ref, Node};
+use super::Node;
 use crate::error::ApiError;
 use crate::views::{self, *};
 use ferry_actors::policy::convergence::ConvergenceConfig;
@@ -55,7 +55,7 @@ impl Node {
 
     pub fn node(&self, r: &str) -> Result<NodeView, ApiError> {
         let state = self.state();
-        let id = node_ref(&state, r)?;
+        let id = self.node_ref(&state, r)?;
         views::nodes(&state, self.cluster().leader())
             .into_iter()
             .find(|n| n.id == id)

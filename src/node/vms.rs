@@ -4,7 +4,7 @@
 //! command to the store or hands the operation to the node that must carry it
 //! out (the VM's owner, or a move's source).
 
-use super::{node_ref, AppendView, Node};
+use super::{AppendView, Node};
 use crate::error::ApiError;
 use crate::peer::{PeerReply, PeerRequest};
 use crate::requests::{self, Request};
@@ -62,7 +62,7 @@ impl Node {
         };
         let state = self.fresh().await?;
         let node = match &req.node {
-            Some(r) => node_ref(&state, r)?,
+            Some(r) => self.node_ref(&state, r)?,
             None => self.id(),
         };
         if state.vms.contains_key(&req.name) {
@@ -137,7 +137,7 @@ impl Node {
             .into());
         }
         let node = match &req.node {
-            Some(r) => node_ref(&state, r)?,
+            Some(r) => self.node_ref(&state, r)?,
             None => v.owner,
         };
         self.on_node(node, PeerRequest::StartVm { vm: vm.into() })
@@ -217,7 +217,7 @@ impl Node {
             .into());
         }
         let target = match &req.target {
-            Some(r) => node_ref(&state, r)?,
+            Some(r) => self.node_ref(&state, r)?,
             None => match placement::place(&state, v, &BTreeMap::new(), &BTreeMap::new()) {
                 Placement::Target(node) => node,
                 p @ Placement::Busy { .. } => {
