@@ -300,7 +300,9 @@ impl NodeShared {
     }
 
     pub fn is_dead(&self) -> bool {
-        self.dead.load(std::sync::atomic::Ordering::Acquire)
+        // SeqCst with `kill`'s store: a job that reads "alive" after its
+        // last page read knows the guest's memory was not yet discarded.
+        self.dead.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The lease every guest of this node is bound to.
@@ -615,7 +617,7 @@ impl NodeShared {
     /// Simulates the node dying: the transport and the store stop, every guest
     /// vanishes with its memory.
     pub async fn kill(&self) {
-        self.dead.store(true, std::sync::atomic::Ordering::Release);
+        self.dead.store(true, std::sync::atomic::Ordering::SeqCst);
         self.switch.detach(self.id);
         let hosted: Vec<Hosted> = lock(&self.vms).drain().map(|(_, h)| h).collect();
         for h in hosted {

@@ -990,6 +990,16 @@ impl Job {
             ?expected_downtime,
             "committing switchover"
         );
+        // A node that died meanwhile (in this process: `NodeShared::kill`,
+        // which marks the node dead before it discards its guests' memory)
+        // proposes nothing: the pages read since may be the discarded
+        // memory's zeros. Seen alive here, the node died after every read.
+        if self.node.is_dead() {
+            return Err(Failure::BeforeCommit {
+                reason: "this node stopped before the switchover".into(),
+                paused: true,
+            });
+        }
         let epoch = self.commit().await?;
         self.node.record(|| HistoryEvent::SwitchoverCommitted {
             migration: self.migration,
