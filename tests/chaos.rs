@@ -12,12 +12,36 @@
 //! append, every migration ended within its budget. A failing seed prints
 //! itself, its schedule and the history around the violation.
 //!
+//! Even seeds move with `verify` on, odd seeds with it off: then the engine
+//! compares no digests, and only the witness's own digests at every pause and
+//! resume (`ferry_chaos::witness`) stand between a bad copy and a clean run.
+//! `tests/chaos_injected.rs` proves they do: with the test-only switch
+//! `INJECT_PAGE_COPY_BUG` (the final round leaves a dirty page out) and
+//! `verify` off the checker reports "same digest … memory differs"; run it
+//! with `cargo test --test chaos_injected -- --nocapture`.
+//!
+//! A seed also proves it tested something, or fails (`Outcome::shortfalls`):
+//! at least one completed migration; every invariant checked at least once;
+//! at least half of its phase-aimed faults fired in their phase rather than
+//! late (a phase that does not come within the driver's wait fires its step
+//! anyway: a partition can stall every move for longer); and every aborted migration's reason of a known, expected kind
+//! (`ferry_chaos::aborts`: node down, source died, unreachable, over budget,
+//! cancelled, refused by the store or the target) — an unknown reason, or a
+//! digest mismatch (with `verify` on: the copy was wrong), is a bug. Across
+//! the run every phase aimed at must be hit in it at least once, and a run
+//! that kills nodes must have lost a VM with its node and restarted it. The
+//! per-seed line names verify on/off, the faults by phase (`round0:
+//! cut_link; blackout: kill_node(late); timed: loss`), the in-phase count,
+//! the aborts by kind and the checks per invariant; the summary adds them up.
+//!
 //! `cargo test --release --test chaos -- --nocapture` runs the CI seeds;
 //! `FERRY_CHAOS_SEEDS=100` runs seeds 0..100 (or `=200..300`), and
 //! `FERRY_CHAOS_SEED=<n>` runs one again (same faults, but the path may
 //! differ: phase steps fire at whichever migration gets there first);
 //! `FERRY_CHAOS_FAULTS=<n>` plans more faults per schedule than the default
-//! four; `FERRY_CHAOS_VERBOSE=1` prints every run's schedule and log.
+//! four; `FERRY_CHAOS_VERBOSE=1` prints every run's schedule and log;
+//! `FERRY_CHAOS_JOBS=<n>` runs n seeds at once (a soak: runs are
+//! independent, and each spends much of its time waiting on its faults).
 //!
 //! A failing seed prints its fault trace (`ferry_chaos::trace`: each step
 //! pinned to the migration id and phase, or the offset, it fired at, and the
@@ -32,18 +56,46 @@ use chaos_support::cluster::ChaosCluster;
 use chaos_support::recording::Recording;
 use chaos_support::run::{self, Outcome};
 use ferry_actors::history::{GuestPoint, HistoryEvent};
+use ferry_chaos::aborts::AbortKind;
 use ferry_chaos::checker::{self, Digest, Event, Invariant};
 use ferry_chaos::schedule::{FaultKind, Phase, Schedule};
 use ferry_chaos::trace::Trace;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The seeds CI runs: together their schedules aim at every phase and
 /// inject every kind of fault (checked below). 5–11 s each in a debug build
 /// on two busy cores: about 100 s for the set.
 const CI_SEEDS: [u64; 12] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+
+/// Node kills (of any node, or of the leader) a run needs before it must
+/// have lost a VM with its node at least once (a killed node may hold no VM
+/// at the time; the CI seeds kill far more often than this).
+const KILLS_FOR_A_RESTART: usize = 5;
+
+/// Seeds run at once: `FERRY_CHAOS_JOBS`, or 1. More than one shares the
+/// machine's cores between runs, so use it for soaks on a machine with room
+/// (each run's timing budgets still apply).
+fn jobs() -> usize {
+    std::env::var("FERRY_CHAOS_JOBS")
+        .ok()
+        .and_then(|j| j.trim().parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 16)
+}
+
+/// `0..1000` for a run of consecutive seeds, the list otherwise.
+fn describe(seeds: &[u64]) -> String {
+    match (seeds.first(), seeds.last()) {
+        (Some(&a), Some(&b)) if seeds.len() > 3 && b - a + 1 == seeds.len() as u64 => {
+            format!("{a}..{}", b + 1)
+        }
+        _ => format!("{seeds:?}"),
+    }
+}
 
 fn seeds() -> Vec<u64> {
     if let Ok(one) = std::env::var("FERRY_CHAOS_SEED") {
@@ -106,75 +158,113 @@ fn chaos_seeds_keep_every_invariant() {
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let mut verdicts: Vec<String> = Vec::new();
-    for &seed in &seeds {
-        let replay = replay.clone();
-        let result = std::thread::Builder::new()
-            .name(format!("chaos-seed-{seed}"))
-            .spawn(move || match replay {
-                Some(trace) => run::replay(trace),
-                None => run::run_seed(seed),
-            })
-            .unwrap()
-            .join();
-        match result {
-            Ok(Ok(outcome)) => {
-                let kinds: Vec<String> = outcome
-                    .schedule
-                    .steps
-                    .iter()
-                    .take(outcome.fired)
-                    .filter(|s| !s.fault.kind().is_repair())
-                    .map(|s| s.fault.kind().to_string())
-                    .collect();
-                println!(
-                    "chaos seed {seed}: {:.1} s, fired {}/{} steps [{}], migrations {} completed {} aborted, {} checks, {} violations",
-                    outcome.elapsed.as_secs_f64(),
-                    outcome.fired,
-                    outcome.schedule.steps.len(),
-                    kinds.join(", "),
-                    outcome.completed,
-                    outcome.aborted,
-                    outcome.report.total_checked(),
-                    outcome.report.violations.len()
-                );
-                if !outcome.is_clean() || std::env::var_os("FERRY_CHAOS_VERBOSE").is_some() {
-                    println!("{}", outcome.describe());
+    // Seeds are independent (own directories, ephemeral ports), so a long
+    // soak may run several at once; each still runs in a thread of its own.
+    let jobs = jobs().min(seeds.len().max(1));
+    let queue = Mutex::new(
+        seeds
+            .iter()
+            .copied()
+            .collect::<std::collections::VecDeque<u64>>(),
+    );
+    let (done, results) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let (queue, done, replay) = (&queue, done.clone(), replay.clone());
+            scope.spawn(move || loop {
+                let Some(seed) = queue.lock().unwrap().pop_front() else {
+                    return;
+                };
+                let replay = replay.clone();
+                let result = std::thread::Builder::new()
+                    .name(format!("chaos-seed-{seed}"))
+                    .spawn(move || match replay {
+                        Some(trace) => run::replay(trace),
+                        None => run::run_seed(seed),
+                    })
+                    .unwrap()
+                    .join();
+                if done.send((seed, result)).is_err() {
+                    return;
                 }
-                if let Some(verdict) = outcome.replay_verdict() {
-                    println!("{verdict}");
-                    verdicts.push(verdict.lines().next().unwrap_or_default().to_string());
-                }
-                if !outcome.is_clean() {
-                    match outcome.save_trace() {
-                        Ok(path) => {
-                            println!("chaos seed {seed}: trace saved to {}", path.display())
-                        }
-                        Err(e) => println!("chaos seed {seed}: trace not saved: {e}"),
+            });
+        }
+        drop(done);
+        for (seed, result) in results {
+            match result {
+                Ok(Ok(outcome)) => {
+                    let (hit, aimed) = outcome.in_phase();
+                    let aborts: Vec<String> = outcome
+                        .aborts_by_kind()
+                        .iter()
+                        .map(|(k, n)| format!("{k}={n}"))
+                        .collect();
+                    println!(
+                        "chaos seed {seed}: {:.1} s, verify={}, fired {}/{} steps, in phase {hit}/{aimed} [{}], migrations {} completed {} aborted [{}], checks {} ({}), {} violations",
+                        outcome.elapsed.as_secs_f64(),
+                        if outcome.verify { "on" } else { "off" },
+                        outcome.fired,
+                        outcome.schedule.steps.len(),
+                        outcome.faults_by_phase(),
+                        outcome.completed,
+                        outcome.aborted,
+                        aborts.join(" "),
+                        outcome.report.total_checked(),
+                        outcome.checks_by_invariant(),
+                        outcome.report.violations.len()
+                    );
+                    let shortfalls = outcome.shortfalls();
+                    for shortfall in &shortfalls {
+                        println!("chaos seed {seed} FAILS: {shortfall}");
                     }
-                    failures.push(format!(
-                        "seed {seed}: {} violations, {} resumes not comparable",
-                        outcome.report.violations.len(),
-                        outcome.report.gaps.len()
-                    ));
+                    if !outcome.is_clean()
+                        || !shortfalls.is_empty()
+                        || std::env::var_os("FERRY_CHAOS_VERBOSE").is_some()
+                    {
+                        println!("{}", outcome.describe());
+                    }
+                    if let Some(verdict) = outcome.replay_verdict() {
+                        println!("{verdict}");
+                        verdicts.push(verdict.lines().next().unwrap_or_default().to_string());
+                    }
+                    if !outcome.is_clean() {
+                        match outcome.save_trace() {
+                            Ok(path) => {
+                                println!("chaos seed {seed}: trace saved to {}", path.display())
+                            }
+                            Err(e) => println!("chaos seed {seed}: trace not saved: {e}"),
+                        }
+                        failures.push(format!(
+                            "seed {seed}: {} violations, {} resumes not comparable",
+                            outcome.report.violations.len(),
+                            outcome.report.gaps.len()
+                        ));
+                    }
+                    if !shortfalls.is_empty() {
+                        failures.push(format!("seed {seed}: {}", shortfalls.join("; ")));
+                    }
+                    outcomes.push(outcome);
                 }
-                outcomes.push(outcome);
-            }
-            Ok(Err(e)) => {
-                let schedule = Schedule::plan(seed, &run::shape());
-                println!("chaos seed {seed} could not run: {e}\n{schedule}");
-                failures.push(format!("seed {seed}: {e}"));
-            }
-            Err(_) => {
-                let schedule = Schedule::plan(seed, &run::shape());
-                println!("chaos seed {seed} panicked\n{schedule}");
-                failures.push(format!("seed {seed}: panicked"));
+                Ok(Err(e)) => {
+                    let schedule = Schedule::plan(seed, &run::shape());
+                    println!("chaos seed {seed} could not run: {e}\n{schedule}");
+                    failures.push(format!("seed {seed}: {e}"));
+                }
+                Err(_) => {
+                    let schedule = Schedule::plan(seed, &run::shape());
+                    println!("chaos seed {seed} panicked\n{schedule}");
+                    failures.push(format!("seed {seed}: panicked"));
+                }
             }
         }
-    }
-
+    });
     let mut injected: BTreeMap<FaultKind, usize> = BTreeMap::new();
     let mut checked: BTreeMap<Invariant, u64> = BTreeMap::new();
+    let mut abort_kinds: BTreeMap<AbortKind, usize> = BTreeMap::new();
+    // Per phase: steps aimed at it, and those that fired in it.
+    let mut phases: BTreeMap<Phase, (usize, usize)> = BTreeMap::new();
     let (mut completed, mut aborted, mut violations) = (0, 0, 0);
+    let (mut verified, mut restarts, mut bugs) = (0, 0, 0);
     for o in &outcomes {
         for (k, n) in &o.injected {
             *injected.entry(*k).or_insert(0) += n;
@@ -182,11 +272,52 @@ fn chaos_seeds_keep_every_invariant() {
         for (i, n) in &o.report.checked {
             *checked.entry(*i).or_insert(0) += n;
         }
+        for (k, n) in o.aborts_by_kind() {
+            *abort_kinds.entry(k).or_insert(0) += n;
+        }
+        for landing in &o.landed {
+            if let Some(phase) = landing.aimed() {
+                let (aimed, hit) = phases.entry(phase).or_insert((0, 0));
+                *aimed += 1;
+                *hit += usize::from(landing.in_phase());
+            }
+        }
         completed += o.completed;
         aborted += o.aborted;
         violations += o.report.violations.len();
+        verified += usize::from(o.verify);
+        restarts += o.restarts;
+        bugs += o.aborts.iter().filter(|(_, j)| j.kind.is_bug()).count();
+    }
+    // Across the run: every phase some seed aimed at was hit in that phase at
+    // least once (a single seed may see its one blackout step fire late; the
+    // CI set aims at every phase, see the test above).
+    for (phase, (aimed, hit)) in &phases {
+        if *hit == 0 {
+            failures.push(format!(
+                "run: none of the {aimed} faults aimed at {phase} fired in it"
+            ));
+        }
+    }
+    // A VM lost with its node is what "no lost VM" is really about; one seed
+    // may kill only an empty node, so it is required across the run, of runs
+    // whose seeds kill nodes at all.
+    let kills = injected.get(&FaultKind::KillNode).copied().unwrap_or(0)
+        + injected.get(&FaultKind::KillLeader).copied().unwrap_or(0);
+    if kills >= KILLS_FOR_A_RESTART && restarts == 0 {
+        failures.push(format!(
+            "run: {kills} nodes killed, but no VM was ever lost with its node and restarted"
+        ));
     }
     let faults: Vec<String> = injected.iter().map(|(k, n)| format!("{k}={n}")).collect();
+    let in_phase: Vec<String> = phases
+        .iter()
+        .map(|(p, (aimed, hit))| format!("{}={hit}/{aimed}", run::phase_name(*p)))
+        .collect();
+    let abort_kinds: Vec<String> = abort_kinds
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
     let checks: Vec<String> = checked
         .iter()
         .map(|(i, n)| format!("{}={n}", i.to_string().replace(' ', "_")))
@@ -198,15 +329,21 @@ fn chaos_seeds_keep_every_invariant() {
         format!(" | {}", verdicts.join("; "))
     };
     println!(
-        "chaos summary: seeds={} {:?} faults injected: {} | migrations completed={completed} aborted={aborted} | invariants checked={} ({}) | violations={violations} not-comparable={gaps} | runs failed={}{replayed} | {:.1} s",
+        "chaos summary: seeds={} {} verify on={verified} off={} | faults injected: {} | in phase: {} | migrations completed={completed} aborted={aborted} ({}) bugs={bugs} | vm restarts after a death={restarts} | invariants checked={} ({}) | violations={violations} not-comparable={gaps} | runs failed={}{replayed} | {:.1} s",
         seeds.len(),
-        seeds,
+        describe(&seeds),
+        outcomes.len() - verified,
         faults.join(" "),
+        in_phase.join(" "),
+        abort_kinds.join(" "),
         checked.values().sum::<u64>(),
         checks.join(" "),
         failures.len(),
         started.elapsed().as_secs_f64()
     );
+    for failure in &failures {
+        println!("chaos failure: {failure}");
+    }
     assert!(failures.is_empty(), "chaos failures: {failures:?}");
 }
 

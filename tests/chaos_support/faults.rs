@@ -9,9 +9,14 @@
 //! offset, and a leader kill kills the node that was the leader then. Where
 //! the replay cannot follow (migration `m` never reaches the phase, the
 //! original stopped before a step), it says so in its divergences.
+//!
+//! Each fired step is also told apart by where it landed ([`Landing`]): in
+//! the phase it was aimed at, or late — its phase did not come within
+//! [`PHASE_WAIT`] and it fired anyway. The suite counts them: a seed whose
+//! phase steps mostly fired late did not test what it meant to.
 
 use super::cluster::{ChaosCluster, Shape};
-use ferry_chaos::schedule::{Fault, FaultKind, Schedule, Trigger};
+use ferry_chaos::schedule::{Fault, FaultKind, Phase, Schedule, Trigger};
 use ferry_chaos::trace::{Fired, FiredAt, Trace};
 use ferry_cluster::NodeId;
 use std::collections::BTreeMap;
@@ -22,6 +27,44 @@ use std::time::{Duration, Instant};
 /// Longest the driver waits for a phase a step aims at.
 pub const PHASE_WAIT: Duration = Duration::from_secs(4);
 
+/// Where a step of the schedule fired, against where it was aimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// A timed step (`Trigger::After`): fired at its offset.
+    Timed,
+    /// A phase step that fired when a migration reached its phase.
+    InPhase(Phase),
+    /// A phase step whose phase did not come in time (no migration reached
+    /// it within [`PHASE_WAIT`], or in a replay the traced migration did
+    /// not): fired anyway, at an offset.
+    Late(Phase),
+    /// Never fired: the workload ended first and the run repaired what the
+    /// steps before it broke. `Some` for a phase step.
+    NotFired(Option<Phase>),
+}
+
+impl Landing {
+    /// The phase the step was aimed at, if it was.
+    pub fn aimed(self) -> Option<Phase> {
+        match self {
+            Landing::Timed | Landing::NotFired(None) => None,
+            Landing::InPhase(p) | Landing::Late(p) | Landing::NotFired(Some(p)) => Some(p),
+        }
+    }
+
+    pub fn in_phase(self) -> bool {
+        matches!(self, Landing::InPhase(_))
+    }
+
+    /// How a step that did not fire is described.
+    pub fn not_fired(trigger: Trigger) -> Landing {
+        match trigger {
+            Trigger::Phase { phase, .. } => Landing::NotFired(Some(phase)),
+            Trigger::After(_) => Landing::NotFired(None),
+        }
+    }
+}
+
 /// What the driver did.
 pub struct Driven {
     /// Steps of the schedule fired, from the first.
@@ -30,6 +73,8 @@ pub struct Driven {
     pub injected: BTreeMap<FaultKind, usize>,
     /// Where each step fired.
     pub path: Vec<Fired>,
+    /// Where each fired step landed against its aim, in step order.
+    pub landed: Vec<Landing>,
     /// Where a replay could not follow its trace.
     pub diverged: Vec<String>,
 }
@@ -135,19 +180,19 @@ async fn wait_until(until: Instant, stop: &AtomicBool) -> bool {
 }
 
 /// Where a step armed now fires, following the schedule: the first
-/// migration to reach the step's phase (or the time it waits for). `None`
-/// when stopped.
+/// migration to reach the step's phase (or the time it waits for), and
+/// whether that was the phase it was aimed at. `None` when stopped.
 async fn next_point(
     cluster: &ChaosCluster,
     trigger: Trigger,
     stop: &AtomicBool,
     log: &Mutex<Vec<String>>,
-) -> Option<FiredAt> {
+) -> Option<(FiredAt, Landing)> {
     let recording = &cluster.recording;
     match trigger {
         Trigger::After(d) => wait_until(Instant::now() + d, stop)
             .await
-            .then(|| FiredAt::Offset(recording.elapsed())),
+            .then(|| (FiredAt::Offset(recording.elapsed()), Landing::Timed)),
         Trigger::Phase { phase, delay } => {
             let mut hits = recording.phases();
             let armed = Instant::now();
@@ -175,13 +220,17 @@ async fn next_point(
             }
             let offset = recording.elapsed();
             Some(match migration {
-                Some(migration) => FiredAt::Phase {
-                    migration,
-                    phase,
-                    delay,
-                    offset,
-                },
-                None => FiredAt::Offset(offset),
+                Some(migration) => (
+                    FiredAt::Phase {
+                        migration,
+                        phase,
+                        delay,
+                        offset,
+                    },
+                    Landing::InPhase(phase),
+                ),
+                // The fallback: the phase never came, the step fires late.
+                None => (FiredAt::Offset(offset), Landing::Late(phase)),
             })
         }
     }
@@ -258,11 +307,12 @@ pub async fn drive(
     let mut injected = BTreeMap::new();
     let mut killed_leader = None;
     let mut path = Vec::new();
+    let mut landed = Vec::new();
     let mut diverged = Vec::new();
     for (index, step) in schedule.steps.iter().enumerate() {
-        let (at, leader) = match replay {
+        let (at, leader, landing) = match replay {
             None => match next_point(cluster, step.trigger, stop, log).await {
-                Some(at) => (at, None),
+                Some((at, landing)) => (at, None, landing),
                 None => break,
             },
             Some(trace) => {
@@ -270,7 +320,20 @@ pub async fn drive(
                     break;
                 };
                 match replayed_point(cluster, index, was.at, stop, &mut diverged).await {
-                    Some(at) => (at, was.node),
+                    Some(at) => {
+                        // Aimed as the schedule aims it; in phase only where
+                        // the replay met the traced migration's phase.
+                        let landing = match (step.trigger, at) {
+                            (Trigger::After(_), _) => Landing::Timed,
+                            (Trigger::Phase { phase, .. }, FiredAt::Phase { .. }) => {
+                                Landing::InPhase(phase)
+                            }
+                            (Trigger::Phase { phase, .. }, FiredAt::Offset(_)) => {
+                                Landing::Late(phase)
+                            }
+                        };
+                        (at, was.node, landing)
+                    }
                     None => {
                         diverged.push(format!(
                             "step {index}: the workload ended before its point {}",
@@ -288,6 +351,7 @@ pub async fn drive(
             at,
             node,
         });
+        landed.push(landing);
     }
     let fired = path.len();
     done.store(true, Ordering::Release);
@@ -307,6 +371,7 @@ pub async fn drive(
         fired,
         injected,
         path,
+        landed,
         diverged,
     })
 }

@@ -21,9 +21,13 @@
 //!   (`ferry_chaos::witness`), taken through each node's guest observer at
 //!   every pause and every resume; the digests the engine reports are not
 //!   used (it takes them only when a move verifies, and only where its
-//!   protocol needs one).
+//!   protocol needs one);
+//! - each aborted migration keeps the reason its job gave (or
+//!   [`SOURCE_DIED`] when the store's word had to be taken), for the run to
+//!   sort into expected kinds (`ferry_chaos::aborts`).
 
 use ferry_actors::history::{GuestObserver, GuestPoint, HistoryEvent, Recorder};
+use ferry_chaos::aborts::SOURCE_DIED;
 use ferry_chaos::checker::{Digest, Event, Outcome, Timed};
 use ferry_chaos::schedule::Phase;
 use ferry_cluster::NodeId;
@@ -76,6 +80,16 @@ struct Inner {
     remarks: Vec<String>,
     /// Phases each migration reached.
     reached: BTreeSet<(u64, Phase)>,
+    /// Why each migration recorded as aborted ended.
+    abort_reasons: BTreeMap<u64, String>,
+}
+
+/// An aborted migration and the reason given for it.
+#[derive(Debug, Clone)]
+pub struct Aborted {
+    pub migration: u64,
+    pub vm: String,
+    pub reason: String,
 }
 
 /// Sees every event of a live node before it is recorded (a test acting at
@@ -218,7 +232,14 @@ impl Recording {
         );
     }
 
-    fn end(&self, inner: &mut Inner, migration: u64, outcome: Outcome, who: &str) {
+    fn end(
+        &self,
+        inner: &mut Inner,
+        migration: u64,
+        outcome: Outcome,
+        reason: Option<String>,
+        who: &str,
+    ) {
         match inner.ended.get(&migration) {
             Some(&o) if o == outcome => {}
             Some(&o) => {
@@ -229,6 +250,12 @@ impl Recording {
             }
             None => {
                 inner.ended.insert(migration, outcome);
+                if outcome == Outcome::Aborted {
+                    inner.abort_reasons.insert(
+                        migration,
+                        reason.unwrap_or_else(|| format!("{who} gave no reason")),
+                    );
+                }
                 self.push(
                     inner,
                     Event::MigrationEnded {
@@ -377,6 +404,7 @@ impl Recording {
             HistoryEvent::MigrationEnded {
                 migration,
                 completed,
+                reason,
                 ..
             } => {
                 let outcome = if completed {
@@ -384,7 +412,7 @@ impl Recording {
                 } else {
                     Outcome::Aborted
                 };
-                self.end(&mut inner, migration, outcome, "its source");
+                self.end(&mut inner, migration, outcome, reason, "its source");
             }
         }
     }
@@ -465,9 +493,14 @@ impl Recording {
             }
         }
         if inner.ended.contains_key(&migration) {
-            return self.end(&mut inner, migration, outcome, "the store");
+            return self.end(&mut inner, migration, outcome, None, "the store");
         }
         inner.ended.insert(migration, outcome);
+        if outcome == Outcome::Aborted {
+            inner
+                .abort_reasons
+                .insert(migration, SOURCE_DIED.to_string());
+        }
         let at = ended_at_ms
             .map(|ms| Duration::from_millis(ms.saturating_sub(self.start_wall_ms)))
             .unwrap_or_else(|| self.start.elapsed());
@@ -520,6 +553,24 @@ impl Recording {
             .vm_ids
             .iter()
             .map(|(n, id)| (*id, n.clone()))
+            .collect()
+    }
+
+    /// Every migration recorded as aborted, with its reason.
+    pub fn aborts(&self) -> Vec<Aborted> {
+        let inner = self.lock();
+        inner
+            .abort_reasons
+            .iter()
+            .map(|(&migration, reason)| Aborted {
+                migration,
+                vm: inner
+                    .begun
+                    .get(&migration)
+                    .map(|b| b.vm.clone())
+                    .unwrap_or_default(),
+                reason: reason.clone(),
+            })
             .collect()
     }
 

@@ -10,15 +10,27 @@
 //! final records are read, and the checker replays the history. A continuous
 //! sampler watching where each VM runs is a second, independent witness of
 //! "never twice".
+//!
+//! Odd seeds move with `verify` off ([`verifies`]): the engine then compares
+//! no digests in the blackout, and a lost or stale page would not abort the
+//! move; the witness's digests at every pause and resume (independent of the
+//! engine) are what must catch it. Even seeds verify, and there a digest
+//! mismatch abort is a bug, not an expected abort.
+//!
+//! A run also says what it exercised ([`Outcome::shortfalls`]): a seed that
+//! completed no migration, left an invariant unchecked, saw more than half
+//! of its phase-aimed faults fire late, or aborted a move for a reason
+//! nobody expected, fails however clean its history.
 
 use super::cluster::ChaosCluster;
-use super::faults::{self, Driven};
-use super::recording::Recording;
+use super::faults::{self, Driven, Landing};
+use super::recording::{Aborted, Recording};
 use ferry_actors::actors::{DrainNode, MoveVm, ResumeNode};
 use ferry_actors::local::vm_config;
 use ferry_actors::migration::source::{MovePolicy, MoveRequest};
 use ferry_actors::switch::ClientError;
 use ferry_actors::triggers::drain::DrainOptions;
+use ferry_chaos::aborts::{self, Judged};
 use ferry_chaos::checker::{self, Invariant, Report, Timed, Violation};
 use ferry_chaos::schedule::{FaultKind, Phase, Schedule, ScheduleShape, SplitMix64, Trigger};
 use ferry_chaos::trace::Trace;
@@ -71,12 +83,37 @@ pub fn shape_with(faults: usize) -> ScheduleShape {
     }
 }
 
+/// Whether seed `seed`'s moves (and its drain and failback) verify digests
+/// in the blackout: even seeds do, odd seeds do not.
+pub fn verifies(seed: u64) -> bool {
+    seed % 2 == 0
+}
+
+/// A phase as the per-seed line names it.
+pub fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::MidRound0 => "round0",
+        Phase::MidDirtyRounds => "dirty",
+        Phase::DuringBlackout => "blackout",
+        Phase::AfterSwitchover => "switchover",
+    }
+}
+
 /// What one run did and found.
 pub struct Outcome {
     pub seed: u64,
     pub schedule: Schedule,
+    /// Whether the moves verified digests in the blackout ([`verifies`]).
+    pub verify: bool,
     /// Steps of the schedule that fired (the rest were stopped and repaired).
     pub fired: usize,
+    /// Where every step of the schedule landed against its aim, in step
+    /// order (the unfired ones too).
+    pub landed: Vec<Landing>,
+    /// Every aborted migration, its reason and its kind.
+    pub aborts: Vec<(Aborted, Judged)>,
+    /// Times a VM was lost with its node and had to be restarted.
+    pub restarts: usize,
     /// Faults injected, by kind (fired steps and the repairs run at the end).
     pub injected: BTreeMap<FaultKind, usize>,
     pub completed: usize,
@@ -99,6 +136,119 @@ impl Outcome {
     /// No violation, and every resume was compared with its own pause.
     pub fn is_clean(&self) -> bool {
         self.report.is_clean() && self.report.is_complete()
+    }
+
+    /// Phase-aimed steps that fired in their phase, and all phase-aimed
+    /// steps (fired or not).
+    pub fn in_phase(&self) -> (usize, usize) {
+        let aimed = self.landed.iter().filter(|l| l.aimed().is_some()).count();
+        let hit = self.landed.iter().filter(|l| l.in_phase()).count();
+        (hit, aimed)
+    }
+
+    /// The disruptive faults by where they were aimed and landed:
+    /// `round0: cut_link; blackout: kill_node(late); timed: loss`.
+    pub fn faults_by_phase(&self) -> String {
+        let mut by: BTreeMap<Option<Phase>, Vec<String>> = BTreeMap::new();
+        for (step, landing) in self.schedule.steps.iter().zip(&self.landed) {
+            let kind = step.fault.kind();
+            if kind.is_repair() {
+                continue;
+            }
+            let note = match landing {
+                Landing::Late(_) => "(late)",
+                Landing::NotFired(_) => "(not fired)",
+                Landing::InPhase(_) | Landing::Timed => "",
+            };
+            by.entry(landing.aimed())
+                .or_default()
+                .push(format!("{kind}{note}"));
+        }
+        // Phases in migration order, the timed steps last.
+        let mut parts: Vec<String> = Phase::ALL
+            .iter()
+            .filter_map(|p| {
+                by.get(&Some(*p))
+                    .map(|f| format!("{}: {}", phase_name(*p), f.join(", ")))
+            })
+            .collect();
+        if let Some(timed) = by.get(&None) {
+            parts.push(format!("timed: {}", timed.join(", ")));
+        }
+        parts.join("; ")
+    }
+
+    /// Checks made per invariant: `one_running_copy=…, no_lost_VM=…`.
+    pub fn checks_by_invariant(&self) -> String {
+        Invariant::ALL
+            .iter()
+            .map(|i| {
+                format!(
+                    "{}={}",
+                    i.to_string().replace(' ', "_"),
+                    self.report.checked.get(i).copied().unwrap_or(0)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Aborts by kind: `unreachable=1 store_refused=2`.
+    pub fn aborts_by_kind(&self) -> BTreeMap<aborts::AbortKind, usize> {
+        let mut kinds = BTreeMap::new();
+        for (_, judged) in &self.aborts {
+            *kinds.entry(judged.kind).or_insert(0) += 1;
+        }
+        kinds
+    }
+
+    /// Why this seed fails although (or besides) its history being clean:
+    /// it exercised too little, or it aborted a move for an unexpected
+    /// reason. Empty for a seed that did what a chaos seed is for.
+    ///
+    /// Every invariant is required per seed, because a seed that completed
+    /// a migration always has something to check for each: one running
+    /// copy at every start, resume and ownership commit (and each sampler
+    /// look), no lost VM for every VM at the end (three, death or not), same
+    /// digest for every resume the witness compared (each completed move's
+    /// target resume), no lost append for every acknowledged append (the
+    /// clients append the whole run and after it settles), migrations end
+    /// for every migration that ended. None of them needs a fault to be
+    /// exercised. What does need one — a VM actually lost with its node and
+    /// restarted — is required across the run instead (`tests/chaos.rs`).
+    ///
+    /// At least half of the phase-aimed steps must land in their phase (a
+    /// seed with one must land it). With real timing a phase may not come in
+    /// time and the step fires late: seed 23 partitions node 2 right after a
+    /// switchover, both lanes then wait on that node for seconds, and its
+    /// blackout step fires late — a strict majority (2 of 2) would fail such
+    /// a seed for the schedule's own doing. A seed where most of them fired
+    /// late tested something other than it meant to.
+    pub fn shortfalls(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.completed == 0 {
+            out.push("no migration completed".to_string());
+        }
+        for invariant in Invariant::ALL {
+            if self.report.checked.get(&invariant).copied().unwrap_or(0) == 0 {
+                out.push(format!("{invariant} was never checked"));
+            }
+        }
+        let (hit, aimed) = self.in_phase();
+        if hit * 2 < aimed {
+            out.push(format!(
+                "only {hit} of its {aimed} phase-aimed faults fired in their phase (half must)"
+            ));
+        }
+        for (abort, judged) in &self.aborts {
+            if let Some(problem) = &judged.problem {
+                out.push(format!(
+                    "migration {} of {}: {problem}",
+                    abort.migration, abort.vm
+                ));
+            }
+        }
+        out
     }
 
     /// The invariants this run broke.
@@ -172,8 +322,11 @@ impl Outcome {
             n => format!("FERRY_CHAOS_FAULTS={n} "),
         };
         let mut out = format!(
-            "chaos seed {} {verdict}\n  replay this path: FERRY_CHAOS_TRACE={} cargo test --release --test chaos -- --nocapture\n  (the seed alone: {faults}FERRY_CHAOS_SEED={}; it may take another path)\n",
-            self.seed, self.trace, self.seed
+            "chaos seed {} {verdict} (verify={})\n  replay this path: FERRY_CHAOS_TRACE={} cargo test --release --test chaos -- --nocapture\n  (the seed alone: {faults}FERRY_CHAOS_SEED={}; it may take another path)\n",
+            self.seed,
+            if self.verify { "on" } else { "off" },
+            self.trace,
+            self.seed
         );
         if let Some(verdict) = self.replay_verdict() {
             out.push_str(&format!("{verdict}\n"));
@@ -217,6 +370,23 @@ impl Outcome {
             self.schedule.steps.len(),
             self.vm_names
         ));
+        for (abort, judged) in &self.aborts {
+            out.push_str(&format!(
+                "  abort: migration {} of {} [{}]: {}{}\n",
+                abort.migration,
+                abort.vm,
+                judged.kind,
+                abort.reason,
+                judged
+                    .problem
+                    .as_ref()
+                    .map(|p| format!(" — {p}"))
+                    .unwrap_or_default()
+            ));
+        }
+        for shortfall in self.shortfalls() {
+            out.push_str(&format!("  shortfall: {shortfall}\n"));
+        }
         for line in &self.log {
             out.push_str(&format!("  log: {line}\n"));
         }
@@ -344,6 +514,8 @@ struct Lanes<'a> {
     ops: AtomicU64,
     schedule_done: &'a AtomicBool,
     log: &'a Mutex<Vec<String>>,
+    /// Whether moves verify digests in the blackout.
+    verify: bool,
 }
 
 /// One lane of the workload: moves, and (with `drain_at`) one drain, until
@@ -356,7 +528,9 @@ async fn lane(lanes: &Lanes<'_>, lane: u64, drain_at: Option<u64>) {
         ops,
         schedule_done,
         log,
+        verify,
     } = lanes;
+    let verify = *verify;
     let (cluster, seed, schedule_done, log) = (*cluster, *seed, *schedule_done, *log);
     let mut rng = SplitMix64::new(seed ^ (0x5eed_0000 + lane));
     let started = Instant::now();
@@ -405,7 +579,7 @@ async fn lane(lanes: &Lanes<'_>, lane: u64, drain_at: Option<u64>) {
             };
             note(format!("drain node {node}"));
             let options = DrainOptions {
-                verify: true,
+                verify,
                 ..DrainOptions::default()
             };
             let drained = tokio::time::timeout(MOVE_WAIT, async {
@@ -424,10 +598,7 @@ async fn lane(lanes: &Lanes<'_>, lane: u64, drain_at: Option<u64>) {
             let resumed = match cluster.live(node) {
                 Some(live) => tokio::time::timeout(
                     MOVE_WAIT,
-                    live.actor.send(ResumeNode {
-                        failback,
-                        verify: true,
-                    }),
+                    live.actor.send(ResumeNode { failback, verify }),
                 )
                 .await
                 .map(|r| r.map(|r| r.map(|f| (f.moved.len(), f.failed.len())))),
@@ -462,7 +633,7 @@ async fn lane(lanes: &Lanes<'_>, lane: u64, drain_at: Option<u64>) {
         mine += 1;
         ops.fetch_add(1, Ordering::AcqRel);
         let mut request = MoveRequest::new(vm.clone(), target);
-        request.verify = true;
+        request.verify = verify;
         // Tight blackout promises make dirty rounds (and throttling) likely.
         request.policy = MovePolicy::downtime_limit_ms([15, 30, 100, 300][rng.below(4) as usize]);
         let result = tokio::time::timeout(MOVE_WAIT, live.actor.send(MoveVm(request))).await;
@@ -613,6 +784,7 @@ async fn run(
         ops: AtomicU64::new(0),
         schedule_done: &schedule_done,
         log: &log,
+        verify: verifies(seed),
     };
     let drain_at = rng.below(3);
     let workload = async {
@@ -635,8 +807,14 @@ async fn run(
         fired,
         injected,
         path,
+        mut landed,
         diverged,
     } = faults.map_err(|e| format!("seed {seed}: injecting faults: {e}"))?;
+    landed.extend(
+        schedule.steps[fired..]
+            .iter()
+            .map(|s| Landing::not_fired(s.trigger)),
+    );
 
     let mut wrong = settle(&cluster, SETTLE).await;
     // The services answer after the storm: a few more acknowledgements each.
@@ -707,6 +885,23 @@ async fn run(
     }
     *report.checked.entry(Invariant::OneRunningCopy).or_insert(0) += samples;
     let (completed, aborted) = recording.outcomes();
+    // Aborts are judged against the faults that actually fired.
+    let fired_kinds: BTreeSet<FaultKind> = schedule.steps[..fired]
+        .iter()
+        .map(|s| s.fault.kind())
+        .collect();
+    let aborts: Vec<(Aborted, Judged)> = recording
+        .aborts()
+        .into_iter()
+        .map(|a| {
+            let judged = aborts::judge(&a.reason, &fired_kinds);
+            (a, judged)
+        })
+        .collect();
+    let restarts = history
+        .iter()
+        .filter(|t| matches!(t.event, checker::Event::VmNeedsRestart { .. }))
+        .count();
     let mut log = log.into_inner().unwrap_or_default();
     log.extend(recording.remarks());
     let trace = Trace {
@@ -724,7 +919,11 @@ async fn run(
     Ok(Outcome {
         seed,
         schedule,
+        verify: verifies(seed),
         fired,
+        landed,
+        aborts,
+        restarts,
         injected,
         completed,
         aborted,

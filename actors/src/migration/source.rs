@@ -50,6 +50,15 @@ const BLACKOUT_HEDGE: Duration = Duration::from_millis(120);
 /// before the next allowed network takes its place.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Tests only: the final round skips one dirty page, so the target resumes
+/// with a stale page — the chaos checker must notice (`tests/chaos_injected.rs`).
+/// The page left out is the first the guest dirtied since the last dirty-log
+/// fetch (else the first of the final set: the lowest page, read first in
+/// every round, so its last write came after its last copy). An empty final
+/// set leaves nothing out (logged). Off unless a test sets it; process-wide.
+#[doc(hidden)]
+pub static INJECT_PAGE_COPY_BUG: AtomicBool = AtomicBool::new(false);
+
 /// What the blackout's copy produced: pages sent, bytes sent, the device
 /// state, and what became of the NIC offload.
 type FinalRound = (u64, u64, ferry_vmm::DeviceState, OffloadReport);
@@ -1067,6 +1076,22 @@ impl Job {
             .fetch_and_clear_dirty(&mut last)
             .map_err(|e| paused_err(e.to_string()))?;
         pages.union_with(&last);
+        if INJECT_PAGE_COPY_BUG.load(Ordering::Relaxed) {
+            match last.iter().next().or_else(|| pages.iter().next()) {
+                Some(page) => {
+                    pages.words_mut()[(page / 64) as usize] &= !(1u64 << (page % 64));
+                    tracing::warn!(
+                        migration = self.migration,
+                        page,
+                        "INJECT_PAGE_COPY_BUG: left a dirty page out of the final round"
+                    );
+                }
+                None => tracing::warn!(
+                    migration = self.migration,
+                    "INJECT_PAGE_COPY_BUG: the final dirty set is empty, nothing left out"
+                ),
+            }
+        }
         let (final_sent, _, final_bytes) = self.send_round(sender, base.round, pages, base).await?;
         let mut state = self
             .guest
