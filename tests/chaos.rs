@@ -299,6 +299,16 @@ fn chaos_seeds_keep_every_invariant() {
             ));
         }
     }
+    // And at least half of all aimed steps landed: seeds with one aimed step
+    // are not failed alone for a late one (see `Outcome::shortfalls`).
+    let (aimed_all, hit_all) = phases
+        .values()
+        .fold((0, 0), |(a, h), (aimed, hit)| (a + aimed, h + hit));
+    if hit_all * 2 < aimed_all {
+        failures.push(format!(
+            "run: only {hit_all} of {aimed_all} phase-aimed faults fired in their phase"
+        ));
+    }
     // A VM lost with its node is what "no lost VM" is really about; one seed
     // may kill only an empty node, so it is required across the run, of runs
     // whose seeds kill nodes at all.

@@ -217,13 +217,17 @@ impl Outcome {
     /// exercised. What does need one — a VM actually lost with its node and
     /// restarted — is required across the run instead (`tests/chaos.rs`).
     ///
-    /// At least half of the phase-aimed steps must land in their phase (a
-    /// seed with one must land it). With real timing a phase may not come in
+    /// At least half of the phase-aimed steps must land in their phase, in a
+    /// seed that aims two or more. With real timing a phase may not come in
     /// time and the step fires late: seed 23 partitions node 2 right after a
     /// switchover, both lanes then wait on that node for seconds, and its
     /// blackout step fires late — a strict majority (2 of 2) would fail such
-    /// a seed for the schedule's own doing. A seed where most of them fired
-    /// late tested something other than it meant to.
+    /// a seed for the schedule's own doing. A seed that aims one step and
+    /// sees it fire late is counted, not failed (the 1000-seed soak found
+    /// seed 424: a partition just before its one round-0 step held every
+    /// move back past the step's wait); the run as a whole must land half of
+    /// its aimed steps and hit every phase (`tests/chaos.rs`). A seed where
+    /// most of several fired late tested something other than it meant to.
     pub fn shortfalls(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.completed == 0 {
@@ -235,7 +239,7 @@ impl Outcome {
             }
         }
         let (hit, aimed) = self.in_phase();
-        if hit * 2 < aimed {
+        if aimed >= 2 && hit * 2 < aimed {
             out.push(format!(
                 "only {hit} of its {aimed} phase-aimed faults fired in their phase (half must)"
             ));
