@@ -167,24 +167,33 @@ impl FailoverLoop {
         f(detector)
     }
 
-    /// The leader's side of a renewal from `from` (or from itself).
-    async fn confirm(&self, from: NodeId) -> Result<Renewal, String> {
+    /// Confirms with a quorum, now, that this node leads, and reads the
+    /// state as of that moment; answers the term it leads in.
+    async fn confirm_leadership(
+        &self,
+        within: Duration,
+    ) -> Result<(u64, Arc<ferry_cluster::model::ClusterState>), String> {
         if !self.is_leader() {
             return Err("not the leader".into());
         }
         let term = self.term();
-        let timing = self.timing();
-        // A quorum confirms this node still leads, after the renewal was
-        // sent: any later leader was elected after this point.
         let state = self
             .node
             .cluster
-            .read_linearizable_within(timing.lease)
+            .read_linearizable_within(within)
             .await
             .map_err(|e| format!("leadership not confirmed: {e}"))?;
         if self.term() != term || !self.is_leader() {
             return Err("leadership changed".into());
         }
+        Ok((term, state))
+    }
+
+    /// The leader's side of a renewal from `from` (or from itself).
+    async fn confirm(&self, from: NodeId) -> Result<Renewal, String> {
+        // A quorum confirms this node still leads, after the renewal was
+        // sent: any later leader was elected after this point.
+        let (term, state) = self.confirm_leadership(self.timing().lease).await?;
         let down = match state.nodes.get(&from) {
             Some(n) => n.state == NodeState::Down,
             None => return Err(format!("node {from} is not in the cluster")),
@@ -253,17 +262,8 @@ impl FailoverLoop {
         reason: &str,
         confirmed_dead: bool,
     ) -> Result<String, String> {
-        if !self.is_leader() {
-            return Err("not the leader".into());
-        }
-        let term = self.term();
         let timing = self.timing();
-        let state = self
-            .node
-            .cluster
-            .read_linearizable_within(Duration::from_secs(3))
-            .await
-            .map_err(|e| format!("leadership not confirmed: {e}"))?;
+        let (term, state) = self.confirm_leadership(Duration::from_secs(3)).await?;
         match state.nodes.get(&node) {
             None => return Err(format!("unknown node {node}")),
             Some(n) if n.state == NodeState::Down => {
