@@ -230,17 +230,28 @@ impl FailoverLoop {
         if leader == self.node.id {
             return self.mark_down_here(node, reason, confirmed_dead).await;
         }
+        let request = LivenessRequest::MarkDown {
+            node,
+            reason: reason.to_string(),
+            confirmed_dead,
+        };
+        self.ask_leader(leader, &request, Duration::from_secs(10))
+            .await
+    }
+
+    /// One call on the leader's liveness service, its answer decoded.
+    async fn ask_leader<T: serde::de::DeserializeOwned>(
+        &self,
+        leader: NodeId,
+        request: &LivenessRequest,
+        timeout: Duration,
+    ) -> Result<T, String> {
         let addrs = self
             .node
             .directory
             .get(leader)
             .map(|p| p.rpc)
             .ok_or_else(|| format!("leader {leader} is not in the directory"))?;
-        let request = LivenessRequest::MarkDown {
-            node,
-            reason: reason.to_string(),
-            confirmed_dead,
-        };
         let reply = self
             .node
             .rpc
@@ -248,12 +259,12 @@ impl FailoverLoop {
                 leader,
                 &addrs,
                 LIVENESS_SERVICE,
-                ferry_transport::encode(&request),
-                Duration::from_secs(10),
+                ferry_transport::encode(request),
+                timeout,
             )
             .await
             .map_err(|e| format!("asking leader {leader}: {e}"))?;
-        ferry_transport::decode::<String>(&reply).map_err(|e| e.to_string())
+        ferry_transport::decode::<T>(&reply).map_err(|e| e.to_string())
     }
 
     async fn mark_down_here(
@@ -321,25 +332,8 @@ impl FailoverLoop {
         let renewal = if leader == self.node.id {
             self.confirm(self.node.id).await?
         } else {
-            let addrs = self
-                .node
-                .directory
-                .get(leader)
-                .map(|p| p.rpc)
-                .ok_or_else(|| format!("leader {leader} is not in the directory"))?;
-            let reply = self
-                .node
-                .rpc
-                .call(
-                    leader,
-                    &addrs,
-                    LIVENESS_SERVICE,
-                    ferry_transport::encode(&LivenessRequest::Renew),
-                    timing.lease,
-                )
-                .await
-                .map_err(|e| format!("renewing with leader {leader}: {e}"))?;
-            ferry_transport::decode::<Renewal>(&reply).map_err(|e| e.to_string())?
+            self.ask_leader(leader, &LivenessRequest::Renew, timing.lease)
+                .await?
         };
         match renewal {
             Renewal::Leased => {
