@@ -10,16 +10,13 @@ use serde::{Deserialize, Serialize};
 /// A UDP payload every IPv4 path with a 1500-byte MTU carries
 /// (1500 - 20 IPv4 - 8 UDP - 20 spare for tunnels and IPv6).
 pub const DEFAULT_MTU: u16 = 1452;
-/// Largest UDP payload we recommend for jumbo-frame migration networks and loopback.
+/// UDP payload for jumbo-frame (9000-byte) migration networks and loopback
+/// (9000 - 20 IPv4 - 8 UDP - 20 spare, as [`DEFAULT_MTU`]).
 ///
-/// Measured on loopback with quinn 0.11 (`stream_bench --mtu-sweep`): 1452 gives
-/// roughly a third to a half of the throughput of 6000. Above ~7000 quinn's
-/// segmentation offload batches exceed what the kernel accepts and throughput
-/// collapses, so Ferry turns GSO off above [`GSO_MAX_MTU`]; without GSO, 7000–9000
-/// run at about two thirds of 6000. Hence 6000 even on 9000-byte networks.
-pub const JUMBO_MTU: u16 = 6000;
-/// Above this MTU, generic segmentation offload is disabled (see [`JUMBO_MTU`]).
-pub const GSO_MAX_MTU: u16 = 6400;
+/// Segmentation offload batches are capped to what one send may carry (see
+/// `endpoint::SegmentCapped`), so a larger MTU keeps paying off up to the
+/// network's limit (`stream_bench --mtu-sweep`).
+pub const JUMBO_MTU: u16 = 8952;
 /// QUIC's floor: every path must carry 1200-byte datagrams.
 pub const MIN_MTU: u16 = 1200;
 /// Largest MTU used (Ethernet jumbo frames); larger settings are clamped to it.

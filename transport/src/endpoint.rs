@@ -9,7 +9,7 @@ use std::time::Duration;
 use quinn::{AckFrequencyConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::{NetworkConfig, GSO_MAX_MTU, MIN_MTU};
+use crate::config::{NetworkConfig, MIN_MTU};
 use crate::error::TransportError;
 use crate::identity::TlsConfigs;
 
@@ -22,6 +22,66 @@ pub(crate) struct LocalEndpoint {
     pub rpc_client: quinn::ClientConfig,
     /// Page-stream paths: idle timeout = the dead-path deadline, fast keep-alive.
     pub stream_client: quinn::ClientConfig,
+}
+
+/// Largest UDP payload one segmentation-offload send may carry: the kernel refuses
+/// a larger batch (EMSGSIZE) and quinn then stops using GSO altogether.
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// A UDP socket that tells quinn to batch no more datagrams per send than fit in
+/// [`GSO_MAX_BYTES`] at the network's MTU. quinn batches up to 10 whatever the size,
+/// which at MTUs above ~6400 exceeds what one send may carry; capping the batch keeps
+/// segmentation offload, and with it the gain of a larger MTU, at every MTU.
+#[derive(Debug)]
+struct SegmentCapped {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    max_segments: usize,
+}
+
+impl SegmentCapped {
+    fn new(inner: Arc<dyn quinn::AsyncUdpSocket>, mtu: u16) -> Self {
+        let fit = (GSO_MAX_BYTES / usize::from(mtu.max(MIN_MTU))).max(1);
+        let max_segments = inner.max_transmit_segments().min(fit);
+        SegmentCapped {
+            inner,
+            max_segments,
+        }
+    }
+}
+
+impl quinn::AsyncUdpSocket for SegmentCapped {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.max_segments
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
@@ -61,7 +121,6 @@ pub(crate) fn transport_config(
     let mut disc = MtuDiscoveryConfig::default();
     disc.upper_bound(mtu);
     t.mtu_discovery_config(Some(disc));
-    t.enable_segmentation_offload(mtu <= GSO_MAX_MTU);
     t.max_idle_timeout(IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some(keepalive));
     // Windows large enough that one path can keep a whole per-path budget in flight.
@@ -102,11 +161,14 @@ pub(crate) fn bind(
     endpoint_config
         .max_udp_payload_size(mtu.max(MIN_MTU))
         .map_err(|e| TransportError::Config(format!("MTU {mtu}: {e}")))?;
-    let endpoint = quinn::Endpoint::new(
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
+        .map_err(|source| TransportError::Bind { addr, source })?;
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         Some(server),
-        socket,
-        Arc::new(quinn::TokioRuntime),
+        Arc::new(SegmentCapped::new(socket, mtu)),
+        runtime,
     )
     .map_err(|source| TransportError::Bind { addr, source })?;
     let local = endpoint

@@ -29,7 +29,7 @@ pub type NodeId = u64;
 pub use codec::{decode, encode, try_encode, CodecError};
 pub use config::{NetworkConfig, PageStreamConfig, SubnetMtu, DEFAULT_MTU, JUMBO_MTU};
 pub use error::{IdentityError, PageStreamError, RpcError, TransportError};
-pub use identity::{ClusterCa, NodeCredentials};
+pub use identity::{crypto_provider, ClusterCa, NodeCredentials};
 pub use protocol::PAGE_SIZE;
 pub use rpc::{handler_fn, CallOptions, NodeStats, RpcHandler, RpcNode};
 pub use stream::{
