@@ -138,8 +138,9 @@ impl NetworkConfig {
 
     pub(crate) fn validate(&self) -> Result<(), String> {
         let ps = &self.page_stream;
+        // A listed chunk (scattered pages) carries a 4-byte offset per page too.
         let chunk_bytes = ps.chunk_pages as usize * crate::protocol::PAGE_SIZE
-            + crate::protocol::CHUNK_HEADER_LEN
+            + crate::protocol::chunk_prefix_len(ps.chunk_pages, true)
             + 1;
         if ps.chunk_pages == 0 || ps.chunk_pages > crate::protocol::MAX_CHUNK_PAGES {
             return Err(format!("chunk_pages {} out of range", ps.chunk_pages));

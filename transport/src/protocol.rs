@@ -50,7 +50,7 @@ pub const ALPN: &[u8] = b"ferry";
 /// First bytes of every hello body.
 pub const MAGIC: [u8; 4] = *b"FRRY";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Bytes before the body: the `u32` length and the tag.
 pub const FRAME_HEADER_LEN: usize = 5;
 /// Guest page size carried by the page stream.
@@ -218,7 +218,12 @@ pub enum Control {
     },
 }
 
-/// The fixed header of a chunk frame. `data` follows it unless `zero` is set.
+/// The fixed header of a chunk frame. A chunk covers `count` pages: the run from
+/// `first`, or, when `listed`, the pages `first + offset` for `count` offsets that
+/// follow the header (`u32`, strictly increasing, the first one 0). Dirty pages are
+/// scattered, so later rounds batch them into listed chunks as full as round 0's
+/// instead of paying a frame, a scheduler entry and an acknowledgement per page.
+/// `data` (the pages in that order) follows unless `zero` is set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkHeader {
     pub seq: u64,
@@ -226,6 +231,40 @@ pub struct ChunkHeader {
     pub first: u64,
     pub count: u32,
     pub zero: bool,
+    pub listed: bool,
+}
+
+/// Chunk flags (the header's last byte).
+const CHUNK_ZERO: u8 = 1;
+const CHUNK_LISTED: u8 = 2;
+
+/// A decoded chunk body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkBody<'a> {
+    pub header: ChunkHeader,
+    /// The page offsets from `header.first` of a listed chunk.
+    pub offsets: Option<Vec<u32>>,
+    /// The page data, empty for a zero chunk.
+    pub data: &'a [u8],
+}
+
+impl ChunkBody<'_> {
+    /// The chunk's pages as maximal runs `(index in the chunk, first page, pages)`.
+    pub fn runs(&self) -> Vec<(u32, u64, u32)> {
+        let first = self.header.first;
+        let Some(offsets) = &self.offsets else {
+            return vec![(0, first, self.header.count)];
+        };
+        let mut runs: Vec<(u32, u64, u32)> = Vec::new();
+        for (i, off) in offsets.iter().enumerate() {
+            let page = first + u64::from(*off);
+            match runs.last_mut() {
+                Some((_, start, len)) if *start + u64::from(*len) == page => *len += 1,
+                _ => runs.push((i as u32, page, 1)),
+            }
+        }
+        runs
+    }
 }
 
 /// Outcome of a request, as carried in a response frame.
@@ -433,26 +472,40 @@ pub fn decode_control(body: &[u8]) -> Result<Control, ProtocolError> {
     decode_bincode(body, "control")
 }
 
-/// Frame header plus chunk header, to be followed by the page data (if not zero).
-pub fn encode_chunk_header(h: &ChunkHeader) -> Vec<u8> {
+/// Bytes of a chunk body before its page data: the fixed header and, for a listed
+/// chunk, its offsets.
+pub fn chunk_prefix_len(count: u32, listed: bool) -> usize {
+    CHUNK_HEADER_LEN + if listed { 4 * count as usize } else { 0 }
+}
+
+/// Frame header, chunk header and (when `h.listed`) `offsets`, to be followed by the
+/// page data (if not zero). `offsets` must hold `h.count` entries when listed.
+pub fn encode_chunk_header(h: &ChunkHeader, offsets: &[u32]) -> Vec<u8> {
+    debug_assert_eq!(h.listed, !offsets.is_empty());
+    debug_assert!(!h.listed || offsets.len() == h.count as usize);
     let data_len = if h.zero {
         0
     } else {
         h.count as usize * PAGE_SIZE
     };
-    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + CHUNK_HEADER_LEN);
-    out.extend_from_slice(&frame_header(Tag::Chunk, CHUNK_HEADER_LEN + data_len));
+    let prefix = chunk_prefix_len(h.count, h.listed);
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + prefix);
+    out.extend_from_slice(&frame_header(Tag::Chunk, prefix + data_len));
     out.extend_from_slice(&h.seq.to_le_bytes());
     out.extend_from_slice(&h.round.to_le_bytes());
     out.extend_from_slice(&h.first.to_le_bytes());
     out.extend_from_slice(&h.count.to_le_bytes());
-    out.push(u8::from(h.zero));
+    let flags = if h.zero { CHUNK_ZERO } else { 0 } | if h.listed { CHUNK_LISTED } else { 0 };
+    out.push(flags);
+    for off in offsets {
+        out.extend_from_slice(&off.to_le_bytes());
+    }
     out
 }
 
-/// Parses and validates a chunk body; returns the header and the page data (empty for
-/// a zero chunk).
-pub fn decode_chunk(body: &[u8]) -> Result<(ChunkHeader, &[u8]), ProtocolError> {
+/// Parses and validates a chunk body: header, offsets of a listed chunk, and the page
+/// data (empty for a zero chunk).
+pub fn decode_chunk(body: &[u8]) -> Result<ChunkBody<'_>, ProtocolError> {
     if body.len() < CHUNK_HEADER_LEN {
         return Err(ProtocolError::Malformed("truncated chunk header".into()));
     }
@@ -471,12 +524,15 @@ pub fn decode_chunk(body: &[u8]) -> Result<(ChunkHeader, &[u8]), ProtocolError> 
         round: u32_at(8),
         first: u64_at(12),
         count: u32_at(20),
-        zero: match body[24] {
-            0 => false,
-            1 => true,
-            f => return Err(ProtocolError::Malformed(format!("chunk flags {f}"))),
-        },
+        zero: body[24] & CHUNK_ZERO != 0,
+        listed: body[24] & CHUNK_LISTED != 0,
     };
+    if body[24] & !(CHUNK_ZERO | CHUNK_LISTED) != 0 {
+        return Err(ProtocolError::Malformed(format!(
+            "chunk flags {}",
+            body[24]
+        )));
+    }
     if h.count == 0 || h.count > MAX_CHUNK_PAGES {
         return Err(ProtocolError::Malformed(format!(
             "chunk of {} pages (allowed 1..={MAX_CHUNK_PAGES})",
@@ -494,7 +550,34 @@ pub fn decode_chunk(body: &[u8]) -> Result<(ChunkHeader, &[u8]), ProtocolError> 
             "chunk page range overflows".into(),
         ));
     }
-    let data = &body[CHUNK_HEADER_LEN..];
+    let prefix = chunk_prefix_len(h.count, h.listed);
+    if body.len() < prefix {
+        return Err(ProtocolError::Malformed(format!(
+            "listed chunk of {} pages is missing its offsets",
+            h.count
+        )));
+    }
+    let offsets = if h.listed {
+        let offsets: Vec<u32> = body[CHUNK_HEADER_LEN..prefix]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if offsets[0] != 0 || offsets.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ProtocolError::Malformed(
+                "chunk offsets must start at 0 and increase".into(),
+            ));
+        }
+        let last = u64::from(offsets[offsets.len() - 1]);
+        if h.first.checked_add(last + 1).is_none() {
+            return Err(ProtocolError::Malformed(
+                "chunk page range overflows".into(),
+            ));
+        }
+        Some(offsets)
+    } else {
+        None
+    };
+    let data = &body[prefix..];
     let expected = if h.zero {
         0
     } else {
@@ -507,7 +590,11 @@ pub fn decode_chunk(body: &[u8]) -> Result<(ChunkHeader, &[u8]), ProtocolError> 
             data.len()
         )));
     }
-    Ok((h, data))
+    Ok(ChunkBody {
+        header: h,
+        offsets,
+        data,
+    })
 }
 
 #[cfg(test)]
@@ -576,25 +663,72 @@ mod tests {
             first: 100,
             count: 2,
             zero: false,
+            listed: false,
         };
-        let mut f = encode_chunk_header(&h);
+        let mut f = encode_chunk_header(&h, &[]);
         f.extend_from_slice(&[7u8; 2 * PAGE_SIZE]);
-        let (got, data) = decode_chunk(body(&f)).unwrap();
-        assert_eq!(got, h);
-        assert_eq!(data.len(), 2 * PAGE_SIZE);
+        let got = decode_chunk(body(&f)).unwrap();
+        assert_eq!(got.header, h);
+        assert_eq!(got.data.len(), 2 * PAGE_SIZE);
+        assert_eq!(got.runs(), vec![(0, 100, 2)]);
         // Wrong payload length.
         assert!(decode_chunk(&body(&f)[..body(&f).len() - 1]).is_err());
         // Zero chunk carries no data.
         let z = ChunkHeader { zero: true, ..h };
-        let f = encode_chunk_header(&z);
-        assert_eq!(decode_chunk(body(&f)).unwrap(), (z, &[][..]));
+        let f = encode_chunk_header(&z, &[]);
+        let got = decode_chunk(body(&f)).unwrap();
+        assert_eq!((got.header, got.data), (z, &[][..]));
         // Overflowing range.
         let bad = ChunkHeader {
             first: u64::MAX,
             zero: true,
             ..h
         };
-        assert!(decode_chunk(body(&encode_chunk_header(&bad))).is_err());
+        assert!(decode_chunk(body(&encode_chunk_header(&bad, &[]))).is_err());
+        // Unknown flags.
+        let mut f = encode_chunk_header(&z, &[]);
+        let last = f.len() - 1;
+        f[last] = 4;
+        assert!(decode_chunk(body(&f)).is_err());
+    }
+
+    #[test]
+    fn listed_chunks_carry_scattered_pages_as_runs() {
+        let h = ChunkHeader {
+            seq: 9,
+            round: 3,
+            first: 1000,
+            count: 4,
+            zero: false,
+            listed: true,
+        };
+        let offsets = [0, 1, 7, 70_000];
+        let mut f = encode_chunk_header(&h, &offsets);
+        f.extend_from_slice(&[1u8; 4 * PAGE_SIZE]);
+        let got = decode_chunk(body(&f)).unwrap();
+        assert_eq!(got.header, h);
+        assert_eq!(got.offsets.as_deref(), Some(&offsets[..]));
+        assert_eq!(got.runs(), vec![(0, 1000, 2), (2, 1007, 1), (3, 71_000, 1)]);
+        // Offsets out of order, not starting at 0, or missing: refused.
+        for bad in [[0, 5, 5, 6], [1, 2, 3, 4], [0, 9, 8, 10]] {
+            let mut f = encode_chunk_header(&h, &bad);
+            f.extend_from_slice(&[1u8; 4 * PAGE_SIZE]);
+            assert!(decode_chunk(body(&f)).is_err(), "{bad:?}");
+        }
+        let f = encode_chunk_header(&h, &offsets);
+        assert!(decode_chunk(&body(&f)[..CHUNK_HEADER_LEN + 6]).is_err());
+        // A listed zero chunk: offsets and no data.
+        let z = ChunkHeader { zero: true, ..h };
+        let f = encode_chunk_header(&z, &offsets);
+        let got = decode_chunk(body(&f)).unwrap();
+        assert_eq!((got.data.len(), got.runs().len()), (0, 3));
+        // The last page may not overflow.
+        let far = ChunkHeader {
+            first: u64::MAX - 10,
+            zero: true,
+            ..h
+        };
+        assert!(decode_chunk(body(&encode_chunk_header(&far, &offsets))).is_err());
     }
 
     #[test]

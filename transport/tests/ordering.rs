@@ -88,6 +88,7 @@ impl Sim {
             round: s.round,
             first: s.first,
             count: s.count,
+            offsets: None,
             data: None,
         };
         let seq = self.sched.push(chunk);

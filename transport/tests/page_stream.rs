@@ -113,6 +113,71 @@ async fn one_gib_over_two_paths_arrives_intact() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scattered_pages_travel_in_full_listed_chunks() {
+    const PAGES: u64 = 64 * 1024;
+    let (src, dst) = pair(NetworkConfig::loopback()).await;
+    let sink = CheckingSink::new(PAGES);
+    let rx = dst.accept_page_stream(9, 1, sink.clone()).unwrap();
+    let tx = src
+        .open_page_stream(2, &dst.local_addrs(), 9)
+        .await
+        .unwrap();
+    send_range(&tx, 0, 0, PAGES).await;
+    tx.barrier(0).await.unwrap();
+    let after_round_0 = tx.stats().chunks_queued;
+
+    // Round 1: every 7th page, plus one contiguous stretch, carries data; every
+    // 11th page (not also a 7th) became zero. As a dirty round would, in batches
+    // of 256 pages.
+    let dirty: Vec<u64> = (0..PAGES)
+        .filter(|p| p % 7 == 0 || (1000..1100).contains(p))
+        .collect();
+    let zeroed: Vec<u64> = (0..PAGES)
+        .filter(|p| p % 11 == 0 && !dirty.contains(p))
+        .collect();
+    for batch in dirty.chunks(256) {
+        let mut data = Vec::with_capacity(batch.len() * PAGE_SIZE);
+        for p in batch {
+            data.extend_from_slice(&pages(*p, 1, 1));
+        }
+        tx.send_listed(1, batch, Some(Bytes::from(data)))
+            .await
+            .unwrap();
+    }
+    for batch in zeroed.chunks(256) {
+        tx.send_listed(1, batch, None).await.unwrap();
+    }
+    // Refused: pages out of order, data of the wrong size.
+    assert!(tx.send_listed(1, &[5, 3], None).await.is_err());
+    assert!(tx
+        .send_listed(1, &[5, 6], Some(Bytes::from(vec![0u8; PAGE_SIZE])))
+        .await
+        .is_err());
+    let stats = tx.finish().await.unwrap();
+    rx.wait().await.unwrap();
+
+    for p in 0..PAGES {
+        let want = if dirty.binary_search(&p).is_ok() {
+            2
+        } else if zeroed.binary_search(&p).is_ok() {
+            ZERO
+        } else {
+            1
+        };
+        assert_eq!(sink.round_of(p), want, "page {p}");
+    }
+    sink.assert_clean();
+    // Full chunks of 64 pages, not one chunk per scattered page.
+    let chunks = stats.chunks_queued - after_round_0;
+    let full = (dirty.len() as u64).div_ceil(64) + (zeroed.len() as u64).div_ceil(64);
+    assert!(
+        chunks <= full + 2 * (dirty.len() + zeroed.len()) as u64 / 256 + 2,
+        "{chunks} chunks for {} pages (full chunks: {full})",
+        dirty.len() + zeroed.len()
+    );
+}
+
 /// Samples `bytes_acked` of a sender until `stop`.
 fn sampler(
     tx: Arc<PageStreamSender>,

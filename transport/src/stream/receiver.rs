@@ -455,9 +455,9 @@ async fn chunk_reader(
     };
     let mut body = Vec::new();
     loop {
-        let header = match read_frame_into(&mut recv, max_frame, &mut body).await {
+        let chunk = match read_frame_into(&mut recv, max_frame, &mut body).await {
             Ok(Some(Tag::Chunk)) => match decode_chunk(&body) {
-                Ok((h, _)) => h,
+                Ok(c) => c,
                 Err(p) => {
                     on_violation(&conn, &p);
                     return;
@@ -483,32 +483,43 @@ async fn chunk_reader(
         if shared.is_over() {
             return;
         }
-        let data = (!header.zero).then(|| &body[crate::protocol::CHUNK_HEADER_LEN..]);
+        let header = chunk.header;
         let c = &shared.counters;
         c.chunks.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-        match shared.apply(header.first, header.count, header.round, header.seq, data) {
-            Ok(a) => {
-                c.applied.fetch_add(u64::from(a.applied), Ordering::Relaxed);
-                c.stale.fetch_add(u64::from(a.stale), Ordering::Relaxed);
-                if a.applied == 0 {
-                    c.superseded.fetch_add(1, Ordering::Relaxed);
+        let mut admitted = Admitted::default();
+        for (index, first, count) in chunk.runs() {
+            let data = (!header.zero).then(|| {
+                let at = index as usize * PAGE_SIZE;
+                &chunk.data[at..at + count as usize * PAGE_SIZE]
+            });
+            match shared.apply(first, count, header.round, header.seq, data) {
+                Ok(a) => {
+                    admitted.applied += a.applied;
+                    admitted.stale += a.stale;
                 }
-                if header.zero {
-                    c.zero.fetch_add(u64::from(a.applied), Ordering::Relaxed);
-                }
-                if out.send(Out::Ack(header.seq)).is_err() {
+                Err(e) => {
+                    shared.fail(PageStreamError::SinkFailed(format!(
+                        "pages {first}..{}: {e}",
+                        first + u64::from(count)
+                    )));
                     return;
                 }
             }
-            Err(e) => {
-                shared.fail(PageStreamError::SinkFailed(format!(
-                    "pages {}..{}: {e}",
-                    header.first,
-                    header.first + u64::from(header.count)
-                )));
-                return;
-            }
+        }
+        c.applied
+            .fetch_add(u64::from(admitted.applied), Ordering::Relaxed);
+        c.stale
+            .fetch_add(u64::from(admitted.stale), Ordering::Relaxed);
+        if admitted.applied == 0 {
+            c.superseded.fetch_add(1, Ordering::Relaxed);
+        }
+        if header.zero {
+            c.zero
+                .fetch_add(u64::from(admitted.applied), Ordering::Relaxed);
+        }
+        if out.send(Out::Ack(header.seq)).is_err() {
+            return;
         }
     }
 }

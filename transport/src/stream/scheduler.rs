@@ -17,9 +17,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
-use crate::protocol::{CHUNK_HEADER_LEN, PAGE_SIZE};
+use crate::protocol::{chunk_prefix_len, PAGE_SIZE};
 
 /// Index of a path (a network) in the stream's path list.
 pub type PathId = usize;
@@ -30,6 +32,9 @@ pub struct Chunk {
     pub round: u32,
     pub first: u64,
     pub count: u32,
+    /// `None`: the run of `count` pages from `first`. `Some`: the `count` pages
+    /// `first + offset`, offsets strictly increasing from 0 (scattered dirty pages).
+    pub offsets: Option<Arc<[u32]>>,
     /// `count * 4096` bytes, or `None` for pages that are all zeros.
     pub data: Option<Bytes>,
 }
@@ -37,7 +42,7 @@ pub struct Chunk {
 impl Chunk {
     /// Bytes this chunk occupies on the wire and in the budget.
     pub fn cost(&self) -> usize {
-        CHUNK_HEADER_LEN
+        chunk_prefix_len(self.count, self.offsets.is_some())
             + self
                 .data
                 .as_ref()
@@ -343,11 +348,12 @@ mod tests {
             round,
             first,
             count: 1,
+            offsets: None,
             data: Some(Bytes::from(vec![0u8; PAGE_SIZE])),
         }
     }
 
-    const COST: usize = PAGE_SIZE + CHUNK_HEADER_LEN;
+    const COST: usize = PAGE_SIZE + crate::protocol::CHUNK_HEADER_LEN;
 
     #[test]
     fn budget_bounds_what_is_queued() {
@@ -463,6 +469,7 @@ mod tests {
             round: 0,
             first,
             count: 256,
+            offsets: None,
             data: Some(Bytes::from(vec![0u8; mib])),
         };
         let t0 = Instant::now();

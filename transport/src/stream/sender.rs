@@ -266,6 +266,7 @@ impl PageStreamSender {
                 round,
                 first: first + (i * self.shared.cfg.chunk_pages as usize) as u64,
                 count: (part.len() / PAGE_SIZE) as u32,
+                offsets: None,
                 data: Some(Bytes::copy_from_slice(part)),
             };
             self.push(chunk).await?;
@@ -297,6 +298,7 @@ impl PageStreamSender {
                 round,
                 first: first + (off / PAGE_SIZE) as u64,
                 count: ((end - off) / PAGE_SIZE) as u32,
+                offsets: None,
                 data: Some(pages.slice(off..end)),
             })
             .await?;
@@ -320,10 +322,62 @@ impl PageStreamSender {
                 round,
                 first: first + done,
                 count: n as u32,
+                offsets: None,
                 data: None,
             })
             .await?;
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Queues the pages `pages` (strictly increasing, anywhere in memory) read in
+    /// `round`: with `data` (their contents in that order, `pages.len() * 4096`
+    /// bytes) or as zero pages (`None`). Scattered pages travel in chunks as full
+    /// as contiguous ones, each listing its pages; a contiguous stretch goes as a
+    /// plain chunk. No copy of `data`.
+    pub async fn send_listed(
+        &self,
+        round: u32,
+        pages: &[u64],
+        data: Option<Bytes>,
+    ) -> Result<(), PageStreamError> {
+        if pages.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(PageStreamError::InvalidInput(
+                "listed pages must be strictly increasing".into(),
+            ));
+        }
+        if let Some(d) = &data {
+            if d.len() != pages.len() * PAGE_SIZE {
+                return Err(PageStreamError::InvalidInput(format!(
+                    "{} bytes for {} pages",
+                    d.len(),
+                    pages.len()
+                )));
+            }
+        }
+        if let Some(last) = pages.last() {
+            check_range(round, *last, 1)?;
+        }
+        for (at, len) in listed_chunks(pages, self.shared.cfg.chunk_pages) {
+            let part = &pages[at..at + len];
+            let first = part[0];
+            let contiguous = part[len - 1] - first == len as u64 - 1;
+            self.push(Chunk {
+                round,
+                first,
+                count: len as u32,
+                offsets: (!contiguous).then(|| {
+                    part.iter()
+                        .map(|p| (p - first) as u32)
+                        .collect::<Vec<_>>()
+                        .into()
+                }),
+                data: data
+                    .as_ref()
+                    .map(|d| d.slice(at * PAGE_SIZE..(at + len) * PAGE_SIZE)),
+            })
+            .await?;
         }
         Ok(())
     }
@@ -478,6 +532,24 @@ impl Drop for PageStreamSender {
             t.abort();
         }
     }
+}
+
+/// Splits a strictly increasing page list into chunks `(start, len)` of at most
+/// `chunk_pages` pages whose offsets from their first page fit a `u32`.
+fn listed_chunks(pages: &[u64], chunk_pages: u32) -> Vec<(usize, usize)> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for (i, page) in pages.iter().enumerate() {
+        let full = i - start == chunk_pages as usize;
+        if i > start && (full || page - pages[start] > u64::from(u32::MAX)) {
+            chunks.push((start, i - start));
+            start = i;
+        }
+    }
+    if start < pages.len() {
+        chunks.push((start, pages.len() - start));
+    }
+    chunks
 }
 
 fn check_range(round: u32, first: u64, count: u64) -> Result<(), PageStreamError> {
@@ -687,13 +759,17 @@ async fn chunk_writer(
         let Some((seq, chunk)) = next else {
             return PathEnd::Dead("path no longer scheduled".into());
         };
-        let header = encode_chunk_header(&ChunkHeader {
-            seq,
-            round: chunk.round,
-            first: chunk.first,
-            count: chunk.count,
-            zero: chunk.data.is_none(),
-        });
+        let header = encode_chunk_header(
+            &ChunkHeader {
+                seq,
+                round: chunk.round,
+                first: chunk.first,
+                count: chunk.count,
+                zero: chunk.data.is_none(),
+                listed: chunk.offsets.is_some(),
+            },
+            chunk.offsets.as_deref().unwrap_or_default(),
+        );
         let mut bufs = [Bytes::from(header), chunk.data.unwrap_or_default()];
         if let Err(e) = write_chunks(&mut data, &mut bufs).await {
             return frame_end(e, shared.peer, &conn);
@@ -832,5 +908,20 @@ async fn watchdog(shared: Weak<Shared>) {
             shared.fail(e);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listed_chunks;
+
+    #[test]
+    fn listed_pages_split_into_full_chunks_with_u32_offsets() {
+        let pages: Vec<u64> = (0..10).map(|i| i * 3).collect();
+        assert_eq!(listed_chunks(&pages, 4), vec![(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(listed_chunks(&[], 4), vec![]);
+        // A gap wider than a u32 offset starts a new chunk.
+        let far = [1, 2, 1 << 33, (1 << 33) + 1];
+        assert_eq!(listed_chunks(&far, 64), vec![(0, 2), (2, 2)]);
     }
 }
