@@ -291,8 +291,9 @@ impl SimGuest {
         Ok(guest)
     }
 
-    /// Creates a guest to receive a migration: memory populated up front (no
-    /// page faults during the copy), vCPUs paused until `resume`.
+    /// Creates a guest to receive a migration: memory in huge pages, populated
+    /// in the background while the copy begins (see [`GuestMemory::new`]),
+    /// vCPUs paused until `resume`.
     pub fn incoming(config: SimGuestConfig) -> GuestResult<Arc<SimGuest>> {
         Self::build(config, true, true)
     }
@@ -417,6 +418,15 @@ impl Guest for SimGuest {
     fn read_pages(&self, first: u64, buf: &mut [u8]) -> GuestResult<()> {
         self.live()?;
         self.inner.mem.read(first, buf)
+    }
+
+    fn read_pages_uninit(
+        &self,
+        first: u64,
+        buf: &mut [std::mem::MaybeUninit<u8>],
+    ) -> GuestResult<()> {
+        self.live()?;
+        self.inner.mem.read_uninit(first, buf)
     }
 
     fn write_pages(&self, first: u64, data: &[u8]) -> GuestResult<()> {

@@ -195,8 +195,8 @@ impl KvmGuest {
         Self::build(config, caps, false)
     }
 
-    /// Creates a guest to receive a migration: memory populated up front,
-    /// vCPUs created but parked until `restore_state` and `resume`.
+    /// Creates a guest to receive a migration: memory in huge pages, populated
+    /// in the background while the copy begins, vCPUs created but parked until `restore_state` and `resume`.
     pub fn incoming(config: KvmGuestConfig) -> GuestResult<Arc<KvmGuest>> {
         let caps = Self::usable()?;
         Self::build(config, caps, true)
@@ -635,6 +635,15 @@ impl Guest for KvmGuest {
     fn read_pages(&self, first: u64, buf: &mut [u8]) -> GuestResult<()> {
         self.live()?;
         self.inner.mem.read(first, buf)
+    }
+
+    fn read_pages_uninit(
+        &self,
+        first: u64,
+        buf: &mut [std::mem::MaybeUninit<u8>],
+    ) -> GuestResult<()> {
+        self.live()?;
+        self.inner.mem.read_uninit(first, buf)
     }
 
     fn write_pages(&self, first: u64, data: &[u8]) -> GuestResult<()> {
