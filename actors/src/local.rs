@@ -31,9 +31,13 @@ fn err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> LocalError + '_ {
 
 /// Runs `f` inside an actix system whose tokio runtime is multi-threaded, so
 /// the page stream and Raft run on worker threads while actors run here.
+///
+/// One worker per core (two at least): a move's paths, the guest copy on both
+/// ends and Raft all run on them, so a larger machine moves faster.
 pub fn run<T, F: std::future::Future<Output = T>>(f: F) -> std::io::Result<T> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()?;
     let system = actix_rt::System::with_tokio_rt(move || runtime);

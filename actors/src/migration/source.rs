@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Pages read from the guest and queued on the stream at a time (256 KiB).
-const RUN_PAGES: u64 = 64;
+const BATCH_PAGES: u64 = 256;
 /// How long an abort waits for the store to record it before answering
 /// (it keeps trying in the background after that).
 const ABORT_RECORD_WAIT: Duration = Duration::from_secs(2);
@@ -724,10 +724,15 @@ impl Job {
         }
     }
 
-    /// [`send_round`](Self::send_round)'s copy: reads the pages in runs, sends
-    /// the non-zero ones (and, after round 0, markers for the zero ones), and
-    /// waits until the target applied them all. `sent_run` hears of each run
-    /// (pages, bytes of data).
+    /// [`send_round`](Self::send_round)'s copy: reads the pages in batches of
+    /// up to [`BATCH_PAGES`], sends the non-zero ones (and, after round 0,
+    /// markers for the zero ones), and waits until the target applied them
+    /// all. `sent_run` hears of each batch (pages, bytes of data).
+    ///
+    /// Each page is copied once, from guest memory straight into the buffer
+    /// that goes to the wire (not zeroed first); zero pages are found in that
+    /// buffer and squeezed out in place. Scattered dirty pages share a batch,
+    /// so a dirty round goes out in chunks as full as round 0's.
     async fn send_pages(
         &self,
         sender: &PageStreamSender,
@@ -747,47 +752,37 @@ impl Job {
             .settings
             .bandwidth_cap_bytes_per_sec;
         sender.set_rate_limit(cap);
-        for (first, count) in pages.runs(RUN_PAGES) {
-            let bytes_before = bytes;
+        let mut runs = pages.runs(BATCH_PAGES).peekable();
+        while runs.peek().is_some() {
             if self.cancelled() {
                 return Err(Failure::Cancelled { paused });
             }
-            let mut buf = vec![0u8; count as usize * PAGE_SIZE];
-            self.guest
-                .read_pages(first, &mut buf)
-                .map_err(|e| fail(e.to_string()))?;
-            // Split the run into stretches of zero and non-zero pages.
-            let mut at = 0u64;
-            while at < count {
-                let zero_here = is_zero_page(&buf[at as usize * PAGE_SIZE..][..PAGE_SIZE]);
-                let mut end = at + 1;
-                while end < count
-                    && is_zero_page(&buf[end as usize * PAGE_SIZE..][..PAGE_SIZE]) == zero_here
-                {
-                    end += 1;
-                }
-                if zero_here {
-                    zero += end - at;
-                    // A fresh target is zero already; later rounds must clear
-                    // pages that held data before.
-                    if round > 0 {
-                        sender
-                            .send_zero(round, first + at, end - at)
-                            .await
-                            .map_err(|e| fail(e.to_string()))?;
-                    }
-                } else {
-                    let slice = buf[at as usize * PAGE_SIZE..end as usize * PAGE_SIZE].to_vec();
-                    bytes += slice.len() as u64;
-                    sender
-                        .send_bytes(round, first + at, slice.into())
-                        .await
-                        .map_err(|e| fail(e.to_string()))?;
-                    sent += end - at;
-                }
-                at = end;
+            let mut batch = Vec::new();
+            let mut count = 0;
+            while let Some((first, n)) = runs.next_if(|(_, n)| count + n <= BATCH_PAGES) {
+                batch.push((first, n));
+                count += n;
             }
-            sent_run(count, bytes - bytes_before);
+            let read = read_batch(self.guest.as_ref(), &batch).map_err(|e| fail(e.to_string()))?;
+            let data_bytes = read.data.len() as u64;
+            if !read.data_pages.is_empty() {
+                sender
+                    .send_listed(round, &read.data_pages, Some(read.data))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+            }
+            // A fresh target is zero already; later rounds must clear pages
+            // that held data before.
+            if round > 0 && !read.zero_pages.is_empty() {
+                sender
+                    .send_listed(round, &read.zero_pages, None)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+            }
+            sent += read.data_pages.len() as u64;
+            zero += read.zero_pages.len() as u64;
+            bytes += data_bytes;
+            sent_run(count, data_bytes);
         }
         sender
             .barrier(round)
@@ -1425,4 +1420,50 @@ impl Job {
         });
         MigrationError::Aborted(reason)
     }
+}
+
+/// One batch of pages read for the wire: the pages with data and their
+/// contents (in page order), and the pages found all zero.
+struct ReadBatch {
+    data_pages: Vec<u64>,
+    data: bytes::Bytes,
+    zero_pages: Vec<u64>,
+}
+
+/// Reads the runs `batch` (ascending, `(first, count)`) into one buffer and
+/// squeezes the zero pages out of it in place.
+fn read_batch(guest: &dyn Guest, batch: &[(u64, u64)]) -> ferry_vmm::GuestResult<ReadBatch> {
+    let total: u64 = batch.iter().map(|(_, n)| n).sum();
+    let len = total as usize * PAGE_SIZE;
+    let mut buf = bytes::BytesMut::with_capacity(len);
+    let mut at = 0;
+    for (first, n) in batch {
+        let run = *n as usize * PAGE_SIZE;
+        guest.read_pages_uninit(*first, &mut buf.spare_capacity_mut()[at..at + run])?;
+        at += run;
+    }
+    // SAFETY: the reads above initialised all `len` bytes.
+    unsafe { buf.set_len(len) };
+    let mut data_pages = Vec::with_capacity(total as usize);
+    let mut zero_pages = Vec::new();
+    let mut kept = 0;
+    let pages = batch.iter().flat_map(|(first, n)| *first..first + n);
+    for (i, page) in pages.enumerate() {
+        let from = i * PAGE_SIZE;
+        if is_zero_page(&buf[from..from + PAGE_SIZE]) {
+            zero_pages.push(page);
+            continue;
+        }
+        if kept != i {
+            buf.copy_within(from..from + PAGE_SIZE, kept * PAGE_SIZE);
+        }
+        data_pages.push(page);
+        kept += 1;
+    }
+    buf.truncate(kept * PAGE_SIZE);
+    Ok(ReadBatch {
+        data_pages,
+        data: buf.freeze(),
+        zero_pages,
+    })
 }
