@@ -3,14 +3,17 @@
 //! give up.
 //!
 //! Pre-copy only ends well if the pages dirtied during a round can be sent
-//! faster than the guest dirties them again; when the remainder fits the
+//! faster than the guest dirties them again; once the remainder fits the
 //! downtime limit the job pauses the guest and sends the rest during the
-//! blackout. This module is that judgement and nothing else: plain data in
-//! (pages sent and dirtied, bytes, elapsed time, throttle), a [`Decision`]
-//! out. It never reads a clock or touches a socket, so the migration job and
-//! the pre-move [estimate](crate::policy::estimate) share one policy, and the tests
-//! replay recorded traces deterministically (the way `quinn-proto` keeps QUIC
-//! free of I/O).
+//! blackout — or, while rounds still shrink the remainder well, first runs a
+//! few more short rounds to bring that blackout down towards
+//! [`ConvergenceConfig::copy_target`]. This module is that judgement and
+//! nothing else: plain data in (pages sent and dirtied, bytes, elapsed time,
+//! throttle), a [`Decision`] out. It never reads a clock or touches a
+//! socket, so the migration job and the pre-move
+//! [estimate](crate::policy::estimate) share one policy, and the tests replay
+//! recorded traces deterministically (the way `quinn-proto` keeps QUIC free
+//! of I/O).
 //!
 //! Termination is a property of the policy, not of its caller: every
 //! `max_rounds`-th decision at the latest is terminal ([`Decision::StopAndCopy`]
@@ -78,6 +81,12 @@ impl Default for AutoConverge {
 pub struct ConvergenceConfig {
     /// The longest blackout the policy will plan for.
     pub downtime_limit: Duration,
+    /// The blackout copy the policy aims for. Once the remainder fits
+    /// `downtime_limit`, the policy keeps running rounds while a round still
+    /// shrinks the remainder well (by `auto_converge.min_shrink`) and the
+    /// remainder's copy alone — without the device-state allowance — would
+    /// take longer than this. Zero: iterate for as long as rounds shrink well.
+    pub copy_target: Duration,
     /// Added to every expected downtime: device and vCPU state, the
     /// switchover commit through Raft and the resume on the target.
     pub device_state_allowance: Duration,
@@ -106,6 +115,16 @@ impl Default for ConvergenceConfig {
         ConvergenceConfig {
             // QEMU's default downtime-limit; what the field calls "live".
             downtime_limit: Duration::from_millis(300),
+            // The limit is the promise, the target the aim. A remainder that
+            // fits the limit is no reason to stop while rounds still shrink
+            // it well: each such round costs a fraction of the last one and
+            // takes that fraction off the blackout, so two or three short
+            // rounds turn a 100 ms blackout into a millisecond's (Xen's
+            // pre-copy likewise runs until almost nothing is dirty, not until
+            // the rest merely fits). 1 ms of copy is small next to the
+            // switchover itself, a few milliseconds; a guest whose rounds stop
+            // shrinking well stops at once, so hot guests do not iterate on.
+            copy_target: Duration::from_millis(1),
             // Device state is kilobytes; the cost is a Raft commit and a
             // resume on a LAN, a few milliseconds each.
             device_state_allowance: Duration::from_millis(10),
@@ -424,6 +443,12 @@ impl ConvergencePolicy {
 
         let expected = self.expected_downtime();
         if expected <= self.config.downtime_limit {
+            // The promise is kept; aim for a shorter blackout if a round
+            // still pays. Never throttle for the aim: the throttle is only
+            // for reaching the limit.
+            if self.worth_another_round(&round, expected) {
+                return Decision::AnotherRound;
+            }
             return Decision::StopAndCopy {
                 expected_downtime: expected,
                 forced: false,
@@ -483,6 +508,21 @@ impl ConvergencePolicy {
             return self.at_limit(GiveUpReason::NotConverging { pressure, throttle });
         }
         Decision::AnotherRound
+    }
+
+    /// Whether a remainder that already fits the limit (blackout `expected`)
+    /// is worth another round: its copy is above the target, the last round
+    /// shrank the remainder well, a round is left (the `max_rounds`-th
+    /// decision stays terminal) and the next round, about as long as the
+    /// copy, ends within the time budget.
+    fn worth_another_round(&self, round: &RoundStats, expected: Duration) -> bool {
+        let copy = expected.saturating_sub(self.config.device_state_allowance);
+        let allowed = (1.0 - self.config.auto_converge.min_shrink) * round.pages_sent as f64;
+        let shrank_well = round.pages_dirtied as f64 <= allowed;
+        // The next round sends the remainder: about `copy` long.
+        let time_left = self.spent.saturating_add(copy) < self.budget;
+        let rounds_left = self.history.len() < self.config.max_rounds as usize;
+        copy > self.config.copy_target && shrank_well && rounds_left && time_left
     }
 
     fn record(&mut self, round: &RoundStats) {
@@ -661,14 +701,14 @@ mod tests {
     /// A recorded round: (pages sent, pages dirtied, bytes sent, ms, throttle).
     type Row = (u64, u64, u64, u64, f64);
 
-    /// Feeds a recorded trace; returns every decision.
+    /// Feeds a recorded trace, numbering its rounds on from those the policy
+    /// has already seen; returns every decision.
     fn replay(policy: &mut ConvergencePolicy, trace: &[Row]) -> Vec<Decision> {
         trace
             .iter()
-            .enumerate()
-            .map(|(i, &(sent, dirtied, bytes, ms, throttle))| {
+            .map(|&(sent, dirtied, bytes, ms, throttle)| {
                 policy.decide(RoundStats {
-                    round: i as u32,
+                    round: policy.history().len() as u32,
                     pages_sent: sent,
                     pages_dirtied: dirtied,
                     bytes_sent: bytes,
@@ -756,6 +796,15 @@ mod tests {
                 forced: false
             }]
         );
+
+        // Nothing to copy is at any target, even a zero one.
+        let config = ConvergenceConfig {
+            copy_target: Duration::ZERO,
+            ..ConvergenceConfig::default()
+        };
+        let mut p = ConvergencePolicy::new(config, 256 * MIB).unwrap();
+        let d = replay(&mut p, &[(65_536, 0, 256 * MIB, 260, 0.0)]);
+        assert!(matches!(d[0], Decision::StopAndCopy { forced: false, .. }));
     }
 
     #[test]
@@ -771,18 +820,169 @@ mod tests {
         let d = replay(&mut p, trace);
         assert_eq!(d[0], Decision::AnotherRound);
         assert_eq!(d[1], Decision::AnotherRound);
+        // After round 2 the remainder (~80 ms) fits the limit, but the round
+        // shrank it ~5×, so the policy aims lower instead of stopping.
+        let fits = p.expected_downtime();
+        assert!(fits <= Duration::from_millis(300));
+        assert!(fits >= Duration::from_millis(80));
+        assert_eq!(d[2], Decision::AnotherRound);
+        assert!(p.bandwidth().unwrap() > 100e6 && p.bandwidth().unwrap() < 130e6);
+        assert_eq!(p.remaining_pages(), 2_300);
+
+        // The short rounds that follow bring the copy under the target.
+        let tail: &[Row] = &[
+            (2_300, 480, 9_421_000, 81, 0.0),
+            (480, 100, 1_966_000, 17, 0.0),
+            (100, 21, 409_800, 4, 0.0),
+        ];
+        let d = replay(&mut p, tail);
+        assert_eq!(d[..2], [Decision::AnotherRound, Decision::AnotherRound]);
         match d[2] {
             Decision::StopAndCopy {
                 expected_downtime,
                 forced: false,
             } => {
-                assert!(expected_downtime <= Duration::from_millis(300));
-                assert!(expected_downtime >= Duration::from_millis(80));
+                let allowance = p.config().device_state_allowance;
+                assert!(expected_downtime > allowance);
+                assert!(expected_downtime - allowance <= p.config().copy_target);
             }
             ref other => panic!("expected stop and copy, got {other:?}"),
         }
-        assert!(p.bandwidth().unwrap() > 100e6 && p.bandwidth().unwrap() < 130e6);
-        assert_eq!(p.remaining_pages(), 2_300);
+        assert_eq!(p.history().len(), 6);
+        assert_eq!(p.remaining_pages(), 21);
+    }
+
+    #[test]
+    fn a_fitting_remainder_that_shrinks_well_gets_more_rounds_until_under_the_target() {
+        // 1 GiB guest dirtying 128 MiB/s over a 1 GB/s link: round 0 leaves
+        // a ~144 ms remainder, which fits the 300 ms limit; each round
+        // shrinks the remainder ~7×.
+        let mut p = policy(GIB_BYTES);
+        let d = replay(&mut p, &[(262_144, 35_190, GIB_BYTES, 1_074, 0.0)]);
+        let after_round_zero = p.expected_downtime();
+        assert!(after_round_zero <= p.config().downtime_limit);
+        assert!(after_round_zero >= Duration::from_millis(150));
+        assert_eq!(d, [Decision::AnotherRound]);
+
+        let d = replay(
+            &mut p,
+            &[
+                (35_190, 4_719, 144_138_240, 144, 0.0),
+                (4_719, 633, 19_329_024, 19, 0.0),
+                (633, 85, 2_592_768, 3, 0.0),
+            ],
+        );
+        assert_eq!(d[..2], [Decision::AnotherRound, Decision::AnotherRound]);
+        let Decision::StopAndCopy {
+            expected_downtime,
+            forced: false,
+        } = d[2]
+        else {
+            panic!("expected stop and copy, got {:?}", d[2]);
+        };
+        // 85 pages at ~1 GB/s: a third of a millisecond of copy.
+        let copy = expected_downtime - p.config().device_state_allowance;
+        assert!(copy <= p.config().copy_target, "{copy:?}");
+        assert!(copy > Duration::ZERO);
+    }
+
+    #[test]
+    fn the_headline_guest_blacks_out_for_well_under_a_millisecond_of_copy() {
+        // The same guest, modelled: the copy drops under the target within a
+        // handful of rounds, without throttling.
+        let mut p = policy(GIB_BYTES);
+        let (rounds, decisions) = drive(&mut p, 262_144, 128.0 * MIB as f64 / 4096.0, 1e9);
+        assert!(decisions.len() <= 5, "{decisions:?}");
+        assert!(rounds.iter().all(|r| r.throttle == 0.0));
+        match decisions.last().unwrap() {
+            Decision::StopAndCopy {
+                expected_downtime,
+                forced: false,
+            } => {
+                let copy = *expected_downtime - p.config().device_state_allowance;
+                assert!(copy <= p.config().copy_target, "{copy:?}");
+            }
+            other => panic!("expected stop and copy, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fitting_remainder_that_did_not_halve_stops_at_once() {
+        // 64 MiB guest at 1 GB/s; round 0 leaves 61% of it dirty: ~41 ms,
+        // fits, but another round would barely help.
+        let mut p = policy(64 * MIB);
+        let d = replay(&mut p, &[(16_384, 10_000, 64 * MIB, 67, 0.0)]);
+        assert!(
+            matches!(d[0], Decision::StopAndCopy { forced: false, .. }),
+            "{d:?}"
+        );
+
+        // A hot set the guest rewrites whatever the round's length: round 1
+        // fits and shrank, round 2 no longer halves it. Even with no target
+        // at all the policy stops there instead of iterating on.
+        let config = ConvergenceConfig {
+            copy_target: Duration::ZERO,
+            ..ConvergenceConfig::default()
+        };
+        let mut p = ConvergencePolicy::new(config, 64 * MIB).unwrap();
+        let d = replay(
+            &mut p,
+            &[
+                (16_384, 2_000, 64 * MIB, 67, 0.0),
+                (2_000, 300, 8_192_000, 8, 0.0),
+                (300, 256, 1_228_800, 2, 0.0),
+            ],
+        );
+        assert_eq!(d[..2], [Decision::AnotherRound, Decision::AnotherRound]);
+        assert!(
+            matches!(d[2], Decision::StopAndCopy { forced: false, .. }),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn aiming_stops_at_the_round_limit_and_the_time_budget() {
+        // Every round shrinks the remainder ~7× and it fits from round 0 on.
+        let trace: &[Row] = &[
+            (262_144, 35_190, GIB_BYTES, 1_074, 0.0),
+            (35_190, 4_719, 144_138_240, 144, 0.0),
+        ];
+        // With max_rounds 1, round 0's decision is the last: it stops.
+        let config = ConvergenceConfig {
+            max_rounds: 1,
+            ..ConvergenceConfig::default()
+        };
+        let mut p = ConvergencePolicy::new(config, GIB_BYTES).unwrap();
+        let d = replay(&mut p, &trace[..1]);
+        assert!(matches!(d[0], Decision::StopAndCopy { forced: false, .. }));
+
+        // With max_rounds 2, one round for the aim, then the terminal stop
+        // although the copy (~19 ms) is still above the target.
+        let config = ConvergenceConfig {
+            max_rounds: 2,
+            ..ConvergenceConfig::default()
+        };
+        let mut p = ConvergencePolicy::new(config, GIB_BYTES).unwrap();
+        let d = replay(&mut p, trace);
+        assert_eq!(d[0], Decision::AnotherRound);
+        match d[1] {
+            Decision::StopAndCopy {
+                expected_downtime,
+                forced: false,
+            } => assert!(expected_downtime > Duration::from_millis(25)),
+            ref other => panic!("expected stop and copy, got {other:?}"),
+        }
+
+        // 256 MiB: a 15 s budget. Round 0 took 14.99 s over a slow link and
+        // left ~92 ms to copy: another round would outlast the budget.
+        let row = |ms| (65_536, 400, 256 * MIB, ms, 0.0);
+        let mut p = policy(256 * MIB);
+        let d = replay(&mut p, &[row(14_990)]);
+        assert!(matches!(d[0], Decision::StopAndCopy { forced: false, .. }));
+        // With 10 s spent, there is time for it.
+        let mut p = policy(256 * MIB);
+        let d = replay(&mut p, &[row(10_000)]);
+        assert_eq!(d[0], Decision::AnotherRound);
     }
 
     #[test]
@@ -1088,12 +1288,14 @@ mod tests {
                 any::<bool>(),
                 prop::option::of(300u64..2_000),
                 1u32..5,
+                prop_oneof![Just(0u64), Just(1_000), 0u64..400_000],
             )
-                .prop_map(|(max_rounds, enabled, forced, hopeless)| {
+                .prop_map(|(max_rounds, enabled, forced, hopeless, target_us)| {
                     let mut c = ConvergenceConfig {
                         max_rounds,
                         hopeless_rounds: hopeless,
                         forced_stop: forced.map(Duration::from_millis),
+                        copy_target: Duration::from_micros(target_us),
                         ..Default::default()
                     };
                     c.auto_converge.enabled = enabled;
@@ -1105,6 +1307,9 @@ mod tests {
             /// Whatever the trace, pre-copy ends within `max_rounds`
             /// decisions; an unforced stop keeps the downtime promise; a
             /// forced one stays under its ceiling; throttle shares stay legal.
+            /// A remainder that fits the limit gets another round only for
+            /// the copy target, after a round that shrank it well, with a
+            /// round and the time for it left; otherwise it is copied.
             #[test]
             fn policy_always_ends_and_keeps_its_promises(
                 config in config(),
@@ -1122,6 +1327,22 @@ mod tests {
                         elapsed: Duration::from_millis(ms),
                         throttle,
                     });
+                    // What the decision was made on.
+                    let expected = p.expected_downtime();
+                    let copy = expected.saturating_sub(config.device_state_allowance);
+                    let shrank_well = dirtied as f64
+                        <= (1.0 - config.auto_converge.min_shrink) * sent as f64;
+                    let room = p.history().len() < config.max_rounds as usize
+                        && p.spent().saturating_add(copy) < p.time_budget();
+                    let aim = copy > config.copy_target && shrank_well && room;
+                    if expected <= config.downtime_limit {
+                        if aim {
+                            prop_assert_eq!(&d, &Decision::AnotherRound);
+                        } else {
+                            let stopped = matches!(d, Decision::StopAndCopy { forced: false, .. });
+                            prop_assert!(stopped, "{:?}", d);
+                        }
+                    }
                     match d {
                         Decision::Throttle { share } => {
                             prop_assert!(config.auto_converge.enabled);
@@ -1145,6 +1366,31 @@ mod tests {
                 prop_assert!(decisions <= config.max_rounds as usize);
                 if trace.len() >= config.max_rounds as usize {
                     prop_assert!(ended_at.is_some());
+                }
+            }
+
+            /// A modelled guest whose rounds each shrink the remainder to at
+            /// most 0.4 of the last, on links from 100 MB/s to 10 GB/s: the
+            /// policy never throttles it, and stops, unforced, within
+            /// `max_rounds` with the blackout's copy within the copy target.
+            #[test]
+            fn a_converging_guest_is_iterated_down_to_the_copy_target(
+                memory_mib in 64u64..16_384,
+                q in 0.0f64..0.4,
+                bandwidth in 100e6f64..10e9,
+            ) {
+                let mut p = policy(memory_mib * MIB);
+                let dirty_pages_per_sec = q * bandwidth / PAGE_SIZE as f64;
+                let (rounds, decisions) =
+                    drive(&mut p, memory_mib * MIB / PAGE_SIZE, dirty_pages_per_sec, bandwidth);
+                prop_assert!(decisions.len() <= p.config().max_rounds as usize);
+                prop_assert!(rounds.iter().all(|r| r.throttle == 0.0));
+                match decisions.last().unwrap() {
+                    Decision::StopAndCopy { expected_downtime, forced: false } => {
+                        let copy = *expected_downtime - p.config().device_state_allowance;
+                        prop_assert!(copy <= p.config().copy_target, "{:?} {:?}", copy, decisions);
+                    }
+                    other => prop_assert!(false, "expected a stop, got {:?}", other),
                 }
             }
         }

@@ -8,10 +8,12 @@
 //! round. Rather than a closed form with its own idea of when to stop,
 //! the estimate plays a modelled guest against the real [`ConvergencePolicy`]
 //! with the same configuration, so the prediction makes the same calls the
-//! move will: stop at the downtime limit, throttle (auto-converge), or give
-//! up at the round or time limits. The model is deliberately simple: a
-//! constant dirty rate, cut by the throttle share (the throttle withholds
-//! vCPU time), and a dirty set no larger than memory.
+//! move will: stop once the remainder fits the downtime limit (after the
+//! short rounds that bring the blackout's copy down to the copy target while
+//! rounds still shrink it well), throttle (auto-converge), or give up at the
+//! round or time limits. The model is deliberately simple: a constant dirty
+//! rate, cut by the throttle share (the throttle withholds vCPU time), and a
+//! dirty set no larger than memory.
 
 use crate::policy::convergence::{
     secs, ConfigError, ConvergenceConfig, ConvergencePolicy, Decision, GiveUpReason, HumanDuration,
@@ -256,16 +258,21 @@ mod tests {
         assert!(!e.needs_throttle);
         assert_eq!(e.throttle, 0.0);
 
-        // Closed form: round k sends N·q^k pages; stop after the first round
-        // whose remainder N·q^(k+1) fits the limit.
+        // Closed form: round k sends N·q^k pages. The remainder fits the
+        // limit after round 2 already, but with q < 1/2 every round shrinks
+        // it well, so the policy goes on until the remainder's copy
+        // N·q^(k+1)/bw is within the copy target (round 7 here, 8 rounds).
         let q = dirty / bw;
+        assert!(q < config.auto_converge.min_shrink);
         let n0 = GIB as f64;
-        let limit = 0.300 - 0.010;
+        let target = config.copy_target.as_secs_f64();
+        assert!(n0 * q.powi(3) / bw <= 0.300 - 0.010);
         let mut k = 0;
-        while n0 * q.powi(k + 1) / bw > limit {
+        while n0 * q.powi(k + 1) / bw > target {
             k += 1;
         }
         let rounds = k as u32 + 1;
+        assert_eq!(rounds, 8);
         let precopy = n0 / bw * (1.0 - q.powi(k + 1)) / (1.0 - q);
         let downtime = n0 * q.powi(k + 1) / bw + 0.010;
         assert_eq!(e.rounds, rounds);
@@ -275,6 +282,23 @@ mod tests {
             "{e:?}"
         );
         assert!((e.downtime.as_secs_f64() - downtime).abs() < 0.001, "{e:?}");
+    }
+
+    #[test]
+    fn a_remainder_that_shrinks_well_is_iterated_down_to_the_copy_target() {
+        // 1 GiB guest dirtying 128 MiB/s over 1 GB/s: round 0's remainder
+        // (~144 ms) already fits the limit; three more short rounds bring
+        // its copy under a millisecond, at a cost of ~0.17 s.
+        let config = ConvergenceConfig::default();
+        let e = estimate(&factors(GIB, 128.0 * MIB as f64, 1e9), &config).unwrap();
+        assert!(e.converges);
+        assert!(!e.needs_throttle);
+        assert_eq!(e.throttle, 0.0);
+        assert_eq!(e.rounds, 4);
+        assert!(e.downtime > config.device_state_allowance);
+        assert!(e.downtime <= config.device_state_allowance + config.copy_target);
+        let round_zero = GIB as f64 / 1e9;
+        assert!(e.total.as_secs_f64() < round_zero + 0.2, "{e:?}");
     }
 
     #[test]
