@@ -53,6 +53,18 @@ pub struct PageStreamConfig {
     pub fail_after: Duration,
     /// Pause between attempts to bring a dead path back.
     pub reconnect_interval: Duration,
+    /// QUIC connections a stream opens on each network. One connection's packets
+    /// are encrypted and sent by one task, which caps a path near one core; on a
+    /// machine with cores to spare, several connections per network carry a move
+    /// in parallel. Default: one per four cores, 1 to 4.
+    #[serde(default = "default_connections_per_network")]
+    pub connections_per_network: u32,
+}
+
+/// One connection per four cores, at least one and at most four.
+pub fn default_connections_per_network() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 4).clamp(1, 4) as u32
 }
 
 impl Default for PageStreamConfig {
@@ -66,6 +78,7 @@ impl Default for PageStreamConfig {
             path_dead_after: Duration::from_millis(300),
             fail_after: Duration::from_secs(2),
             reconnect_interval: Duration::from_millis(150),
+            connections_per_network: default_connections_per_network(),
         }
     }
 }
@@ -142,6 +155,12 @@ impl NetworkConfig {
         let chunk_bytes = ps.chunk_pages as usize * crate::protocol::PAGE_SIZE
             + crate::protocol::chunk_prefix_len(ps.chunk_pages, true)
             + 1;
+        if !(1..=16).contains(&ps.connections_per_network) {
+            return Err(format!(
+                "connections_per_network {} out of range (1 to 16)",
+                ps.connections_per_network
+            ));
+        }
         if ps.chunk_pages == 0 || ps.chunk_pages > crate::protocol::MAX_CHUNK_PAGES {
             return Err(format!("chunk_pages {} out of range", ps.chunk_pages));
         }

@@ -178,6 +178,46 @@ async fn scattered_pages_travel_in_full_listed_chunks() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_connections_per_network_share_the_load_and_fail_over_together() {
+    const PAGES: u64 = (256 << 20) / PAGE_SIZE as u64;
+    let mut cfg = NetworkConfig::loopback();
+    cfg.page_stream.connections_per_network = 2;
+    let (src, dst) = pair(cfg).await;
+    let links = proxies(&dst).await;
+    let sink = CheckingSink::new(PAGES);
+    let rx = dst.accept_page_stream(10, 1, sink.clone()).unwrap();
+    let targets: Vec<_> = links.iter().map(|l| l.local_addr()).collect();
+    let tx = Arc::new(src.open_page_stream(2, &targets, 10).await.unwrap());
+    wait_until(LONG, "all four connections up", || {
+        tx.stats().paths.iter().filter(|p| p.alive).count() == 4
+    })
+    .await;
+    let stats = tx.stats();
+    // Two connections to each network's address, in network order.
+    let remotes: Vec<_> = stats.paths.iter().map(|p| p.remote).collect();
+    assert_eq!(
+        remotes,
+        vec![targets[0], targets[0], targets[1], targets[1]]
+    );
+
+    let first_half = PAGES / 2;
+    send_range(&tx, 0, 0, first_half).await;
+    tx.barrier(0).await.unwrap();
+    for p in &tx.stats().paths {
+        assert!(p.bytes_acked > 0, "every connection carried pages: {p:?}");
+    }
+    // Network 1 goes down: both its connections die, network 2's carry the rest.
+    links[0].cut();
+    send_range(&tx, 0, first_half, PAGES - first_half).await;
+    let tx = Arc::into_inner(tx).unwrap_or_else(|| panic!("sender still shared"));
+    let stats = tx.finish().await.unwrap();
+    rx.wait().await.unwrap();
+    sink.assert_all(0..PAGES, 0);
+    let alive: Vec<bool> = stats.paths.iter().map(|p| p.alive).collect();
+    assert_eq!(alive, vec![false, false, true, true]);
+}
+
 /// Samples `bytes_acked` of a sender until `stop`.
 fn sampler(
     tx: Arc<PageStreamSender>,

@@ -164,9 +164,10 @@ pub struct PageStreamSender {
 }
 
 impl RpcNode {
-    /// Opens page stream `stream_id` to `peer`, one path per address in `paths` (the
-    /// peer's address on each allowed migration network). Each path is dialed from this
-    /// node's endpoint on the same network (longest common address prefix).
+    /// Opens page stream `stream_id` to `peer`, `connections_per_network` paths per
+    /// address in `paths` (the peer's address on each allowed migration network).
+    /// Each path is dialed from this node's endpoint on the same network (longest
+    /// common address prefix).
     ///
     /// Returns once at least one path is up. Fails if none comes up within
     /// `fail_after` or every path is refused for good (identity, version, or the peer
@@ -184,6 +185,13 @@ impl RpcNode {
             return Err(PageStreamError::Shutdown);
         }
         let cfg = self.config().page_stream.clone();
+        // Each connection is a path of its own to the scheduler: a network's
+        // connections share its load, and all of them fail over together.
+        let paths: Vec<SocketAddr> = paths
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(*r, cfg.connections_per_network.max(1) as usize))
+            .collect();
+        let paths = &paths[..];
         let shared = Arc::new(Shared {
             stream_id,
             peer,
