@@ -8,8 +8,29 @@ use serde::Serialize;
 /// Most bytes [`decode`] reads (the default `max_frame_bytes`).
 pub const MAX_DECODE_BYTES: usize = 16 << 20;
 
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_DECODE_BYTES>()
+fn encode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+/// Decodes `bytes` with bincode's standard configuration, allowing length claims
+/// of at most `max` bytes in all and at most 16 times the input: bincode allocates
+/// what a length field claims before it reads the bytes, so with one fixed limit a
+/// 40-byte payload could make a node allocate the whole limit (the fuzzer found
+/// this). bincode's limit is a const generic, so it is chosen from tiers (64 KiB,
+/// 1, 16 and 64 MiB); `max` is rounded up to one.
+pub fn decode_standard<T: DeserializeOwned>(
+    bytes: &[u8],
+    max: usize,
+) -> Result<(T, usize), bincode::error::DecodeError> {
+    use bincode::config::standard;
+    use bincode::serde::decode_from_slice as d;
+    let allowed = bytes.len().saturating_mul(16).min(max);
+    match allowed {
+        0..=0x1_0000 => d(bytes, standard().with_limit::<0x1_0000>()),
+        0..=0x10_0000 => d(bytes, standard().with_limit::<0x10_0000>()),
+        0..=0x100_0000 => d(bytes, standard().with_limit::<0x100_0000>()),
+        _ => d(bytes, standard().with_limit::<0x400_0000>()),
+    }
 }
 
 /// Decoding a payload failed.
@@ -35,13 +56,14 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Encodes `value`, reporting types bincode cannot express.
 pub fn try_encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+    bincode::serde::encode_to_vec(value, encode_config())
+        .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
 /// Decodes a whole payload; trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (value, used) =
+        decode_standard(bytes, MAX_DECODE_BYTES).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Decode(format!(
             "{} trailing bytes",

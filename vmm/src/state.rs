@@ -129,9 +129,27 @@ impl DeviceState {
                 supported: DEVICE_STATE_VERSION,
             });
         }
-        let config = bincode::config::standard().with_limit::<MAX_DEVICE_STATE_BYTES>();
-        let (state, used) = bincode::serde::decode_from_slice::<Self, _>(body, config)
-            .map_err(|e| GuestError::MalformedState(e.to_string()))?;
+        // bincode allocates what a length field claims before reading the
+        // bytes: the limit follows the input (16 times it, in tiers, as
+        // `ferry_transport::codec::decode_standard` does for the wire), so a
+        // short hostile state cannot make the target allocate 64 MiB.
+        let config = bincode::config::standard();
+        let (state, used) = match body.len().saturating_mul(16) {
+            0..=0x1_0000 => {
+                bincode::serde::decode_from_slice::<Self, _>(body, config.with_limit::<0x1_0000>())
+            }
+            0..=0x10_0000 => {
+                bincode::serde::decode_from_slice(body, config.with_limit::<0x10_0000>())
+            }
+            0..=0x100_0000 => {
+                bincode::serde::decode_from_slice(body, config.with_limit::<0x100_0000>())
+            }
+            _ => bincode::serde::decode_from_slice(
+                body,
+                config.with_limit::<MAX_DEVICE_STATE_BYTES>(),
+            ),
+        }
+        .map_err(|e| GuestError::MalformedState(e.to_string()))?;
         if used != body.len() {
             return Err(GuestError::MalformedState(format!(
                 "{} trailing bytes",

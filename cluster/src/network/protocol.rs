@@ -105,8 +105,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtocolError> {
             want: WIRE_VERSION,
         });
     }
-    let config = bincode::config::standard().with_limit::<MAX_MESSAGE>();
-    let (msg, used) = bincode::serde::decode_from_slice(body, config)
+    let (msg, used) = ferry_transport::codec::decode_standard(body, MAX_MESSAGE)
         .map_err(|e| ProtocolError::Decode(e.to_string()))?;
     if used != body.len() {
         return Err(ProtocolError::Decode(format!(

@@ -60,9 +60,16 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(io::Error::other)
 }
 
-/// Decode a value written by [`encode`].
+/// Most bytes one stored value may claim: log entries and votes are small, a
+/// snapshot of the cluster's state a few megabytes.
+const MAX_STORED_VALUE: usize = 64 << 20;
+
+/// Decode a value written by [`encode`] (or a snapshot a peer sent), with length
+/// claims bounded by the input (see `ferry_transport::codec::decode_standard`):
+/// a corrupt value or a hostile snapshot cannot make the node allocate without
+/// bound.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+    ferry_transport::codec::decode_standard(bytes, MAX_STORED_VALUE)
         .map(|(v, _)| v)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
