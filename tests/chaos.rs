@@ -34,6 +34,10 @@
 //! cut_link; blackout: kill_node(late); timed: loss`), the in-phase count,
 //! the aborts by kind and the checks per invariant; the summary adds them up.
 //!
+//! Where KVM is usable, the CI set runs three seeds again with every VM a
+//! KVM guest (real vCPUs, dirty log and device state); elsewhere it says it
+//! skipped them. `FERRY_CHAOS_BACKEND=kvm` runs any seeds that way.
+//!
 //! `cargo test --release --test chaos -- --nocapture` runs the CI seeds;
 //! `FERRY_CHAOS_SEEDS=100` runs seeds 0..100 (or `=200..300`), and
 //! `FERRY_CHAOS_SEED=<n>` runs one again (same faults, but the path may
@@ -60,6 +64,7 @@ use ferry_chaos::aborts::AbortKind;
 use ferry_chaos::checker::{self, Digest, Event, Invariant};
 use ferry_chaos::schedule::{FaultKind, Phase, Schedule};
 use ferry_chaos::trace::Trace;
+use ferry_cluster::model::Backend;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,6 +75,10 @@ use std::time::{Duration, Instant};
 /// inject every kind of fault (checked below). 5–11 s each in a debug build
 /// on two busy cores: about 100 s for the set.
 const CI_SEEDS: [u64; 12] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+
+/// Seeds run again with every VM a KVM guest, where KVM is usable: the same
+/// faults against real vCPUs, dirty logs and device state.
+const KVM_SEEDS: [u64; 3] = [0, 3, 6];
 
 /// Node kills (of any node, or of the leader) a run needs before it must
 /// have lost a VM with its node at least once (a killed node may hold no VM
@@ -94,6 +103,23 @@ fn describe(seeds: &[u64]) -> String {
             format!("{a}..{}", b + 1)
         }
         _ => format!("{seeds:?}"),
+    }
+}
+
+/// The seeds of a run, those on KVM guests named apart.
+fn describe_run(seeds: &[(u64, Backend)]) -> String {
+    let of = |backend| -> Vec<u64> {
+        seeds
+            .iter()
+            .filter(|(_, b)| *b == backend)
+            .map(|(s, _)| *s)
+            .collect()
+    };
+    let (sim, kvm) = (of(Backend::Sim), of(Backend::Kvm));
+    match (sim.is_empty(), kvm.is_empty()) {
+        (_, true) => describe(&sim),
+        (true, false) => format!("kvm {}", describe(&kvm)),
+        (false, false) => format!("{} kvm {}", describe(&sim), describe(&kvm)),
     }
 }
 
@@ -151,10 +177,20 @@ fn the_ci_seeds_aim_at_every_phase_with_every_kind_of_fault() {
 fn chaos_seeds_keep_every_invariant() {
     let started = Instant::now();
     let replay = replay_trace();
-    let seeds = match &replay {
-        Some(trace) => vec![trace.seed],
-        None => seeds(),
+    let mut seeds: Vec<(u64, Backend)> = match &replay {
+        Some(trace) => vec![(trace.seed, run::backend_from_env())],
+        None => seeds()
+            .into_iter()
+            .map(|s| (s, run::backend_from_env()))
+            .collect(),
     };
+    // The CI set adds KVM seeds where KVM is usable (and says so either way).
+    let ci_set = replay.is_none()
+        && std::env::var_os("FERRY_CHAOS_SEED").is_none()
+        && std::env::var_os("FERRY_CHAOS_SEEDS").is_none();
+    if ci_set && ferry_vmm::kvm::usable_or_skip("chaos KVM seeds").is_some() {
+        seeds.extend(KVM_SEEDS.iter().map(|s| (*s, Backend::Kvm)));
+    }
     let mut outcomes: Vec<Outcome> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let mut verdicts: Vec<String> = Vec::new();
@@ -165,14 +201,14 @@ fn chaos_seeds_keep_every_invariant() {
         seeds
             .iter()
             .copied()
-            .collect::<std::collections::VecDeque<u64>>(),
+            .collect::<std::collections::VecDeque<(u64, Backend)>>(),
     );
     let (done, results) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             let (queue, done, replay) = (&queue, done.clone(), replay.clone());
             scope.spawn(move || loop {
-                let Some(seed) = queue.lock().unwrap().pop_front() else {
+                let Some((seed, backend)) = queue.lock().unwrap().pop_front() else {
                     return;
                 };
                 let replay = replay.clone();
@@ -180,7 +216,7 @@ fn chaos_seeds_keep_every_invariant() {
                     .name(format!("chaos-seed-{seed}"))
                     .spawn(move || match replay {
                         Some(trace) => run::replay(trace),
-                        None => run::run_seed(seed),
+                        None => run::run_seed_on(seed, backend),
                     })
                     .unwrap()
                     .join();
@@ -200,7 +236,8 @@ fn chaos_seeds_keep_every_invariant() {
                         .map(|(k, n)| format!("{k}={n}"))
                         .collect();
                     println!(
-                        "chaos seed {seed}: {:.1} s, verify={}, fired {}/{} steps, in phase {hit}/{aimed} [{}], migrations {} completed {} aborted [{}], checks {} ({}), {} violations",
+                        "chaos seed {seed}{}: {:.1} s, verify={}, fired {}/{} steps, in phase {hit}/{aimed} [{}], migrations {} completed {} aborted [{}], checks {} ({}), {} violations",
+                        if outcome.backend == Backend::Kvm { " (kvm)" } else { "" },
                         outcome.elapsed.as_secs_f64(),
                         if outcome.verify { "on" } else { "off" },
                         outcome.fired,
@@ -341,7 +378,7 @@ fn chaos_seeds_keep_every_invariant() {
     println!(
         "chaos summary: seeds={} {} verify on={verified} off={} | faults injected: {} | in phase: {} | migrations completed={completed} aborted={aborted} ({}) bugs={bugs} | vm restarts after a death={restarts} | invariants checked={} ({}) | violations={violations} not-comparable={gaps} | runs failed={}{replayed} | {:.1} s",
         seeds.len(),
-        describe(&seeds),
+        describe_run(&seeds),
         outcomes.len() - verified,
         faults.join(" "),
         in_phase.join(" "),

@@ -34,7 +34,7 @@ use ferry_chaos::aborts::{self, Judged};
 use ferry_chaos::checker::{self, Invariant, Report, Timed, Violation};
 use ferry_chaos::schedule::{FaultKind, Phase, Schedule, ScheduleShape, SplitMix64, Trigger};
 use ferry_chaos::trace::Trace;
-use ferry_cluster::model::{NodeState, VmState};
+use ferry_cluster::model::{Backend, NodeState, VmState};
 use ferry_cluster::{Command, NodeId};
 use ferry_vmm::{Pattern, Workload};
 use std::collections::{BTreeMap, BTreeSet};
@@ -102,6 +102,8 @@ pub fn phase_name(phase: Phase) -> &'static str {
 /// What one run did and found.
 pub struct Outcome {
     pub seed: u64,
+    /// What ran the VMs: simulated guests, or KVM guests (`run_seed_on`).
+    pub backend: Backend,
     pub schedule: Schedule,
     /// Whether the moves verified digests in the blackout ([`verifies`]).
     pub verify: bool,
@@ -707,21 +709,40 @@ async fn settle(cluster: &ChaosCluster, within: Duration) -> Vec<String> {
     }
 }
 
-/// Runs seed `seed` to its end and checks its history.
+/// Runs seed `seed` to its end and checks its history: simulated guests, or
+/// what `FERRY_CHAOS_BACKEND` names (`kvm`).
 pub fn run_seed(seed: u64) -> Result<Outcome, String> {
-    run_path(seed, faults_per_run(), None)
+    run_seed_on(seed, backend_from_env())
+}
+
+/// Runs seed `seed` with every VM on `backend`.
+pub fn run_seed_on(seed: u64, backend: Backend) -> Result<Outcome, String> {
+    run_path(seed, faults_per_run(), None, backend)
 }
 
 /// Replays `trace`: its seed's schedule, each step fired where the trace
-/// says it fired.
+/// says it fired (on the backend `FERRY_CHAOS_BACKEND` names).
 pub fn replay(trace: Trace) -> Result<Outcome, String> {
-    run_path(trace.seed, trace.faults, Some(trace))
+    run_path(trace.seed, trace.faults, Some(trace), backend_from_env())
 }
 
-fn run_path(seed: u64, faults: usize, replay: Option<Trace>) -> Result<Outcome, String> {
+/// `FERRY_CHAOS_BACKEND=kvm` runs every VM as a KVM guest; simulated otherwise.
+pub fn backend_from_env() -> Backend {
+    match std::env::var("FERRY_CHAOS_BACKEND").as_deref() {
+        Ok("kvm") => Backend::Kvm,
+        _ => Backend::Sim,
+    }
+}
+
+fn run_path(
+    seed: u64,
+    faults: usize,
+    replay: Option<Trace>,
+    backend: Backend,
+) -> Result<Outcome, String> {
     let started = Instant::now();
     let schedule = Schedule::plan(seed, &shape_with(faults));
-    ferry_actors::local::run(run(seed, schedule, replay, started))
+    ferry_actors::local::run(run(seed, schedule, replay, started, backend))
         .map_err(|e| format!("seed {seed}: actix system: {e}"))?
 }
 
@@ -730,6 +751,7 @@ async fn run(
     schedule: Schedule,
     replay: Option<Trace>,
     started: Instant,
+    backend: Backend,
 ) -> Result<Outcome, String> {
     let recording = Recording::new();
     let cluster = Arc::new(
@@ -757,6 +779,7 @@ async fn run(
         };
         let mut config = vm_config(memory, workload, i as u8 + 1);
         config.vcpus = 1;
+        config.backend = backend;
         let node = i as u64 % NODES + 1;
         cluster
             .write(Command::CreateVm {
@@ -922,6 +945,7 @@ async fn run(
     };
     Ok(Outcome {
         seed,
+        backend,
         schedule,
         verify: verifies(seed),
         fired,

@@ -25,11 +25,14 @@ pub fn decode_standard<T: DeserializeOwned>(
     use bincode::config::standard;
     use bincode::serde::decode_from_slice as d;
     let allowed = bytes.len().saturating_mul(16).min(max);
-    match allowed {
-        0..=0x1_0000 => d(bytes, standard().with_limit::<0x1_0000>()),
-        0..=0x10_0000 => d(bytes, standard().with_limit::<0x10_0000>()),
-        0..=0x100_0000 => d(bytes, standard().with_limit::<0x100_0000>()),
-        _ => d(bytes, standard().with_limit::<0x400_0000>()),
+    if allowed <= 0x1_0000 {
+        d(bytes, standard().with_limit::<0x1_0000>())
+    } else if allowed <= 0x10_0000 {
+        d(bytes, standard().with_limit::<0x10_0000>())
+    } else if allowed <= 0x100_0000 {
+        d(bytes, standard().with_limit::<0x100_0000>())
+    } else {
+        d(bytes, standard().with_limit::<0x400_0000>())
     }
 }
 

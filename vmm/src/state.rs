@@ -2,14 +2,21 @@
 //! guest is paused and restored into the guest that takes over.
 //!
 //! The encoding starts with a 4-byte little-endian version so that a node can
-//! refuse a stream from a newer (or older) node with a clear error instead of
-//! misreading it.
+//! refuse a state from a newer (or much older) node with a clear error instead
+//! of misreading it. A node reads every version from
+//! [`MIN_DEVICE_STATE_VERSION`] to [`DEVICE_STATE_VERSION`]: one version back,
+//! so a guest moves between nodes of adjacent builds during a rolling upgrade
+//! (ARCHITECTURE.md, *Upgrades*).
 
 use crate::guest::{GuestError, GuestResult};
 use serde::{Deserialize, Serialize};
 
-/// The device-state format this build writes and reads.
+/// The device-state format this build writes (and the newest it reads).
 pub const DEVICE_STATE_VERSION: u32 = 1;
+/// The oldest device-state format this build reads. There is no older format
+/// yet; the next change keeps the decoder of the current one and raises this
+/// to it.
+pub const MIN_DEVICE_STATE_VERSION: u32 = 1;
 
 /// Largest device state accepted when decoding (vCPU state of a large VM is a
 /// few hundred KiB; anything near this is malformed).
@@ -97,6 +104,16 @@ impl NicState {
 }
 
 impl DeviceState {
+    /// The state without what changes while a guest is paused (a KVM guest's
+    /// clocks; nothing for simulated guests), for comparing two saves.
+    pub fn without_clocks(&self) -> GuestResult<DeviceState> {
+        #[cfg(target_os = "linux")]
+        if self.kind == crate::kvm::KIND {
+            return crate::kvm::without_clocks(self);
+        }
+        Ok(self.clone())
+    }
+
     /// Encodes as `version (u32 LE) ‖ bincode(body)`.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = DEVICE_STATE_VERSION.to_le_bytes().to_vec();
@@ -108,7 +125,8 @@ impl DeviceState {
         out
     }
 
-    /// Decodes, refusing an unknown version before reading anything else.
+    /// Decodes, refusing a version outside [`MIN_DEVICE_STATE_VERSION`] to
+    /// [`DEVICE_STATE_VERSION`] before reading anything else.
     pub fn decode(bytes: &[u8]) -> GuestResult<Self> {
         if bytes.len() > MAX_DEVICE_STATE_BYTES {
             return Err(GuestError::MalformedState(format!(
@@ -123,7 +141,8 @@ impl DeviceState {
             ));
         };
         let version = u32::from_le_bytes(*version);
-        if version != DEVICE_STATE_VERSION {
+        // One decoder per version read; version 1 is the only format so far.
+        if !(MIN_DEVICE_STATE_VERSION..=DEVICE_STATE_VERSION).contains(&version) {
             return Err(GuestError::UnknownStateVersion {
                 found: version,
                 supported: DEVICE_STATE_VERSION,
@@ -134,22 +153,17 @@ impl DeviceState {
         // `ferry_transport::codec::decode_standard` does for the wire), so a
         // short hostile state cannot make the target allocate 64 MiB.
         let config = bincode::config::standard();
-        let (state, used) = match body.len().saturating_mul(16) {
-            0..=0x1_0000 => {
-                bincode::serde::decode_from_slice::<Self, _>(body, config.with_limit::<0x1_0000>())
-            }
-            0..=0x10_0000 => {
-                bincode::serde::decode_from_slice(body, config.with_limit::<0x10_0000>())
-            }
-            0..=0x100_0000 => {
-                bincode::serde::decode_from_slice(body, config.with_limit::<0x100_0000>())
-            }
-            _ => bincode::serde::decode_from_slice(
-                body,
-                config.with_limit::<MAX_DEVICE_STATE_BYTES>(),
-            ),
-        }
-        .map_err(|e| GuestError::MalformedState(e.to_string()))?;
+        let allowed = body.len().saturating_mul(16);
+        let decoded = if allowed <= 0x1_0000 {
+            bincode::serde::decode_from_slice::<Self, _>(body, config.with_limit::<0x1_0000>())
+        } else if allowed <= 0x10_0000 {
+            bincode::serde::decode_from_slice(body, config.with_limit::<0x10_0000>())
+        } else if allowed <= 0x100_0000 {
+            bincode::serde::decode_from_slice(body, config.with_limit::<0x100_0000>())
+        } else {
+            bincode::serde::decode_from_slice(body, config.with_limit::<MAX_DEVICE_STATE_BYTES>())
+        };
+        let (state, used) = decoded.map_err(|e| GuestError::MalformedState(e.to_string()))?;
         if used != body.len() {
             return Err(GuestError::MalformedState(format!(
                 "{} trailing bytes",
@@ -198,15 +212,17 @@ mod tests {
 
     #[test]
     fn unknown_version_is_refused_by_name() {
-        let mut bytes = sample().encode();
-        bytes[..4].copy_from_slice(&7u32.to_le_bytes());
-        assert_eq!(
-            DeviceState::decode(&bytes),
-            Err(GuestError::UnknownStateVersion {
-                found: 7,
-                supported: DEVICE_STATE_VERSION
-            })
-        );
+        for found in [7, DEVICE_STATE_VERSION + 1, MIN_DEVICE_STATE_VERSION - 1] {
+            let mut bytes = sample().encode();
+            bytes[..4].copy_from_slice(&found.to_le_bytes());
+            assert_eq!(
+                DeviceState::decode(&bytes),
+                Err(GuestError::UnknownStateVersion {
+                    found,
+                    supported: DEVICE_STATE_VERSION
+                })
+            );
+        }
     }
 
     #[test]

@@ -64,7 +64,8 @@ use std::time::{Duration, Instant};
 use vcpu::{lock, Control, Run, Vcpu};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
-const KIND: &str = "kvm";
+/// The backend name in saved state.
+pub const KIND: &str = "kvm";
 /// How long an append waits for the guest before calling it unresponsive.
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -791,16 +792,7 @@ impl Guest for KvmGuest {
     }
 
     fn digest(&self) -> GuestResult<MemoryDigest> {
-        let saved = self.save_state()?;
-        // The clocks run on while paused, on both sides: compare the rest.
-        let mut canonical = saved.clone();
-        for vcpu in &mut canonical.vcpus {
-            let state: KvmVcpuState =
-                state::decode("vCPU", KVM_VCPU_STATE_VERSION, &vcpu.registers)?;
-            vcpu.registers = state::encode(KVM_VCPU_STATE_VERSION, &state.without_clocks())?;
-        }
-        let vm: KvmVmState = state::decode("VM state", KVM_VM_STATE_VERSION, &saved.extra)?;
-        canonical.extra = state::encode(KVM_VM_STATE_VERSION, &vm.without_clocks())?;
+        let canonical = without_clocks(&self.save_state()?)?;
         Ok(MemoryDigest {
             memory: self.inner.mem.hash(),
             state: xxhash_rust::xxh3::xxh3_128(&canonical.encode()),
@@ -845,6 +837,21 @@ impl Guest for KvmGuest {
         }
         self.inner.mem.discard();
     }
+}
+
+/// A KVM guest's saved state with its clocks taken out: they run on while the
+/// guest is paused, on both sides of a move, so two saves of one paused guest
+/// (or a save on the source and one after the restore on the target) differ
+/// only there. What compares states compares this form.
+pub fn without_clocks(saved: &DeviceState) -> GuestResult<DeviceState> {
+    let mut canonical = saved.clone();
+    for vcpu in &mut canonical.vcpus {
+        let state: KvmVcpuState = state::decode("vCPU", KVM_VCPU_STATE_VERSION, &vcpu.registers)?;
+        vcpu.registers = state::encode(KVM_VCPU_STATE_VERSION, &state.without_clocks())?;
+    }
+    let vm: KvmVmState = state::decode("VM state", KVM_VM_STATE_VERSION, &saved.extra)?;
+    canonical.extra = state::encode(KVM_VM_STATE_VERSION, &vm.without_clocks())?;
+    Ok(canonical)
 }
 
 impl Drop for KvmGuest {
