@@ -28,9 +28,37 @@ use std::net::{IpAddr, SocketAddr};
 /// RPC service name of this exchange.
 pub const SERVICE: &str = "ferry-control";
 
-/// Version of this exchange; a node refuses any other. 2: a move and a
-/// drain carry their own downtime limit.
+/// Version of this exchange that a node sends. 2: a move and a drain carry
+/// their own downtime limit. 3: a stop carries the epoch it means.
 pub const VERSION: u32 = 3;
+/// The oldest version a node still serves; it refuses the others by version,
+/// before reading the rest. Version 2 is not read back: its stop carried no
+/// epoch, and a stop without one could land on the VM after a switchover. The
+/// next change of this exchange keeps version 3's decoder and raises this to 3
+/// at most (ARCHITECTURE.md, *Upgrades*).
+pub const MIN_VERSION: u32 = 3;
+
+/// Whether a node serves an envelope of `version`.
+pub fn supported(version: u32) -> bool {
+    (MIN_VERSION..=VERSION).contains(&version)
+}
+
+/// The versions a node serves, for messages: "3", or "3 to 4".
+pub fn versions_served() -> String {
+    if MIN_VERSION == VERSION {
+        VERSION.to_string()
+    } else {
+        format!("{MIN_VERSION} to {VERSION}")
+    }
+}
+
+/// The version an encoded [`Envelope`] claims, read before anything after it
+/// (`None`: not even that much is there).
+pub fn envelope_version(bytes: &[u8]) -> Option<u32> {
+    ferry_transport::codec::decode_standard::<u32>(bytes, 16)
+        .ok()
+        .map(|(v, _)| v)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
@@ -109,3 +137,24 @@ pub enum PeerReply {
 
 /// The answer on the wire.
 pub type PeerResult = Result<PeerReply, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_is_read_before_the_request() {
+        for version in [VERSION, 2, 7, 300, u32::MAX] {
+            let bytes = ferry_transport::encode(&Envelope {
+                version,
+                request: PeerRequest::StartVm { vm: "web".into() },
+            });
+            assert_eq!(envelope_version(&bytes), Some(version));
+            // Whatever follows the version, it is judged first.
+            assert_eq!(envelope_version(&bytes[..bytes.len() - 3]), Some(version));
+        }
+        assert_eq!(envelope_version(&[]), None);
+        assert!(supported(VERSION) && supported(MIN_VERSION));
+        assert!(!supported(MIN_VERSION - 1) && !supported(VERSION + 1));
+    }
+}

@@ -106,7 +106,13 @@ impl LocalCluster {
         for id in 1..=n {
             let creds = ca.issue(id).map_err(|e| err("node certificate")(&e))?;
             let listen = (1..=nets).map(|k| SocketAddr::new(ip(k, id), 0)).collect();
-            let rpc = RpcNode::start(creds, listen, NetworkConfig::loopback())
+            let network = options
+                .network_configs
+                .get(id as usize - 1)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(NetworkConfig::loopback);
+            let rpc = RpcNode::start(creds, listen, network)
                 .await
                 .map_err(|e| err("transport")(&e))?;
             let config = ClusterNodeConfig::new(
@@ -316,6 +322,10 @@ pub struct LocalOptions {
     pub cpu_features: Vec<BTreeSet<String>>,
     /// Whether node `i`'s NIC offloads TCP, at index `i - 1` (no when missing).
     pub tcp_offload: Vec<bool>,
+    /// Node `i`'s transport settings at index `i - 1` (`NetworkConfig::loopback()`
+    /// when missing or `None`): a test runs a node as a build of another wire
+    /// version this way (`NetworkConfig::speak_versions`).
+    pub network_configs: Vec<Option<NetworkConfig>>,
 }
 
 impl LocalOptions {
@@ -332,6 +342,7 @@ impl LocalOptions {
                 .collect(),
             cpu_features: Vec::new(),
             tcp_offload: Vec::new(),
+            network_configs: Vec::new(),
         }
     }
 }

@@ -265,18 +265,20 @@ impl RpcHandler for ControlService {
         Box::pin(async move {
             let inner = self.0.upgrade().ok_or("node is shutting down")?;
             let node = Node { inner };
-            let envelope: Envelope =
-                ferry_transport::decode(&request).map_err(|e| e.to_string())?;
-            let result: PeerResult = if envelope.version != peer::VERSION {
+            // The version first: an envelope of a version this node does not
+            // read is refused by its version, whatever its layout.
+            let version = peer::envelope_version(&request).ok_or("malformed control envelope")?;
+            let result: PeerResult = if !peer::supported(version) {
                 Err(ApiError::bad_request(
                     "protocol_version",
                     format!(
-                        "control protocol version {} is not supported (this node speaks {})",
-                        envelope.version,
-                        peer::VERSION
+                        "control protocol version {version} is not supported (this node speaks {})",
+                        peer::versions_served()
                     ),
                 ))
             } else {
+                let envelope: Envelope =
+                    ferry_transport::decode(&request).map_err(|e| e.to_string())?;
                 node.serve(from, envelope.request).await
             };
             Ok(ferry_transport::encode(&result))

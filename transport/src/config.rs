@@ -106,6 +106,22 @@ pub struct NetworkConfig {
     /// Concurrent requests one peer connection may have open.
     pub max_concurrent_requests: u32,
     pub page_stream: PageStreamConfig,
+    /// Tests only: speak these wire versions `(min, max)` instead of this build's
+    /// ([`Versions::THIS_BUILD`](crate::protocol::Versions::THIS_BUILD)), to run a
+    /// node as a build of another version would (`Some((2, 2))`: as the build before
+    /// listed chunks) beside nodes of this one. Versions above this build's only
+    /// serve to test refusals: their formats are this build's.
+    #[doc(hidden)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speak_versions: Option<(u16, u16)>,
+    /// Tests only: run the hello as builds from before version ranges did. The node
+    /// speaks only its highest version; as a client it sends no range, as a server
+    /// it refuses a hello that carries one (as trailing bytes) or another version.
+    /// With `speak_versions: Some((2, 2))`, the wire of the build before listed
+    /// chunks; with `Some((3, 3))`, of the last build before ranges.
+    #[doc(hidden)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hello_without_range: bool,
 }
 
 impl Default for NetworkConfig {
@@ -122,6 +138,8 @@ impl Default for NetworkConfig {
             max_frame_bytes: 16 << 20,
             max_concurrent_requests: 256,
             page_stream: PageStreamConfig::default(),
+            speak_versions: None,
+            hello_without_range: false,
         }
     }
 }
@@ -132,6 +150,21 @@ impl NetworkConfig {
         NetworkConfig {
             mtu: JUMBO_MTU,
             ..Default::default()
+        }
+    }
+
+    /// The wire versions this node speaks: this build's, unless a test overrides them
+    /// ([`speak_versions`](Self::speak_versions)).
+    pub fn wire_versions(&self) -> crate::protocol::Versions {
+        use crate::protocol::Versions;
+        let v = match self.speak_versions {
+            Some((min, max)) => Versions { min, max },
+            None => Versions::THIS_BUILD,
+        };
+        if self.hello_without_range {
+            Versions::only(v.max)
+        } else {
+            v
         }
     }
 
@@ -169,6 +202,11 @@ impl NetworkConfig {
                 "a chunk of {} pages ({chunk_bytes} bytes) exceeds max_frame_bytes {}",
                 ps.chunk_pages, self.max_frame_bytes
             ));
+        }
+        if let Some((min, max)) = self.speak_versions {
+            if min == 0 || min > max {
+                return Err(format!("speak_versions ({min}, {max}) is not a range"));
+            }
         }
         if ps.heartbeat_interval.is_zero() || ps.path_dead_after <= ps.heartbeat_interval {
             return Err("path_dead_after must exceed a non-zero heartbeat_interval".into());

@@ -22,13 +22,36 @@
 //! # Connections
 //!
 //! The client opens a bidirectional stream and sends [`Tag::Hello`]: the magic
-//! `FRRY`, the protocol version as a `u16`, then (bincode) the node id it claims and
-//! the purpose of the connection. The magic and version come first and never move, so
-//! any future version can still read them and refuse clearly
-//! ([`CloseCode::VersionMismatch`]). The server checks the claimed id against the
-//! client's certificate, then answers [`Tag::HelloOk`]. Until that answer arrives a
-//! connection is not "up": quinn only reports a refused client certificate at the first
-//! stream operation, and the hello is that operation.
+//! `FRRY`, the highest protocol version it speaks as a `u16`, then (bincode) the node id
+//! it claims and the purpose of the connection, then — when it speaks a range of
+//! versions — the lowest version it speaks as a `u16`:
+//!
+//! ```text
+//! FRRY | max: u16 LE | bincode(node id, purpose) | [min: u16 LE]
+//! ```
+//!
+//! The magic and the version come first and never move, so any version can read them
+//! and refuse clearly ([`CloseCode::VersionMismatch`]). The lowest version goes *last*:
+//! a build from before version ranges reads the fixed field, and either refuses it
+//! clearly (another version) or reads the rest as it always did; it never takes the
+//! range for part of the node id. A client that speaks one version sends no `min` at
+//! all, byte for byte the hello of a build from before ranges. Such a build refuses a
+//! range (trailing bytes, when the highest version is its own) or the highest version;
+//! a client refused so offers its versions one at a time in old-style hellos
+//! (`RpcNode::open_connection`).
+//!
+//! The server negotiates the highest version both speak ([`Versions::negotiate`]) and,
+//! when the client sent a range, appends it to its answer. No common version: the
+//! connection is closed with [`CloseCode::VersionMismatch`] and a reason naming both
+//! ranges. Each connection keeps its negotiated version; only the page stream's format
+//! differs between the versions spoken today (listed chunks need
+//! [`LISTED_CHUNKS_SINCE`]).
+//!
+//! The server checks the claimed id against the client's certificate, then answers
+//! [`Tag::HelloOk`]: (bincode) its node id, then the negotiated version as a `u16` when
+//! the client sent a range. Until that answer arrives a connection is not "up": quinn
+//! only reports a refused client certificate at the first stream operation, and the
+//! hello is that operation.
 //!
 //! * `Purpose::Rpc`: each request is one bidirectional stream carrying one
 //!   [`Tag::Request`] frame and answered by one [`Tag::Response`] frame; a one-way
@@ -49,8 +72,16 @@ use crate::NodeId;
 pub const ALPN: &[u8] = b"ferry";
 /// First bytes of every hello body.
 pub const MAGIC: [u8; 4] = *b"FRRY";
-/// The protocol version this build speaks.
+/// The highest protocol version this build speaks, the one it prefers.
+///
+/// * 2: requests carry the caller's id.
+/// * 3: listed chunks ([`ChunkHeader::listed`]).
 pub const VERSION: u16 = 3;
+/// The lowest protocol version this build still speaks: one version back, so a
+/// cluster upgrades node by node (see ARCHITECTURE.md, *Upgrades*).
+pub const MIN_VERSION: u16 = 2;
+/// The first version whose page stream may carry listed chunks.
+pub const LISTED_CHUNKS_SINCE: u16 = 3;
 /// Bytes before the body: the `u32` length and the tag.
 pub const FRAME_HEADER_LEN: usize = 5;
 /// Guest page size carried by the page stream.
@@ -146,8 +177,53 @@ pub enum ProtocolError {
     Unexpected { got: Tag, expected: &'static str },
     #[error("malformed frame: {0}")]
     Malformed(String),
-    #[error("peer speaks protocol version {theirs}, this node speaks version {ours}")]
-    VersionMismatch { ours: u16, theirs: u16 },
+    #[error("peer speaks protocol {theirs}, this node speaks {ours}: no version in common")]
+    VersionMismatch { ours: Versions, theirs: Versions },
+}
+
+/// A range of protocol versions, `min..=max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versions {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl Versions {
+    /// What this build speaks: [`MIN_VERSION`] to [`VERSION`].
+    pub const THIS_BUILD: Versions = Versions {
+        min: MIN_VERSION,
+        max: VERSION,
+    };
+
+    /// Only `v`: what a build from before version ranges spoke.
+    pub const fn only(v: u16) -> Versions {
+        Versions { min: v, max: v }
+    }
+
+    pub fn contains(&self, v: u16) -> bool {
+        (self.min..=self.max).contains(&v)
+    }
+
+    /// The highest version both `self` (ours) and `theirs` speak.
+    pub fn negotiate(self, theirs: Versions) -> Result<u16, ProtocolError> {
+        let (low, high) = (self.min.max(theirs.min), self.max.min(theirs.max));
+        if low > high {
+            return Err(ProtocolError::VersionMismatch { ours: self, theirs });
+        }
+        Ok(high)
+    }
+}
+
+impl std::fmt::Display for Versions {
+    /// "version 3", or "version 2 to version 3": both ends of a range are named as a
+    /// version, so a reason reads the same whoever logged it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "version {}", self.max)
+        } else {
+            write!(f, "version {} to version {}", self.min, self.max)
+        }
+    }
 }
 
 impl ProtocolError {
@@ -173,10 +249,24 @@ pub enum Purpose {
 /// First frame on every connection, client to server.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
+    /// The highest version the client speaks: the fixed field every version reads.
     pub version: u16,
+    /// The lowest version the client speaks when it speaks a range (sent after
+    /// everything else); `None`: only `version`, as builds before ranges sent.
+    pub min_version: Option<u16>,
     /// The id the client claims; the server checks it against the client certificate.
     pub node_id: NodeId,
     pub purpose: Purpose,
+}
+
+impl Hello {
+    /// The versions the client speaks.
+    pub fn versions(&self) -> Versions {
+        Versions {
+            min: self.min_version.unwrap_or(self.version),
+            max: self.version,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -186,9 +276,17 @@ struct HelloRest {
 }
 
 /// The server's answer once it accepted the hello.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HelloOk {
     pub node_id: NodeId,
+    /// The negotiated version, sent when the client's hello carried a range. `None`:
+    /// the client's only version (an old-style hello, or a server from before ranges).
+    pub version: Option<u16>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HelloOkBody {
+    node_id: NodeId,
 }
 
 /// Page-stream control messages, carried on the path's hello stream in both directions.
@@ -284,12 +382,20 @@ fn encode_bincode<T: Serialize>(value: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default()
 }
 
+/// Decodes a value at the start of `body`; returns it and the bytes it took.
+fn decode_bincode_prefix<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<(T, usize), ProtocolError> {
+    bincode::serde::decode_from_slice(body, bincode_config())
+        .map_err(|e| ProtocolError::Malformed(format!("{what}: {e}")))
+}
+
 fn decode_bincode<T: serde::de::DeserializeOwned>(
     body: &[u8],
     what: &str,
 ) -> Result<T, ProtocolError> {
-    let (value, used) = bincode::serde::decode_from_slice(body, bincode_config())
-        .map_err(|e| ProtocolError::Malformed(format!("{what}: {e}")))?;
+    let (value, used) = decode_bincode_prefix(body, what)?;
     if used != body.len() {
         return Err(ProtocolError::Malformed(format!(
             "{what}: {} trailing bytes",
@@ -334,8 +440,9 @@ pub fn parse_frame_header(
     Ok((tag, (len - 1) as usize))
 }
 
-/// Encodes a hello frame. `hello.version` is written as given so tests can speak a
-/// version this build does not.
+/// Encodes a hello frame. The versions are written as given so tests can speak
+/// versions this build does not; `min_version` only when it differs from `version`,
+/// so a client speaking one version sends exactly the hello of a build before ranges.
 pub fn encode_hello(hello: &Hello) -> Vec<u8> {
     let mut body = Vec::with_capacity(32);
     body.extend_from_slice(&MAGIC);
@@ -344,10 +451,13 @@ pub fn encode_hello(hello: &Hello) -> Vec<u8> {
         node_id: hello.node_id,
         purpose: hello.purpose.clone(),
     }));
+    if let Some(min) = hello.min_version.filter(|m| *m != hello.version) {
+        body.extend_from_slice(&min.to_le_bytes());
+    }
     frame(Tag::Hello, &body)
 }
 
-/// Decodes a hello body. The version is checked before anything after it is read.
+/// Decodes a hello body, without judging its versions (see [`accept_hello`]).
 pub fn decode_hello(body: &[u8]) -> Result<Hello, ProtocolError> {
     if body.len() < 6 || body[..4] != MAGIC {
         return Err(ProtocolError::Malformed(
@@ -355,26 +465,109 @@ pub fn decode_hello(body: &[u8]) -> Result<Hello, ProtocolError> {
         ));
     }
     let version = u16::from_le_bytes([body[4], body[5]]);
-    if version != VERSION {
-        return Err(ProtocolError::VersionMismatch {
-            ours: VERSION,
-            theirs: version,
-        });
+    let (rest, used): (HelloRest, usize) = decode_bincode_prefix(&body[6..], "hello")?;
+    let min_version = match &body[6 + used..] {
+        [] => None,
+        [a, b] => Some(u16::from_le_bytes([*a, *b])),
+        // A later version may append more after the lowest version (it must then
+        // always send the lowest version); only a hello above this build's version
+        // may carry such bytes.
+        [a, b, ..] if version > VERSION => Some(u16::from_le_bytes([*a, *b])),
+        other => {
+            return Err(ProtocolError::Malformed(format!(
+                "hello: {} trailing bytes",
+                other.len()
+            )))
+        }
+    };
+    if let Some(min) = min_version.filter(|m| *m > version) {
+        return Err(ProtocolError::Malformed(format!(
+            "hello: lowest version {min} above highest version {version}"
+        )));
     }
-    let rest: HelloRest = decode_bincode(&body[6..], "hello")?;
     Ok(Hello {
         version,
+        min_version,
         node_id: rest.node_id,
         purpose: rest.purpose,
     })
 }
 
+/// The server's side of the hello: decodes it and negotiates the highest version
+/// both speak, `ours` being the server's range. A hello this build cannot read whose
+/// fixed version is outside `ours` (a later layout) is a version mismatch, not a
+/// malformed frame, so any two versions refuse each other clearly.
+pub fn accept_hello(body: &[u8], ours: Versions) -> Result<(Hello, u16), ProtocolError> {
+    let hello = match decode_hello(body) {
+        Ok(h) => h,
+        Err(e) => {
+            if body.len() >= 6 && body[..4] == MAGIC {
+                let theirs = u16::from_le_bytes([body[4], body[5]]);
+                if !ours.contains(theirs) {
+                    return Err(ProtocolError::VersionMismatch {
+                        ours,
+                        theirs: Versions::only(theirs),
+                    });
+                }
+            }
+            return Err(e);
+        }
+    };
+    let version = ours.negotiate(hello.versions())?;
+    Ok((hello, version))
+}
+
+/// Encodes the answer to a hello; the version only when the client sent a range.
 pub fn encode_hello_ok(ok: &HelloOk) -> Vec<u8> {
-    frame(Tag::HelloOk, &encode_bincode(ok))
+    let mut body = encode_bincode(&HelloOkBody {
+        node_id: ok.node_id,
+    });
+    if let Some(v) = ok.version {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    frame(Tag::HelloOk, &body)
 }
 
 pub fn decode_hello_ok(body: &[u8]) -> Result<HelloOk, ProtocolError> {
-    decode_bincode(body, "hello-ok")
+    let (ok, used): (HelloOkBody, usize) = decode_bincode_prefix(body, "hello-ok")?;
+    let version = match &body[used..] {
+        [] => None,
+        [a, b] => Some(u16::from_le_bytes([*a, *b])),
+        other => {
+            return Err(ProtocolError::Malformed(format!(
+                "hello-ok: {} trailing bytes",
+                other.len()
+            )))
+        }
+    };
+    Ok(HelloOk {
+        node_id: ok.node_id,
+        version,
+    })
+}
+
+/// The client's side of the answer: the version the connection speaks, given the
+/// range `sent` in the hello. A server that names no version accepted the hello's
+/// fixed one (the client's only version, or a server from before ranges).
+pub fn negotiated_version(ok: &HelloOk, sent: Versions) -> Result<u16, ProtocolError> {
+    match ok.version {
+        None => Ok(sent.max),
+        Some(v) if sent.contains(v) => Ok(v),
+        Some(v) => Err(ProtocolError::Malformed(format!(
+            "server chose protocol version {v}, outside the hello's {sent}"
+        ))),
+    }
+}
+
+/// Refuses a listed chunk on a connection whose version predates them: such a peer
+/// would not know the flag, so a sender that sends one is broken.
+pub fn check_chunk_version(h: &ChunkHeader, version: u16) -> Result<(), ProtocolError> {
+    if h.listed && version < LISTED_CHUNKS_SINCE {
+        return Err(ProtocolError::Malformed(format!(
+            "listed chunk on a protocol version {version} connection (listed chunks need version {LISTED_CHUNKS_SINCE})"
+        )));
+    }
+    Ok(())
 }
 
 /// A decoded request or message frame.
@@ -605,16 +798,45 @@ mod tests {
         &frame[FRAME_HEADER_LEN..]
     }
 
-    #[test]
-    fn hello_round_trips_and_version_is_checked_first() {
-        let h = Hello {
-            version: VERSION,
+    fn hello(version: u16, min_version: Option<u16>) -> Hello {
+        Hello {
+            version,
+            min_version,
             node_id: 7,
             purpose: Purpose::PageStream {
                 stream_id: 42,
                 path: 1,
             },
-        };
+        }
+    }
+
+    /// The hello a build from before version ranges sent: magic, its version, the rest.
+    fn old_style_hello(version: u16) -> Vec<u8> {
+        let mut body = MAGIC.to_vec();
+        body.extend_from_slice(&version.to_le_bytes());
+        body.extend_from_slice(&encode_bincode(&HelloRest {
+            node_id: 7,
+            purpose: Purpose::Rpc,
+        }));
+        frame(Tag::Hello, &body)
+    }
+
+    /// How a build from before version ranges read a hello: its one version, then
+    /// the rest with no byte left over.
+    fn old_style_decode(body: &[u8], version: u16) -> Result<HelloRest, ProtocolError> {
+        let theirs = u16::from_le_bytes([body[4], body[5]]);
+        if theirs != version {
+            return Err(ProtocolError::VersionMismatch {
+                ours: Versions::only(version),
+                theirs: Versions::only(theirs),
+            });
+        }
+        decode_bincode(&body[6..], "hello")
+    }
+
+    #[test]
+    fn hello_round_trips_with_a_range_or_one_version() {
+        let h = hello(3, Some(2));
         let f = encode_hello(&h);
         let hdr: [u8; 5] = f[..5].try_into().unwrap();
         assert_eq!(
@@ -622,22 +844,165 @@ mod tests {
             (Tag::Hello, f.len() - 5)
         );
         assert_eq!(decode_hello(body(&f)).unwrap(), h);
+        assert_eq!(h.versions(), Versions { min: 2, max: 3 });
+        // The fixed field is the highest version; the lowest comes last.
+        assert_eq!(&body(&f)[4..6], &3u16.to_le_bytes());
+        assert_eq!(&body(&f)[body(&f).len() - 2..], &2u16.to_le_bytes());
 
-        let mut future = encode_hello(&Hello { version: 9, ..h });
-        // Whatever a future version puts after the version field must not matter.
-        future.truncate(FRAME_HEADER_LEN + 6);
-        future.extend_from_slice(&[0xff; 40]);
-        assert_eq!(
-            decode_hello(body(&future)),
-            Err(ProtocolError::VersionMismatch {
-                ours: VERSION,
-                theirs: 9
-            })
-        );
+        // One version: no range on the wire, exactly what a build before ranges sent.
+        let one = hello(2, Some(2));
+        let f = encode_hello(&one);
+        assert_eq!(decode_hello(body(&f)).unwrap(), hello(2, None));
+        let mut old = old_style_hello(2);
+        let plain = encode_hello(&Hello {
+            purpose: Purpose::Rpc,
+            ..one
+        });
+        assert_eq!(plain, old);
+
+        // Garbage after the range, a range upside down, bytes that are no range.
+        old.extend_from_slice(&[1]);
+        assert!(matches!(
+            decode_hello(body(&old)),
+            Err(ProtocolError::Malformed(_))
+        ));
+        let mut f = encode_hello(&hello(3, Some(2)));
+        let n = f.len();
+        f[n - 2..].copy_from_slice(&4u16.to_le_bytes());
+        assert!(matches!(
+            decode_hello(body(&f)),
+            Err(ProtocolError::Malformed(_))
+        ));
         assert!(matches!(
             decode_hello(b"HTTP/1.1"),
             Err(ProtocolError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn versions_negotiate_to_the_highest_both_speak() {
+        let ours = Versions { min: 2, max: 3 };
+        let v = |min, max| Versions { min, max };
+        assert_eq!(ours.negotiate(v(2, 3)), Ok(3));
+        assert_eq!(ours.negotiate(v(2, 2)), Ok(2));
+        assert_eq!(ours.negotiate(v(3, 4)), Ok(3));
+        assert_eq!(ours.negotiate(v(1, 5)), Ok(3));
+        assert_eq!(v(2, 2).negotiate(ours), Ok(2));
+        // No overlap: refused, naming both ranges.
+        let e = ours.negotiate(v(4, 4)).unwrap_err();
+        assert_eq!(
+            e,
+            ProtocolError::VersionMismatch {
+                ours,
+                theirs: v(4, 4)
+            }
+        );
+        assert_eq!(e.close_code(), CloseCode::VersionMismatch);
+        assert_eq!(
+            e.to_string(),
+            "peer speaks protocol version 4, this node speaks version 2 to version 3: no version in common"
+        );
+        assert!(v(4, 5).negotiate(v(1, 3)).is_err());
+    }
+
+    #[test]
+    fn the_server_negotiates_and_answers_in_the_form_the_client_knows() {
+        let ours = Versions::THIS_BUILD;
+        // A client speaking a range gets the version chosen.
+        let (h, v) = accept_hello(body(&encode_hello(&hello(3, Some(2)))), ours).unwrap();
+        assert_eq!(v, 3);
+        let ok = HelloOk {
+            node_id: 1,
+            version: h.min_version.map(|_| v),
+        };
+        let got = decode_hello_ok(body(&encode_hello_ok(&ok))).unwrap();
+        assert_eq!(got, ok);
+        assert_eq!(negotiated_version(&got, h.versions()), Ok(3));
+        // A server that speaks only 2 chooses 2 for the same client.
+        let (_, v) =
+            accept_hello(body(&encode_hello(&hello(3, Some(2)))), Versions::only(2)).unwrap();
+        assert_eq!(v, 2);
+
+        // An old-style client (one version, no range) gets the old answer: its node
+        // id and nothing more, what a build before ranges decodes.
+        let (h, v) = accept_hello(body(&old_style_hello(2)), ours).unwrap();
+        assert_eq!((h.min_version, v), (None, 2));
+        let ok = HelloOk {
+            node_id: 1,
+            version: h.min_version.map(|_| v),
+        };
+        let f = encode_hello_ok(&ok);
+        let old: HelloOkBody = decode_bincode(body(&f), "hello-ok").unwrap();
+        assert_eq!(old.node_id, 1);
+        assert_eq!(negotiated_version(&ok, Versions::only(2)), Ok(2));
+        // A server answering with a version the client never offered is broken.
+        let bad = HelloOk {
+            node_id: 1,
+            version: Some(4),
+        };
+        assert!(negotiated_version(&bad, ours).is_err());
+
+        // A client of a version this build no longer speaks: refused, both named.
+        assert_eq!(
+            accept_hello(body(&old_style_hello(1)), ours),
+            Err(ProtocolError::VersionMismatch {
+                ours,
+                theirs: Versions::only(1)
+            })
+        );
+    }
+
+    #[test]
+    fn builds_before_ranges_and_builds_after_this_one_refuse_or_agree_clearly() {
+        // This build's range hello reaches a build that speaks only 2: the fixed
+        // field says 3, so it refuses clearly before reading anything else.
+        let f = encode_hello(&hello(VERSION, Some(MIN_VERSION)));
+        assert!(matches!(
+            old_style_decode(body(&f), 2),
+            Err(ProtocolError::VersionMismatch { .. })
+        ));
+        // A node told to speak only 2 sends a hello that build reads as its own.
+        let f = encode_hello(&hello(2, Some(2)));
+        assert_eq!(old_style_decode(body(&f), 2).unwrap().node_id, 7);
+
+        // A later build, whatever it puts after the fixed field, is refused by
+        // version when it speaks nothing this build does...
+        let mut future = encode_hello(&hello(9, Some(9)));
+        future.truncate(FRAME_HEADER_LEN + 6);
+        future.extend_from_slice(&[0xff; 40]);
+        assert_eq!(
+            accept_hello(body(&future), Versions::THIS_BUILD),
+            Err(ProtocolError::VersionMismatch {
+                ours: Versions::THIS_BUILD,
+                theirs: Versions::only(9)
+            })
+        );
+        // ...and agrees on this build's version when its range reaches down to it,
+        // even with more after the range.
+        let mut later = encode_hello(&hello(5, Some(3)));
+        later.extend_from_slice(&[1, 2, 3]);
+        let len = (later.len() - FRAME_HEADER_LEN) as u32;
+        later[..4].copy_from_slice(&(len + 1).to_le_bytes());
+        assert_eq!(
+            accept_hello(body(&later), Versions::THIS_BUILD).unwrap().1,
+            3
+        );
+    }
+
+    #[test]
+    fn listed_chunks_are_refused_below_their_version() {
+        let h = ChunkHeader {
+            seq: 1,
+            round: 1,
+            first: 0,
+            count: 2,
+            zero: true,
+            listed: true,
+        };
+        assert!(check_chunk_version(&h, 2).is_err());
+        assert!(check_chunk_version(&h, 3).is_ok());
+        let plain = ChunkHeader { listed: false, ..h };
+        assert!(check_chunk_version(&plain, 2).is_ok());
     }
 
     #[test]

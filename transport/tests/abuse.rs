@@ -34,6 +34,7 @@ async fn raw_connect(creds: &NodeCredentials, server: SocketAddr) -> quinn::Conn
 fn hello(node_id: u64, version: u16) -> Vec<u8> {
     encode_hello(&Hello {
         version,
+        min_version: None,
         node_id,
         purpose: Purpose::Rpc,
     })

@@ -27,8 +27,18 @@ use serde::{Deserialize, Serialize};
 /// RPC service name of the migration exchange.
 pub const SERVICE: &str = "migration";
 
-/// Version of this exchange; a target refuses any other in `Prepare`.
+/// Version of this exchange that a source sends in `Prepare`.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest version a target still accepts: one version back, so a cluster
+/// upgrades node by node (ARCHITECTURE.md, *Upgrades*). There is no older version
+/// yet; the next change of these messages keeps the decoder of version
+/// `PROTOCOL_VERSION` and raises this to it.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Whether a target accepts a `Prepare` of `version`.
+pub fn supported(version: u32) -> bool {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
 
 /// What a simulated or KVM guest is built from on the target; travels in
 /// `Prepare` so the target builds the same machine the source runs.

@@ -303,10 +303,11 @@ impl RpcHandler for MigrationService {
                     epoch,
                     spec,
                 } => {
-                    if version != protocol::PROTOCOL_VERSION {
+                    if !protocol::supported(version) {
                         Reply::Refused {
                             reason: format!(
-                                "migration protocol version {version} is not supported (this node speaks {})",
+                                "migration protocol version {version} is not supported (this node speaks {} to {})",
+                                protocol::MIN_PROTOCOL_VERSION,
                                 protocol::PROTOCOL_VERSION
                             ),
                         }

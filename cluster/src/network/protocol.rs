@@ -1,9 +1,14 @@
 //! The cluster store's wire protocol: every message of the `"raft"` and `"cluster"` services.
 //!
 //! Each message is one version byte ([`WIRE_VERSION`]) followed by the bincode encoding of
-//! the message. A peer speaking another version is refused with
-//! [`ProtocolError::Version`], never misread; decoding is bounded by [`MAX_MESSAGE`] so a
-//! malformed length cannot make a node allocate without limit.
+//! the message. A node reads every version from [`MIN_WIRE_VERSION`] to [`WIRE_VERSION`]
+//! (one version back, so a cluster upgrades node by node: ARCHITECTURE.md, *Upgrades*); a
+//! peer speaking any other is refused with [`ProtocolError::Version`], never misread.
+//! Decoding is bounded by [`MAX_MESSAGE`] so a malformed length cannot make a node
+//! allocate without limit.
+//!
+//! These messages carry the store's commands (in `AppendEntries` and snapshots), so this
+//! version is also the store commands' version.
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
@@ -17,8 +22,12 @@ use crate::command::ApplyResult;
 use crate::model::NodeId;
 use crate::raft_types::{Member, Proposal, TypeConfig};
 
-/// The protocol version, first byte of every message.
+/// The protocol version this build writes, first byte of every message.
 pub const WIRE_VERSION: u8 = 1;
+/// The oldest version this build reads. There is no older version yet; the next change
+/// of these messages or of the commands they carry keeps the decoder of the current one
+/// and raises this to it.
+pub const MIN_WIRE_VERSION: u8 = 1;
 
 /// The largest message decoded, in bytes.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -26,8 +35,8 @@ pub const MAX_MESSAGE: usize = 16 << 20;
 /// A message could not be encoded or decoded.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("peer speaks cluster protocol version {got}, this node speaks {want}")]
-    Version { got: u8, want: u8 },
+    #[error("peer speaks cluster protocol version {got}, this node reads {min} to {max}")]
+    Version { got: u8, min: u8, max: u8 },
     #[error("empty message")]
     Empty,
     #[error("cannot encode message: {0}")]
@@ -99,10 +108,12 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
 /// Decode a message written by [`encode`], checking its version.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtocolError> {
     let (&version, body) = bytes.split_first().ok_or(ProtocolError::Empty)?;
-    if version != WIRE_VERSION {
+    // One decoder per version read; version 1 is the only one so far.
+    if !(MIN_WIRE_VERSION..=WIRE_VERSION).contains(&version) {
         return Err(ProtocolError::Version {
             got: version,
-            want: WIRE_VERSION,
+            min: MIN_WIRE_VERSION,
+            max: WIRE_VERSION,
         });
     }
     let (msg, used) = ferry_transport::codec::decode_standard(body, MAX_MESSAGE)
@@ -122,12 +133,15 @@ mod tests {
 
     #[test]
     fn version_mismatch_is_refused() {
-        let mut bytes = encode(&ClientRequest::ReadIndex).unwrap();
-        bytes[0] = WIRE_VERSION + 1;
-        assert!(matches!(
-            decode::<ClientRequest>(&bytes),
-            Err(ProtocolError::Version { got, want }) if got == WIRE_VERSION + 1 && want == WIRE_VERSION
-        ));
+        for bad in [WIRE_VERSION + 1, MIN_WIRE_VERSION - 1] {
+            let mut bytes = encode(&ClientRequest::ReadIndex).unwrap();
+            bytes[0] = bad;
+            assert!(matches!(
+                decode::<ClientRequest>(&bytes),
+                Err(ProtocolError::Version { got, min, max })
+                    if got == bad && min == MIN_WIRE_VERSION && max == WIRE_VERSION
+            ));
+        }
     }
 
     #[test]

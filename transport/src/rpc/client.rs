@@ -420,12 +420,14 @@ impl RpcNode {
                 }
             }
             *cached = None;
-            let (conn, mut send, _recv) = self
+            // Every request and message format is the same in each version spoken
+            // today, so an RPC connection does not need its negotiated version.
+            let mut h = self
                 .open_connection(peer, addr, Purpose::Rpc, false)
                 .await?;
-            let _ = send.finish();
-            *cached = Some(conn.clone());
-            Ok(conn)
+            let _ = h.send.finish();
+            *cached = Some(h.conn.clone());
+            Ok(h.conn)
         })
         .await
         .unwrap_or_else(|_| {

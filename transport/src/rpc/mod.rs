@@ -31,7 +31,8 @@ use crate::error::{RpcError, TransportError};
 use crate::framing::{connection_error, expect_frame, write_bytes};
 use crate::identity::{node_server_name, tls_configs, NodeCredentials};
 use crate::protocol::{
-    decode_hello_ok, encode_hello, CloseCode, Hello, Purpose, Tag, MAX_CONTROL_FRAME, VERSION,
+    decode_hello_ok, encode_hello, negotiated_version, CloseCode, Hello, Purpose, Tag, Versions,
+    MAX_CONTROL_FRAME,
 };
 use crate::stream::receiver::ReceiverShared;
 use crate::NodeId;
@@ -246,14 +247,49 @@ impl RpcNode {
     }
 
     /// Dials `peer` at `addr`, runs the hello, and returns the connection with the
-    /// hello stream (still open: page-stream paths use it as their control channel).
+    /// hello stream (still open: page-stream paths use it as their control channel)
+    /// and the protocol version the two negotiated for it.
     pub(crate) async fn open_connection(
         &self,
         peer: NodeId,
         addr: SocketAddr,
         purpose: Purpose,
         page_stream: bool,
-    ) -> Result<(Connection, SendStream, RecvStream), RpcError> {
+    ) -> Result<Handshake, RpcError> {
+        let versions = self.cfg.wire_versions();
+        let first = self.dial(peer, addr, &purpose, page_stream, versions).await;
+        let retry: Vec<u16> = match &first {
+            Err(_) if versions.min == versions.max => Vec::new(),
+            // A build from before version ranges reads only the fixed field. Of the
+            // same highest version, it refuses what follows the hello as trailing
+            // bytes; of another, it refuses the version. Offer it the versions it
+            // may speak one at a time, as it would have: one more handshake, and
+            // only with such a peer, during an upgrade from it.
+            Err(RpcError::Protocol(_)) => vec![versions.max],
+            Err(RpcError::VersionMismatch(_)) => (versions.min..versions.max).rev().collect(),
+            _ => Vec::new(),
+        };
+        for v in retry {
+            let older = self
+                .dial(peer, addr, &purpose, page_stream, Versions::only(v))
+                .await;
+            if older.is_ok() {
+                return older;
+            }
+        }
+        // The first refusal names both ranges when the peer knows ranges.
+        first
+    }
+
+    /// One connection attempt whose hello offers `versions`.
+    async fn dial(
+        &self,
+        peer: NodeId,
+        addr: SocketAddr,
+        purpose: &Purpose,
+        page_stream: bool,
+        versions: Versions,
+    ) -> Result<Handshake, RpcError> {
         if self.shut.load(Ordering::Acquire) {
             return Err(RpcError::Shutdown);
         }
@@ -274,9 +310,10 @@ impl RpcNode {
                 },
             })?;
         let hello = encode_hello(&Hello {
-            version: VERSION,
+            version: versions.max,
+            min_version: Some(versions.min),
             node_id: self.node_id,
-            purpose,
+            purpose: purpose.clone(),
         });
         let attempt = async {
             let conn = connecting.await.map_err(|e| connection_error(&e, peer))?;
@@ -299,7 +336,16 @@ impl RpcNode {
                     ok.node_id
                 )));
             }
-            Ok((conn, send, recv))
+            let version = negotiated_version(&ok, versions).map_err(|e| {
+                conn.close(e.close_code().to_varint(), e.to_string().as_bytes());
+                RpcError::Protocol(e.to_string())
+            })?;
+            Ok(Handshake {
+                conn,
+                send,
+                recv,
+                version,
+            })
         };
         match tokio::time::timeout(self.cfg.connect_timeout, attempt).await {
             Ok(r) => r,
@@ -355,6 +401,16 @@ impl Drop for RpcNode {
                 .close(CloseCode::Shutdown.to_varint(), b"node dropped");
         }
     }
+}
+
+/// A connection whose hello was answered.
+pub(crate) struct Handshake {
+    pub conn: Connection,
+    /// The hello stream, still open (a page-stream path's control channel).
+    pub send: SendStream,
+    pub recv: RecvStream,
+    /// The protocol version negotiated for this connection.
+    pub version: u16,
 }
 
 fn no_address(peer: NodeId) -> RpcError {

@@ -20,10 +20,11 @@ use super::{lock, RpcHandler, RpcNode};
 use crate::framing::{expect_frame, read_frame, write_bytes, FrameError};
 use crate::identity::verify_cert_names_node;
 use crate::protocol::{
-    decode_hello, decode_request, encode_hello_ok, encode_response, CloseCode, HelloOk,
-    ProtocolError, Purpose, RequestFrame, ResponseBody, Tag, FRAME_HEADER_LEN, MAX_CONTROL_FRAME,
+    accept_hello, decode_hello, decode_request, encode_hello_ok, encode_response, CloseCode, Hello,
+    HelloOk, ProtocolError, Purpose, RequestFrame, ResponseBody, Tag, Versions, FRAME_HEADER_LEN,
+    MAGIC, MAX_CONTROL_FRAME,
 };
-use crate::stream::receiver::serve_path;
+use crate::stream::receiver::{serve_path, PathHello};
 use crate::NodeId;
 
 pub(super) async fn accept_loop(node: Weak<RpcNode>, endpoint: quinn::Endpoint) {
@@ -64,6 +65,26 @@ fn refuse(node: &Weak<RpcNode>, conn: &Connection, code: CloseCode, reason: Stri
     conn.close(code.to_varint(), reason.as_bytes());
 }
 
+/// How a build from before version ranges took a hello (tests only, see
+/// `NetworkConfig::hello_without_range`): its one version in the fixed field, checked
+/// first, then the rest with no byte after it.
+fn accept_hello_without_range(body: &[u8], ours: Versions) -> Result<(Hello, u16), ProtocolError> {
+    if body.len() >= 6 && body[..4] == MAGIC {
+        let theirs = u16::from_le_bytes([body[4], body[5]]);
+        if theirs != ours.max {
+            return Err(ProtocolError::VersionMismatch {
+                ours,
+                theirs: Versions::only(theirs),
+            });
+        }
+    }
+    let hello = decode_hello(body)?;
+    if hello.min_version.is_some() {
+        return Err(ProtocolError::Malformed("hello: 2 trailing bytes".into()));
+    }
+    Ok((hello, ours.max))
+}
+
 fn peer_certificate(conn: &Connection) -> Option<CertificateDer<'static>> {
     conn.peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
@@ -89,11 +110,16 @@ async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
     let hello = tokio::time::timeout(cfg.connect_timeout, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(FrameError::Connection)?;
         let body = expect_frame(&mut recv, MAX_CONTROL_FRAME, Tag::Hello, "hello").await?;
-        let hello = decode_hello(&body).map_err(FrameError::Protocol)?;
+        let hello = if cfg.hello_without_range {
+            accept_hello_without_range(&body, cfg.wire_versions())
+        } else {
+            accept_hello(&body, cfg.wire_versions())
+        };
+        let hello = hello.map_err(FrameError::Protocol)?;
         Ok::<_, FrameError>((hello, send, recv))
     })
     .await;
-    let (hello, mut send, recv) = match hello {
+    let ((hello, version), mut send, recv) = match hello {
         Ok(Ok(h)) => h,
         Ok(Err(FrameError::Protocol(p))) => {
             refuse(&node, &conn, p.close_code(), format!("bad hello: {p}"));
@@ -136,13 +162,16 @@ async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
         return;
     };
     let my_id = me.node_id;
+    // A client that sent a range learns the version chosen; one that sent a single
+    // version (a build from before ranges) gets the answer it knows, and speaks it.
+    let hello_ok = encode_hello_ok(&HelloOk {
+        node_id: my_id,
+        version: hello.min_version.map(|_| version),
+    });
     match hello.purpose {
         Purpose::Rpc => {
             drop(me);
-            if write_bytes(&mut send, &encode_hello_ok(&HelloOk { node_id: my_id }))
-                .await
-                .is_err()
-            {
+            if write_bytes(&mut send, &hello_ok).await.is_err() {
                 return;
             }
             let _ = send.finish();
@@ -175,10 +204,7 @@ async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
                 );
                 return;
             }
-            if write_bytes(&mut send, &encode_hello_ok(&HelloOk { node_id: my_id }))
-                .await
-                .is_err()
-            {
+            if write_bytes(&mut send, &hello_ok).await.is_err() {
                 return;
             }
             if let Some(n) = node.upgrade() {
@@ -195,7 +221,10 @@ async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
                 conn,
                 send,
                 recv,
-                path,
+                PathHello {
+                    path,
+                    wire_version: version,
+                },
                 cfg.max_frame_bytes,
                 on_violation,
             )

@@ -19,8 +19,8 @@ use crate::config::PageStreamConfig;
 use crate::error::PageStreamError;
 use crate::framing::{read_frame, read_frame_into, write_bytes, FrameError};
 use crate::protocol::{
-    decode_chunk, decode_control, encode_control, CloseCode, Control, ProtocolError, Tag,
-    MAX_CONTROL_FRAME, PAGE_SIZE,
+    check_chunk_version, decode_chunk, decode_control, encode_control, CloseCode, Control,
+    ProtocolError, Tag, MAX_CONTROL_FRAME, PAGE_SIZE,
 };
 use crate::rpc::RpcNode;
 use crate::NodeId;
@@ -298,13 +298,21 @@ enum Out {
     Control(Control),
 }
 
+/// What the hello settled for one incoming path.
+pub(crate) struct PathHello {
+    /// The sender's number for the path.
+    pub path: u32,
+    /// The protocol version negotiated for the path's connection.
+    pub wire_version: u16,
+}
+
 /// Serves one path of a registered stream after its hello was answered.
 pub(crate) async fn serve_path(
     shared: Arc<ReceiverShared>,
     conn: Connection,
     ctrl_send: SendStream,
     ctrl_recv: RecvStream,
-    path: u32,
+    hello: PathHello,
     max_frame: u32,
     on_violation: impl Fn(&Connection, &ProtocolError) + Send + Sync + 'static,
 ) {
@@ -324,7 +332,8 @@ pub(crate) async fn serve_path(
         st.no_path_since = None;
     }
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(stream = shared.stream_id, path, remote = %conn.remote_address(), "path accepted");
+    let PathHello { path, wire_version } = hello;
+    tracing::debug!(stream = shared.stream_id, path, wire_version, remote = %conn.remote_address(), "path accepted");
 
     let on_violation = Arc::new(on_violation);
     let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -341,6 +350,7 @@ pub(crate) async fn serve_path(
         shared.clone(),
         conn.clone(),
         out_tx,
+        wire_version,
         max_frame,
         on_violation,
     ));
@@ -447,6 +457,7 @@ async fn chunk_reader(
     shared: Arc<ReceiverShared>,
     conn: Connection,
     out: mpsc::UnboundedSender<Out>,
+    wire_version: u16,
     max_frame: u32,
     on_violation: Arc<impl Fn(&Connection, &ProtocolError)>,
 ) {
@@ -456,7 +467,11 @@ async fn chunk_reader(
     let mut body = Vec::new();
     loop {
         let chunk = match read_frame_into(&mut recv, max_frame, &mut body).await {
-            Ok(Some(Tag::Chunk)) => match decode_chunk(&body) {
+            // A path of a version before listed chunks refuses them, as a build of
+            // that version would (it does not know the flag).
+            Ok(Some(Tag::Chunk)) => match decode_chunk(&body)
+                .and_then(|c| check_chunk_version(&c.header, wire_version).map(|()| c))
+            {
                 Ok(c) => c,
                 Err(p) => {
                     on_violation(&conn, &p);

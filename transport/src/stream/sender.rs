@@ -19,8 +19,9 @@ use crate::config::PageStreamConfig;
 use crate::error::{PageStreamError, RpcError};
 use crate::framing::{read_frame, write_bytes, write_chunks, FrameError};
 use crate::protocol::{
-    decode_control, encode_chunk_header, encode_control, ChunkHeader, CloseCode, Control,
-    ProtocolError, Purpose, Tag, MAX_CHUNK_PAGES, MAX_CONTROL_FRAME, MAX_ROUND, MAX_SEQ, PAGE_SIZE,
+    check_chunk_version, decode_control, encode_chunk_header, encode_control, ChunkHeader,
+    CloseCode, Control, ProtocolError, Purpose, Tag, LISTED_CHUNKS_SINCE, MAX_CHUNK_PAGES,
+    MAX_CONTROL_FRAME, MAX_ROUND, MAX_SEQ, PAGE_SIZE,
 };
 use crate::rpc::RpcNode;
 use crate::NodeId;
@@ -60,6 +61,9 @@ pub struct SenderStats {
     pub elapsed: Duration,
     /// `bytes_acked / elapsed`.
     pub throughput_bytes_per_sec: f64,
+    /// The protocol version the stream speaks (negotiated by its first path), once a
+    /// path came up.
+    pub wire_version: Option<u16>,
 }
 
 struct PathSlot {
@@ -84,6 +88,13 @@ struct State {
     last_error: String,
     /// The bandwidth cap, over all paths (`set_rate_limit`).
     pacer: Pacer,
+    /// The protocol version of the stream: the one its first path negotiated. Which
+    /// chunks `send_listed` queues depends on it (listed chunks only from
+    /// [`LISTED_CHUNKS_SINCE`]), and a queued chunk may go out on any path, so every
+    /// path must speak the same version. They do — each reaches the same receiving
+    /// process, and both ends' ranges are fixed for their lifetime — and a path that
+    /// negotiated another is refused for good rather than trusted (`path_task`).
+    version: Option<u16>,
 }
 
 struct Shared {
@@ -224,6 +235,7 @@ impl RpcNode {
                 finish_acked: false,
                 last_error: "no path came up yet".into(),
                 pacer: Pacer::default(),
+                version: None,
             }),
             changed: Notify::new(),
             cfg,
@@ -343,7 +355,9 @@ impl PageStreamSender {
     /// `round`: with `data` (their contents in that order, `pages.len() * 4096`
     /// bytes) or as zero pages (`None`). Scattered pages travel in chunks as full
     /// as contiguous ones, each listing its pages; a contiguous stretch goes as a
-    /// plain chunk. No copy of `data`.
+    /// plain chunk. To a peer of a version before listed chunks (the stream's
+    /// negotiated version), each contiguous run goes as plain chunks instead. No copy
+    /// of `data`.
     pub async fn send_listed(
         &self,
         round: u32,
@@ -367,7 +381,15 @@ impl PageStreamSender {
         if let Some(last) = pages.last() {
             check_range(round, *last, 1)?;
         }
-        for (at, len) in listed_chunks(pages, self.shared.cfg.chunk_pages) {
+        let listed = lock(&self.shared.state)
+            .version
+            .is_some_and(|v| v >= LISTED_CHUNKS_SINCE);
+        let chunks = if listed {
+            listed_chunks(pages, self.shared.cfg.chunk_pages)
+        } else {
+            contiguous_chunks(pages, self.shared.cfg.chunk_pages)
+        };
+        for (at, len) in chunks {
             let part = &pages[at..at + len];
             let first = part[0];
             let contiguous = part[len - 1] - first == len as u64 - 1;
@@ -481,6 +503,7 @@ impl PageStreamSender {
             elapsed,
             throughput_bytes_per_sec: st.sched.acked_bytes() as f64
                 / elapsed.as_secs_f64().max(1e-9),
+            wire_version: st.version,
         }
     }
 
@@ -540,6 +563,22 @@ impl Drop for PageStreamSender {
             t.abort();
         }
     }
+}
+
+/// Splits a strictly increasing page list into chunks `(start, len)` of at most
+/// `chunk_pages` consecutive pages each: its maximal runs, cut to size. For a peer
+/// that does not take listed chunks.
+fn contiguous_chunks(pages: &[u64], chunk_pages: u32) -> Vec<(usize, usize)> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for i in 1..=pages.len() {
+        let run_ends = i == pages.len() || pages[i] != pages[i - 1] + 1;
+        if run_ends || i - start == chunk_pages as usize {
+            chunks.push((start, i - start));
+            start = i;
+        }
+    }
+    chunks
 }
 
 /// Splits a strictly increasing page list into chunks `(start, len)` of at most
@@ -627,11 +666,32 @@ async fn path_task(shared: Arc<Shared>, node: Weak<RpcNode>, path: PathId, remot
             stream_id,
             path: path as u32,
         };
-        let opened = n.open_connection(peer, remote, purpose, true).await;
+        let opened = n
+            .open_connection(peer, remote, purpose, true)
+            .await
+            .and_then(|h| {
+                let mut st = lock(&shared.state);
+                match st.version {
+                    Some(v) if v != h.version => {
+                        let why = format!(
+                            "path negotiated protocol version {}, the stream speaks version {v}",
+                            h.version
+                        );
+                        h.conn
+                            .close(CloseCode::VersionMismatch.to_varint(), why.as_bytes());
+                        Err(RpcError::VersionMismatch(why))
+                    }
+                    _ => {
+                        st.version = Some(h.version);
+                        Ok(h)
+                    }
+                }
+            });
         drop(n);
         match opened {
-            Ok((conn, ctrl_send, ctrl_recv)) => {
-                let end = run_path(&shared, path, conn.clone(), ctrl_send, ctrl_recv).await;
+            Ok(h) => {
+                let conn = h.conn;
+                let end = run_path(&shared, path, conn.clone(), h.send, h.recv, h.version).await;
                 let requeued = {
                     let mut st = lock(&shared.state);
                     let slot = &mut st.paths[path];
@@ -698,6 +758,7 @@ async fn run_path(
     conn: Connection,
     ctrl_send: SendStream,
     ctrl_recv: RecvStream,
+    version: u16,
 ) -> PathEnd {
     let peer = shared.peer;
     let data = match conn.open_uni().await {
@@ -725,7 +786,13 @@ async fn run_path(
     shared.changed.notify_waiters();
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(chunk_writer(shared.clone(), path, data, conn.clone()));
+    tasks.spawn(chunk_writer(
+        shared.clone(),
+        path,
+        data,
+        conn.clone(),
+        version,
+    ));
     tasks.spawn(control_writer(
         ctrl_send,
         ctrl_rx,
@@ -754,6 +821,7 @@ async fn chunk_writer(
     path: PathId,
     mut data: SendStream,
     conn: Connection,
+    version: u16,
 ) -> PathEnd {
     loop {
         let next = shared
@@ -767,17 +835,20 @@ async fn chunk_writer(
         let Some((seq, chunk)) = next else {
             return PathEnd::Dead("path no longer scheduled".into());
         };
-        let header = encode_chunk_header(
-            &ChunkHeader {
-                seq,
-                round: chunk.round,
-                first: chunk.first,
-                count: chunk.count,
-                zero: chunk.data.is_none(),
-                listed: chunk.offsets.is_some(),
-            },
-            chunk.offsets.as_deref().unwrap_or_default(),
-        );
+        let header = ChunkHeader {
+            seq,
+            round: chunk.round,
+            first: chunk.first,
+            count: chunk.count,
+            zero: chunk.data.is_none(),
+            listed: chunk.offsets.is_some(),
+        };
+        // Unreachable while every path speaks the stream's version (see
+        // `State::version`); never put a chunk on the wire the peer cannot read.
+        if let Err(p) = check_chunk_version(&header, version) {
+            return PathEnd::Fatal(PageStreamError::Protocol(p.to_string()));
+        }
+        let header = encode_chunk_header(&header, chunk.offsets.as_deref().unwrap_or_default());
         let mut bufs = [Bytes::from(header), chunk.data.unwrap_or_default()];
         if let Err(e) = write_chunks(&mut data, &mut bufs).await {
             return frame_end(e, shared.peer, &conn);
@@ -921,7 +992,23 @@ async fn watchdog(shared: Weak<Shared>) {
 
 #[cfg(test)]
 mod tests {
-    use super::listed_chunks;
+    use super::{contiguous_chunks, listed_chunks};
+
+    #[test]
+    fn contiguous_chunks_are_the_runs_cut_to_size() {
+        let pages = [1, 2, 3, 4, 5, 9, 11, 12, 13, 20];
+        assert_eq!(
+            contiguous_chunks(&pages, 3),
+            vec![(0, 3), (3, 2), (5, 1), (6, 3), (9, 1)]
+        );
+        assert_eq!(contiguous_chunks(&[], 3), vec![]);
+        assert_eq!(contiguous_chunks(&[7], 64), vec![(0, 1)]);
+        let run: Vec<u64> = (100..300).collect();
+        assert_eq!(
+            contiguous_chunks(&run, 64),
+            vec![(0, 64), (64, 64), (128, 64), (192, 8)]
+        );
+    }
 
     #[test]
     fn listed_pages_split_into_full_chunks_with_u32_offsets() {
