@@ -34,12 +34,16 @@ impl NodeShared {
                 reason: format!("this node already holds VM {vm}"),
             };
         }
-        // The store must know of this migration, to this node, at this epoch.
+        // The store must know of this migration, of this VM, to this node, at
+        // this epoch.
         let state = self.cluster.read();
         match state.migrations.get(&migration) {
             Some(m)
-                if m.target == self.id && m.source == from && m.epoch == epoch && m.is_active() => {
-            }
+                if m.vm == vm
+                    && m.target == self.id
+                    && m.source == from
+                    && m.epoch == epoch
+                    && m.is_active() => {}
             Some(m) => {
                 return Reply::Refused {
                     reason: format!("migration {migration} does not match the store: {m:?}"),
@@ -51,6 +55,16 @@ impl NodeShared {
                 }
             }
         }
+        // The machine to build is the one the store defined, not whatever the
+        // source says: the store checked this node's capacity for that one,
+        // and a spec of the source's own making could ask for any memory or
+        // vCPU count (`u32::MAX` vCPUs aborted the process).
+        if let Err(reason) = check_spec(&spec, state.vms.get(&vm).map(|v| &v.config)) {
+            return Reply::Refused {
+                reason: format!("migration {migration} of VM {vm}: {reason}"),
+            };
+        }
+        drop(state);
         let guest = match build_guest(&spec, None, self.run_lease()) {
             Ok(g) => g,
             Err(reason) => return Reply::Refused { reason },
@@ -280,6 +294,52 @@ impl PageSink for GuestSink {
             None => self.0.zero_pages(first, u64::from(count)),
         }
         .map_err(|e| e.to_string())
+    }
+}
+
+/// Checks a source's guest spec against the VM the store defines: memory, vCPUs,
+/// backend, MAC and service area must all be the store's.
+fn check_spec(
+    spec: &GuestSpec,
+    config: Option<&ferry_cluster::model::VmConfig>,
+) -> Result<(), String> {
+    let config = config.ok_or("the VM is not in this node's store")?;
+    let expected = crate::node::spec_of(config)?;
+    let mut wrong = Vec::new();
+    if spec.memory_bytes != expected.memory_bytes {
+        wrong.push(format!(
+            "memory {} bytes (the store says {})",
+            spec.memory_bytes, expected.memory_bytes
+        ));
+    }
+    if spec.vcpus != expected.vcpus {
+        wrong.push(format!(
+            "{} vCPUs (the store says {})",
+            spec.vcpus, expected.vcpus
+        ));
+    }
+    if spec.backend != expected.backend {
+        wrong.push(format!(
+            "backend {:?} (the store says {:?})",
+            spec.backend, expected.backend
+        ));
+    }
+    if spec.mac != expected.mac {
+        wrong.push("a MAC address other than the store's".into());
+    }
+    if spec.service_pages != expected.service_pages {
+        wrong.push(format!(
+            "{} service pages (the store's VM has {})",
+            spec.service_pages, expected.service_pages
+        ));
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the source's guest spec does not match the store: {}",
+            wrong.join(", ")
+        ))
     }
 }
 

@@ -2,6 +2,8 @@
 //! paths, a watch for a VM running twice, progress waits.
 #![allow(clippy::unwrap_used, dead_code)]
 
+// Each test binary uses some of these.
+#[allow(unused_imports)]
 pub use ferry_actors::local::{
     run as run_system, Client, ClientLog, LocalCluster as TestCluster, MIB,
 };
