@@ -210,6 +210,13 @@ async fn several_connections_per_network_share_the_load_and_fail_over_together()
     // Network 1 goes down: both its connections die, network 2's carry the rest.
     links[0].cut();
     send_range(&tx, 0, first_half, PAGES - first_half).await;
+    // Both of network 1's connections are declared dead (their pings go
+    // unanswered), whether or not they held pages at the cut.
+    wait_until(LONG, "network 1's connections declared dead", || {
+        let paths = tx.stats().paths;
+        !paths[0].alive && !paths[1].alive
+    })
+    .await;
     let tx = Arc::into_inner(tx).unwrap_or_else(|| panic!("sender still shared"));
     let stats = tx.finish().await.unwrap();
     rx.wait().await.unwrap();

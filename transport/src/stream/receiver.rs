@@ -293,6 +293,9 @@ async fn watchdog(shared: Weak<ReceiverShared>) {
     }
 }
 
+/// Most pages applied under the version lock at once (1 MiB).
+const APPLY_PAGES: u32 = 256;
+
 enum Out {
     Ack(u64),
     Control(Control),
@@ -503,7 +506,19 @@ async fn chunk_reader(
         c.chunks.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
         let mut admitted = Admitted::default();
-        for (index, first, count) in chunk.runs() {
+        // Applied in slices of at most `APPLY_PAGES`, each under the version
+        // lock on its own: a 30-byte zero chunk may name 65 536 pages, and
+        // zeroing 256 MiB under one lock would stall the stream's other paths.
+        let slices = chunk.runs().into_iter().flat_map(|(index, first, count)| {
+            (0..count).step_by(APPLY_PAGES as usize).map(move |done| {
+                (
+                    index + done,
+                    first + u64::from(done),
+                    (count - done).min(APPLY_PAGES),
+                )
+            })
+        });
+        for (index, first, count) in slices {
             let data = (!header.zero).then(|| {
                 let at = index as usize * PAGE_SIZE;
                 &chunk.data[at..at + count as usize * PAGE_SIZE]
