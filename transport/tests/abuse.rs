@@ -191,3 +191,75 @@ async fn misbehaving_peers_lose_their_connection_and_others_are_still_served() {
     }
     println!("refusals: {refusals:#?}");
 }
+
+/// A page-stream sender that pings without ever reading the answers: the
+/// receiver's control outbox for that path stays bounded (its pongs are
+/// dropped once the outbox is full), and another node's stream to the same
+/// receiver is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_never_reads_its_control_stream_cannot_grow_the_receivers_outbox() {
+    use common::{pages, wait_until, CheckingSink};
+    use ferry_transport::protocol::{encode_control, Control};
+
+    let ca = ClusterCa::generate("abuse-outbox").unwrap();
+    let receiver = start_node(&ca, 2, &[1], NetworkConfig::default()).await;
+    let honest = start_node(&ca, 3, &[1], NetworkConfig::default()).await;
+    let server = receiver.local_addrs()[0];
+    let hostile_rx = receiver
+        .accept_page_stream(5, 1, CheckingSink::new(16))
+        .unwrap();
+    let sink = CheckingSink::new(4096);
+    let honest_rx = receiver.accept_page_stream(6, 3, sink.clone()).unwrap();
+
+    // Node 1's path of stream 5: the hello stream is the control channel.
+    let creds = ca.issue(1).unwrap();
+    let conn = raw_connect(&creds, server).await;
+    let (mut control, mut answers) = conn.open_bi().await.unwrap();
+    let hello = encode_hello(&Hello {
+        version: VERSION,
+        min_version: None,
+        node_id: 1,
+        purpose: Purpose::PageStream {
+            stream_id: 5,
+            path: 0,
+        },
+    });
+    control.write_all(&hello).await.unwrap();
+    let mut ok = [0u8; 5];
+    answers.read_exact(&mut ok).await.unwrap();
+    assert_eq!(ok[4], Tag::HelloOk as u8);
+    // Pings, never reading a pong: far more than the QUIC stream window
+    // holds, so the receiver's writes block and its outbox fills.
+    let flood = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        for nonce in 0..2_000_000u64 {
+            batch.extend_from_slice(&encode_control(&Control::Ping { nonce }));
+            if batch.len() > 64 << 10 && control.write_all(&batch).await.is_err() {
+                return;
+            }
+            if batch.len() > 64 << 10 {
+                batch.clear();
+            }
+        }
+        let _ = control.write_all(&batch).await;
+        // Held open, unread, until the test ends.
+        std::future::pending::<()>().await;
+    });
+
+    // Meanwhile node 3 streams 16 MiB to the same receiver.
+    let tx = honest
+        .open_page_stream(2, &receiver.local_addrs(), 6)
+        .await
+        .unwrap();
+    tx.send(0, 0, &pages(0, 4096, 0)).await.unwrap();
+    tx.finish().await.unwrap();
+    honest_rx.wait().await.unwrap();
+    sink.assert_all(0..4096, 0);
+
+    wait_until(T, "pongs dropped once the outbox is full", || {
+        hostile_rx.stats().pongs_dropped > 0
+    })
+    .await;
+    flood.abort();
+    let _ = answers;
+}

@@ -39,6 +39,8 @@ pub struct ReceiverStats {
     pub paths_up: usize,
     /// Path connections accepted over the stream's life (rejoins included).
     pub path_connections: u64,
+    /// Pongs not queued because the sender left too many answers unread.
+    pub pongs_dropped: u64,
     pub finished: bool,
 }
 
@@ -51,6 +53,7 @@ struct Counters {
     zero: AtomicU64,
     bytes: AtomicU64,
     connections: AtomicU64,
+    pongs_dropped: AtomicU64,
 }
 
 #[derive(Default)]
@@ -149,6 +152,7 @@ impl ReceiverShared {
             bytes_received: c.bytes.load(Ordering::Relaxed),
             paths_up: st.conns.len(),
             path_connections: c.connections.load(Ordering::Relaxed),
+            pongs_dropped: c.pongs_dropped.load(Ordering::Relaxed),
             finished: matches!(st.outcome, Some(Ok(()))),
         }
     }
@@ -293,6 +297,10 @@ async fn watchdog(shared: Weak<ReceiverShared>) {
     }
 }
 
+/// Control messages (acks, pongs) a path may have waiting for the sender to
+/// read them.
+const OUTBOX: usize = 1024;
+
 /// Most pages applied under the version lock at once (1 MiB).
 const APPLY_PAGES: u32 = 256;
 
@@ -339,7 +347,7 @@ pub(crate) async fn serve_path(
     tracing::debug!(stream = shared.stream_id, path, wire_version, remote = %conn.remote_address(), "path accepted");
 
     let on_violation = Arc::new(on_violation);
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = mpsc::channel(OUTBOX);
     let mut tasks = JoinSet::new();
     tasks.spawn(control_writer(ctrl_send, out_rx));
     tasks.spawn(control_reader(
@@ -375,7 +383,7 @@ pub(crate) async fn serve_path(
     }
 }
 
-async fn control_writer(mut send: SendStream, mut outbox: mpsc::UnboundedReceiver<Out>) {
+async fn control_writer(mut send: SendStream, mut outbox: mpsc::Receiver<Out>) {
     let _ = send.set_priority(1);
     let mut acks = Vec::new();
     while let Some(first) = outbox.recv().await {
@@ -410,7 +418,7 @@ async fn control_writer(mut send: SendStream, mut outbox: mpsc::UnboundedReceive
 async fn control_reader(
     shared: Arc<ReceiverShared>,
     mut recv: RecvStream,
-    out: mpsc::UnboundedSender<Out>,
+    out: mpsc::Sender<Out>,
     conn: Connection,
     on_violation: Arc<impl Fn(&Connection, &ProtocolError)>,
 ) {
@@ -434,12 +442,22 @@ async fn control_reader(
         };
         match msg {
             Control::Ping { nonce } => {
-                let _ = out.send(Out::Control(Control::Pong { nonce }));
+                // A sender that pings but does not read its answers fills the
+                // outbox: its pongs are dropped (it will call the path dead),
+                // never queued without bound.
+                if out.try_send(Out::Control(Control::Pong { nonce })).is_err() {
+                    shared
+                        .counters
+                        .pongs_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
             Control::Finish { chunks, bytes } => {
                 tracing::debug!(stream = shared.stream_id, chunks, bytes, "sender finished");
                 shared.complete();
-                let _ = out.send(Out::Control(Control::FinishAck));
+                if out.send(Out::Control(Control::FinishAck)).await.is_err() {
+                    return;
+                }
             }
             Control::Cancel { reason } => {
                 shared.fail(PageStreamError::PeerCancelled(reason));
@@ -459,7 +477,7 @@ async fn control_reader(
 async fn chunk_reader(
     shared: Arc<ReceiverShared>,
     conn: Connection,
-    out: mpsc::UnboundedSender<Out>,
+    out: mpsc::Sender<Out>,
     wire_version: u16,
     max_frame: u32,
     on_violation: Arc<impl Fn(&Connection, &ProtocolError)>,
@@ -548,7 +566,10 @@ async fn chunk_reader(
             c.zero
                 .fetch_add(u64::from(admitted.applied), Ordering::Relaxed);
         }
-        if out.send(Out::Ack(header.seq)).is_err() {
+        // A full outbox (the sender reads no acks) stops this reader, and
+        // QUIC's flow control then stops the sender: back-pressure, not a
+        // queue that grows.
+        if out.send(Out::Ack(header.seq)).await.is_err() {
             return;
         }
     }
