@@ -202,20 +202,106 @@ pub(crate) struct RaftService {
     pub(crate) raft: Raft,
 }
 
+/// Largest snapshot a node takes from a leader: the cluster's state is
+/// kilobytes to a few megabytes. openraft writes a chunk at the offset it
+/// names, so an unchecked offset of a terabyte would grow the buffer to match.
+pub const MAX_SNAPSHOT_BYTES: u64 = 256 << 20;
+
+/// Whether a Raft message from transport-verified node `from`, claiming to come
+/// from `claimed` (the vote's leader or candidate), may reach the local Raft
+/// whose membership names `members`: a member speaks only for itself, and a
+/// node that is not a member (a removed one, whose certificate the CA once
+/// signed) is not heard at all. A node with no membership yet (joining, before
+/// its first log entries) hears anyone: its leader is how it learns one.
+pub fn caller_allowed(
+    from: NodeId,
+    claimed: Option<NodeId>,
+    members: &[NodeId],
+) -> Result<(), String> {
+    if claimed != Some(from) {
+        return Err(format!(
+            "node {from} sent a Raft message on behalf of {}",
+            claimed.map_or("nobody".to_string(), |c| format!("node {c}"))
+        ));
+    }
+    if !members.is_empty() && !members.contains(&from) {
+        return Err(format!("node {from} is not a member of this cluster"));
+    }
+    Ok(())
+}
+
+/// Whether a snapshot chunk at `offset` of `len` bytes stays within
+/// [`MAX_SNAPSHOT_BYTES`].
+pub fn snapshot_chunk_allowed(offset: u64, len: usize) -> Result<(), String> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= MAX_SNAPSHOT_BYTES => Ok(()),
+        _ => Err(format!(
+            "snapshot chunk at offset {offset} of {len} bytes goes past the {MAX_SNAPSHOT_BYTES} byte limit"
+        )),
+    }
+}
+
+impl RaftService {
+    fn check(&self, from: NodeId, vote: &crate::raft_types::Vote) -> Result<(), String> {
+        let members: Vec<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        caller_allowed(from, vote.leader_id().voted_for(), &members)
+    }
+}
+
 impl ServiceHandler for RaftService {
-    fn handle(&self, _from: NodeId, request: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+    fn handle(&self, from: NodeId, request: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>> {
         Box::pin(async move {
             let req: RaftRequest = protocol::decode(&request).map_err(|e| e.to_string())?;
             let reply = match req {
                 RaftRequest::AppendEntries(rpc) => {
+                    self.check(from, &rpc.vote)?;
                     RaftReply::AppendEntries(self.raft.append_entries(rpc).await)
                 }
-                RaftRequest::Vote(rpc) => RaftReply::Vote(self.raft.vote(rpc).await),
+                RaftRequest::Vote(rpc) => {
+                    self.check(from, &rpc.vote)?;
+                    RaftReply::Vote(self.raft.vote(rpc).await)
+                }
                 RaftRequest::InstallSnapshot(rpc) => {
+                    self.check(from, &rpc.vote)?;
+                    snapshot_chunk_allowed(rpc.offset, rpc.data.len())?;
                     RaftReply::InstallSnapshot(self.raft.install_snapshot(rpc).await)
                 }
             };
             protocol::encode(&reply).map_err(|e| e.to_string())
         })
+    }
+}
+
+#[cfg(test)]
+mod caller_tests {
+    use super::*;
+
+    #[test]
+    fn a_member_speaks_only_for_itself_and_strangers_are_not_heard() {
+        let members = [1, 2, 3];
+        assert_eq!(caller_allowed(2, Some(2), &members), Ok(()));
+        let forged = caller_allowed(2, Some(3), &members).unwrap_err();
+        assert!(forged.contains("on behalf of node 3"), "{forged}");
+        let removed = caller_allowed(4, Some(4), &members).unwrap_err();
+        assert!(removed.contains("not a member"), "{removed}");
+        assert!(caller_allowed(2, None, &members).is_err());
+        // A node with no membership yet hears its future leader.
+        assert_eq!(caller_allowed(4, Some(4), &[]), Ok(()));
+    }
+
+    #[test]
+    fn snapshot_chunks_stay_under_the_limit() {
+        assert_eq!(snapshot_chunk_allowed(0, 1 << 20), Ok(()));
+        assert!(snapshot_chunk_allowed(1 << 40, 10).is_err());
+        assert!(snapshot_chunk_allowed(u64::MAX, 10).is_err());
+        assert!(snapshot_chunk_allowed(MAX_SNAPSHOT_BYTES, 1).is_err());
     }
 }
