@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{addr, pages, start_node, wait_until, CheckingSink, ZERO};
+use common::{addr, pages, send_scattered, start_node, wait_until, CheckingSink, ZERO};
 use ferry_chaos::proxy::LinkProxy;
 use ferry_transport::{
     ClusterCa, NetworkConfig, PageStreamError, PageStreamSender, RpcError, RpcNode, PAGE_SIZE,
@@ -136,18 +136,7 @@ async fn scattered_pages_travel_in_full_listed_chunks() {
     let zeroed: Vec<u64> = (0..PAGES)
         .filter(|p| p % 11 == 0 && !dirty.contains(p))
         .collect();
-    for batch in dirty.chunks(256) {
-        let mut data = Vec::with_capacity(batch.len() * PAGE_SIZE);
-        for p in batch {
-            data.extend_from_slice(&pages(*p, 1, 1));
-        }
-        tx.send_listed(1, batch, Some(Bytes::from(data)))
-            .await
-            .unwrap();
-    }
-    for batch in zeroed.chunks(256) {
-        tx.send_listed(1, batch, None).await.unwrap();
-    }
+    send_scattered(&tx, 1, &dirty, &zeroed).await;
     // Refused: pages out of order, data of the wrong size.
     assert!(tx.send_listed(1, &[5, 3], None).await.is_err());
     assert!(tx

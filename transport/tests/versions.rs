@@ -13,11 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{pages, start_node, CheckingSink, ZERO};
+use common::{pages, send_scattered, start_node, CheckingSink, ZERO};
 use ferry_transport::protocol::{MIN_VERSION, VERSION};
 use ferry_transport::{
     handler_fn, ClusterCa, NetworkConfig, PageStreamError, RpcError, RpcNode, SenderStats,
-    PAGE_SIZE,
 };
 
 const T: Duration = Duration::from_secs(10);
@@ -54,18 +53,7 @@ async fn stream_scattered(from: &Arc<RpcNode>, to: &Arc<RpcNode>, id: u64) -> (S
 
     let dirty: Vec<u64> = (0..PAGES).filter(|p| p % 3 == 0).collect();
     let zeroed: Vec<u64> = (0..PAGES).filter(|p| p % 5 == 0 && p % 3 != 0).collect();
-    for batch in dirty.chunks(256) {
-        let mut data = Vec::with_capacity(batch.len() * PAGE_SIZE);
-        for p in batch {
-            data.extend_from_slice(&pages(*p, 1, 1));
-        }
-        tx.send_listed(1, batch, Some(Bytes::from(data)))
-            .await
-            .unwrap();
-    }
-    for batch in zeroed.chunks(256) {
-        tx.send_listed(1, batch, None).await.unwrap();
-    }
+    send_scattered(&tx, 1, &dirty, &zeroed).await;
     let stats = tx.finish().await.unwrap();
     rx.wait().await.unwrap();
 

@@ -173,3 +173,26 @@ impl PageSink for CheckingSink {
         Ok(())
     }
 }
+
+/// Sends a dirty round of scattered pages as the migration source does: the
+/// pages in `dirty` with round `round`'s contents and those in `zeroed` as zero
+/// pages, in batches of 256 listed pages.
+pub async fn send_scattered(
+    tx: &ferry_transport::PageStreamSender,
+    round: u32,
+    dirty: &[u64],
+    zeroed: &[u64],
+) {
+    for batch in dirty.chunks(256) {
+        let mut data = Vec::with_capacity(batch.len() * PAGE_SIZE);
+        for p in batch {
+            data.extend_from_slice(&pages(*p, 1, round));
+        }
+        tx.send_listed(round, batch, Some(bytes::Bytes::from(data)))
+            .await
+            .unwrap();
+    }
+    for batch in zeroed.chunks(256) {
+        tx.send_listed(round, batch, None).await.unwrap();
+    }
+}
