@@ -12,6 +12,7 @@
 //! out (or a process resumed after a long stop) runs no guest work and
 //! acknowledges no append, even before anyone pauses the guest.
 
+pub mod cpu;
 pub mod dirty;
 pub mod guest;
 #[cfg(target_os = "linux")]

@@ -57,6 +57,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VmFd};
 use layout::get_u64;
 use program::{cb, mb};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -103,6 +104,11 @@ pub struct KvmGuestConfig {
     /// replay the program's writes exactly). `None`: no limit.
     pub write_limit: Option<u64>,
     pub dirty_log: DirtyLogMode,
+    /// Processor compatibility: the named features (`cpu::FEATURES`) the
+    /// guest's CPUID may show; every other feature of the table is cleared,
+    /// fixed at boot. `None`: the host's CPUID as KVM supports it. An
+    /// incoming guest takes the CPUID its saved state carries instead.
+    pub cpu_features: Option<BTreeSet<String>>,
 }
 
 impl KvmGuestConfig {
@@ -120,6 +126,7 @@ impl KvmGuestConfig {
             prefill_seed: None,
             write_limit: None,
             dirty_log: DirtyLogMode::Auto,
+            cpu_features: None,
         }
     }
 }
@@ -321,7 +328,8 @@ impl KvmGuest {
             let vcpu = Vcpu::create(&vm, index).map_err(backend)?;
             {
                 let fd = lock(&vcpu.fd);
-                fd.set_cpuid2(&vcpu::cpuid_for(&supported, index))
+                let allowed = config.cpu_features.as_ref();
+                fd.set_cpuid2(&vcpu::cpuid_for(&supported, index, allowed))
                     .map_err(|e| backend(format!("KVM_SET_CPUID2: {e}")))?;
             }
             vcpus.push(vcpu);
@@ -435,6 +443,26 @@ impl KvmGuest {
                 }
             })
             .collect()
+    }
+
+    /// The CPUID leaves vCPU `index`'s program last executed (`CPUID_LEAVES`
+    /// order, each eax, ebx, ecx, edx), read from its control block: what
+    /// the guest's code sees. `None` for a vCPU the guest does not have.
+    pub fn cpuid_leaves(&self, index: u32) -> Option<[[u32; 4]; 4]> {
+        let layout = &self.inner.layout;
+        if index >= layout.vcpus {
+            return None;
+        }
+        let at = layout.control_offset(index) + cb::CPUID;
+        let mut bytes = [0u8; 64];
+        self.inner.mem.load(at, &mut bytes);
+        let mut leaves = [[0u32; 4]; 4];
+        for (i, word) in bytes.chunks_exact(4).enumerate() {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(word);
+            leaves[i / 4][i % 4] = u32::from_le_bytes(b);
+        }
+        Some(leaves)
     }
 
     /// Total page writes by the guest program so far (from guest memory).
@@ -785,6 +813,7 @@ impl Guest for KvmGuest {
         vm.restore(&inner.vm, &inner.caps)?;
         for (vcpu, decoded) in &vcpus {
             decoded.restore(vcpu.index, &lock(&vcpu.fd), &inner.caps)?;
+            vcpu.cpuid_refresh.store(true, Ordering::SeqCst);
         }
         *lock(&inner.nic) = state.nic.clone();
         inner.armed.store(true, Ordering::Release);
@@ -837,6 +866,30 @@ impl Guest for KvmGuest {
         }
         self.inner.mem.discard();
     }
+}
+
+/// The named features (`cpu::FEATURES`) of the CPUID table that vCPU
+/// `index` of a saved KVM guest carries: what KVM answers that guest's CPUID
+/// with, on the node it was saved on and on any node it is restored on.
+pub fn saved_cpu_features(saved: &DeviceState, index: u32) -> GuestResult<BTreeSet<String>> {
+    saved.expect_kind(KIND)?;
+    let vcpu = saved
+        .vcpus
+        .iter()
+        .find(|v| v.index == index)
+        .ok_or_else(|| GuestError::StateMismatch(format!("no vCPU {index}")))?;
+    let what = format!("vCPU {index}");
+    let state: KvmVcpuState = state::decode(&what, KVM_VCPU_STATE_VERSION, &vcpu.registers)?;
+    let leaves: Vec<crate::cpu::Leaf> = state
+        .cpuid
+        .iter()
+        .map(|e| crate::cpu::Leaf {
+            leaf: e.function,
+            subleaf: e.index,
+            regs: [e.eax, e.ebx, e.ecx, e.edx],
+        })
+        .collect();
+    Ok(crate::cpu::features_of(&leaves))
 }
 
 /// A KVM guest's saved state with its clocks taken out: they run on while the

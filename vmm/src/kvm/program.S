@@ -42,6 +42,8 @@
         .set CB_BATCHES,   0x68      # batches done
         .set CB_APPENDS,   0x70      # appends served
         .set CB_DOORBELL,  0x78      # address of the doorbell page
+        .set CB_CPUID,     0x80      # u32 eax, ebx, ecx, edx of leaves 0, 1,
+                                     # 7 (subleaf 0), 0x80000001, as executed
 
         # Mailbox (host <-> guest), u64 fields then the record.
         .set MB_REQ,       0x00      # request number, bumped by the host
@@ -60,15 +62,22 @@
         .set ERR_FULL,     0x8000000000000003
 
         # Doorbell registers.
-        .set DB_YIELD,     0x00      # read (u32): the next batch size
+        .set DB_YIELD,     0x00      # read (u32): the next batch size;
+                                     # bit 31 set: read CPUID again first
+        .set YIELD_CPUID,  31
         .set DB_SERVED,    0x08      # write (u8): an append was served
 
         .globl _start
 _start:
+        call    read_cpuid
 main:
         mov     rdi, [rbx + CB_DOORBELL]
         mov     eax, dword ptr [rdi + DB_YIELD]
         mov     r12d, eax
+        btr     r12d, YIELD_CPUID
+        jnc     mailbox
+        call    read_cpuid
+mailbox:
         mov     rsi, [rbx + CB_MAILBOX]
         test    rsi, rsi
         jz      batch_check
@@ -137,6 +146,29 @@ fill:
         mov     ecx, 8
         rep     movsq
         add     rsp, 64
+        ret
+
+# Executes CPUID for the leaves the host reads back (KvmGuest::cpuid_leaves)
+# and stores what it returned: what this guest's code would see, which is
+# the CPUID KVM was given (masked in processor compatibility mode), not
+# necessarily the host's. CPUID overwrites rbx, the control block: kept in r8
+# and restored. Clobbers rax, rcx, rdx, r8.
+        .macro  LEAF leaf, slot
+        mov     eax, \leaf
+        xor     ecx, ecx
+        cpuid
+        mov     [r8 + CB_CPUID + \slot * 16], eax
+        mov     [r8 + CB_CPUID + \slot * 16 + 4], ebx
+        mov     [r8 + CB_CPUID + \slot * 16 + 8], ecx
+        mov     [r8 + CB_CPUID + \slot * 16 + 12], edx
+        .endm
+read_cpuid:
+        mov     r8, rbx
+        LEAF    0, 0
+        LEAF    1, 1
+        LEAF    7, 2
+        LEAF    0x80000001, 3
+        mov     rbx, r8
         ret
 
 # SplitMix64 (workload.rs VcpuContext::next_u64): rax = next. Clobbers rdx.

@@ -24,10 +24,11 @@
 use super::layout::{
     Layout, GDT_ENTRIES, SEL_TSS, SEL_USER_CODE, SEL_USER_DATA, TSS_LIMIT, TSS_OFFSET,
 };
-use super::program::{DB_SERVED, DB_YIELD};
+use super::program::{DB_SERVED, DB_YIELD, YIELD_CPUID};
 use super::Inner;
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::collections::BTreeSet;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -76,6 +77,9 @@ pub(super) struct Vcpu {
     pub fd: Mutex<VcpuFd>,
     /// `kvm_run.immediate_exit`, in the `kvm_run` mapping owned by `fd`.
     immediate_exit: *mut u8,
+    /// Ask the program to execute CPUID again at its next doorbell read
+    /// (set by a restore: what it stored came from the source's KVM).
+    pub cpuid_refresh: AtomicBool,
 }
 
 // SAFETY: `immediate_exit` points into the kvm_run mapping that `fd` owns and
@@ -95,6 +99,7 @@ impl Vcpu {
             index,
             fd: Mutex::new(fd),
             immediate_exit,
+            cpuid_refresh: AtomicBool::new(false),
         })
     }
 
@@ -201,14 +206,25 @@ pub(super) fn kick(inner: &Inner, threads: &[JoinHandle<()>]) {
     }
 }
 
-/// CPUID for vCPU `index`: the host's supported set with this vCPU's APIC ID.
-pub(super) fn cpuid_for(supported: &CpuId, index: u32) -> CpuId {
+/// CPUID for vCPU `index`: the host's supported set with this vCPU's APIC ID,
+/// and with every feature of `cpu::FEATURES` outside `allowed` cleared
+/// (processor compatibility mode); `None` keeps all the host's.
+pub(super) fn cpuid_for(
+    supported: &CpuId,
+    index: u32,
+    allowed: Option<&BTreeSet<String>>,
+) -> CpuId {
     let mut cpuid = supported.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (index << 24),
             0xb | 0x1f => entry.edx = index,
             _ => {}
+        }
+        if let Some(allowed) = allowed {
+            let mut regs = [entry.eax, entry.ebx, entry.ecx, entry.edx];
+            crate::cpu::mask_leaf(entry.function, entry.index, &mut regs, allowed);
+            [entry.eax, entry.ebx, entry.ecx, entry.edx] = regs;
         }
     }
     cpuid
@@ -611,7 +627,13 @@ fn run_until_stopped(
         let entered = Instant::now();
         match fd.run() {
             Ok(VcpuExit::MmioRead(addr, data)) if addr == doorbell + DB_YIELD => {
-                let batch = pacer.next_batch(control, entered, serves).to_le_bytes();
+                let mut answer = pacer
+                    .next_batch(control, entered, serves)
+                    .min(YIELD_CPUID - 1);
+                if vcpu.cpuid_refresh.swap(false, Ordering::SeqCst) {
+                    answer |= YIELD_CPUID;
+                }
+                let batch = answer.to_le_bytes();
                 let n = data.len().min(batch.len());
                 data[..n].copy_from_slice(&batch[..n]);
                 io_in_flight = true;
