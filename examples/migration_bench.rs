@@ -24,7 +24,15 @@
 //! bandwidth cap: a 1 GiB idle guest moved under a cap of 100 MiB/s, its
 //! round 0's rate given as a ratio to the cap.
 //!
-//! It ends with the issue's acceptance checks, each OK or FAIL with its
+//! Before every move the benchmark asks for the move's estimate the way the
+//! API does (`ferry::actors::measure`: the dirty rate sampled from the
+//! guest's dirty log, the bandwidth probed over the migration networks to
+//! the target, the pages in use; then the estimate's model under the same
+//! convergence policy), and sets it beside the move's actual total: per
+//! repetition, per row (p50 of estimate / actual), and as a check of issue
+//! 17: the estimate within ±30 % of the actual total.
+//!
+//! It ends with the issues' acceptance checks, each OK or FAIL with its
 //! numbers, and a `summary: key=value ...` line.
 //!
 //! `cargo run --release --example migration_bench`
@@ -33,7 +41,10 @@
 #![allow(clippy::unwrap_used)]
 
 use ferry::actors::local::{run, vm_config, LocalCluster, MIB};
+use ferry::actors::measure::{self, MeasureOptions, Measurements};
 use ferry::actors::migration::source::{MigrationReport, MoveRequest, Phase};
+use ferry::actors::policy::convergence::ConvergenceConfig;
+use ferry::actors::policy::estimate::{estimate, Estimate};
 use ferry::cluster::model::Backend;
 use ferry::transport::{ClusterCa, NetworkConfig, PageSink, RpcNode, PAGE_SIZE};
 use ferry::vmm::{Pattern, Workload};
@@ -52,6 +63,8 @@ const GIB: u64 = 1 << 30;
 const TCP_TRIES: usize = 3;
 /// The bandwidth cap of the capped move.
 const CAP: u64 = 100 * MIB;
+/// How far an estimate's total may be from the move's (issue 17).
+const ESTIMATE_TOLERANCE: f64 = 0.30;
 
 /// `len` bytes of xorshift output: incompressible, so nothing on the way can
 /// make them cheaper than they are.
@@ -292,6 +305,9 @@ struct Sample {
     setup: Duration,
     /// Round 0's rate, bytes/s.
     round_0_rate: f64,
+    /// What the estimate taken just before the move predicted, and from what.
+    estimate: Estimate,
+    measured: Measurements,
 }
 
 /// Starts a fresh two-node cluster, starts the row's guest on node 1, moves
@@ -318,6 +334,13 @@ async fn move_on(cluster: &LocalCluster, spec: &RowSpec) -> Result<Sample, Strin
     }
     cluster.start_vm_config("bench", 1, config).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // The estimate as the API computes it, for the move about to be made.
+    let source = &cluster.node(1).shared;
+    let measured = measure::measure(source, "bench", Some(2), &MeasureOptions::default())
+        .await
+        .map_err(|e| format!("measure: {e}"))?;
+    let config = ConvergenceConfig::for_move(&source.cluster.read().settings, None);
+    let estimate = estimate(&measured.factors(), &config).map_err(|e| e.to_string())?;
     let mut events = cluster.node(1).shared.events.subscribe();
     let report = cluster
         .move_vm(MoveRequest::new("bench", 2), 1)
@@ -331,11 +354,18 @@ async fn move_on(cluster: &LocalCluster, spec: &RowSpec) -> Result<Sample, Strin
             Err(_) => break,
         }
     }
-    Ok(sample_of(&report, round_0))
+    Ok(sample_of(&report, round_0, estimate, measured))
 }
 
-fn sample_of(report: &MigrationReport, round_0_events: u32) -> Sample {
+fn sample_of(
+    report: &MigrationReport,
+    round_0_events: u32,
+    estimate: Estimate,
+    measured: Measurements,
+) -> Sample {
     Sample {
+        estimate,
+        measured,
         total: report.total,
         blackout: report.blackout,
         rounds: report.rounds.len(),
@@ -391,6 +421,9 @@ struct RowStats {
     progress_min: f64,
     setup_p50_ms: f64,
     round_0_mib_s_p50: f64,
+    /// Estimated total p50, and estimate / actual per repetition.
+    estimate_p50_ms: f64,
+    estimate_ratios: Vec<f64>,
 }
 
 impl RowStats {
@@ -432,7 +465,29 @@ impl RowStats {
                 .iter()
                 .map(|s| s.round_0_rate / MIB as f64)
                 .collect()),
+            estimate_p50_ms: p50(samples
+                .iter()
+                .map(|s| s.estimate.total.as_secs_f64() * 1e3)
+                .collect()),
+            estimate_ratios: samples
+                .iter()
+                .map(|s| s.estimate.total.as_secs_f64() / s.total.as_secs_f64())
+                .collect(),
         }
+    }
+
+    /// p50 of estimate / actual over the repetitions.
+    fn estimate_ratio(&self) -> f64 {
+        p50(self.estimate_ratios.clone())
+    }
+
+    /// The repetition whose estimate was furthest off, as estimate / actual.
+    fn estimate_worst(&self) -> f64 {
+        self.estimate_ratios
+            .iter()
+            .copied()
+            .max_by(|a, b| (a - 1.0).abs().total_cmp(&(b - 1.0).abs()))
+            .unwrap_or(f64::NAN)
     }
 
     fn rounds_text(&self) -> String {
@@ -445,12 +500,15 @@ impl RowStats {
 
     fn print(&self) {
         println!(
-            "{} ({} reps): total p50 {:.0} ms max {:.0} ms ({:.2}x ideal), blackout p50 {:.1} ms max {:.1} ms, {} rounds, {:.0} MiB sent, round 0 at {:.0} MiB/s, setup {:.0} ms, progress events/s in round 0 p50 {:.1} min {:.1}",
+            "{} ({} reps): total p50 {:.0} ms max {:.0} ms ({:.2}x ideal), estimated p50 {:.0} ms (estimate / actual p50 {:.2}, worst {:.2}), blackout p50 {:.1} ms max {:.1} ms, {} rounds, {:.0} MiB sent, round 0 at {:.0} MiB/s, setup {:.0} ms, progress events/s in round 0 p50 {:.1} min {:.1}",
             self.label,
             self.reps,
             self.total_p50_ms,
             self.total_max_ms,
             self.ratio,
+            self.estimate_p50_ms,
+            self.estimate_ratio(),
+            self.estimate_worst(),
             self.blackout_p50_ms,
             self.blackout_max_ms,
             self.rounds_text(),
@@ -465,10 +523,13 @@ impl RowStats {
     fn summary(&self) -> String {
         let k = &self.key;
         format!(
-            " total_p50_ms_{k}={:.0} total_max_ms_{k}={:.0} ratio_{k}={:.2} blackout_p50_ms_{k}={:.1} blackout_max_ms_{k}={:.1} rounds_{k}={} mib_sent_{k}={:.0} round0_mib_s_{k}={:.0} setup_ms_{k}={:.0} progress_per_s_round0_{k}={:.1} reps_{k}={}",
+            " total_p50_ms_{k}={:.0} total_max_ms_{k}={:.0} ratio_{k}={:.2} estimate_p50_ms_{k}={:.0} estimate_ratio_{k}={:.2} estimate_worst_{k}={:.2} blackout_p50_ms_{k}={:.1} blackout_max_ms_{k}={:.1} rounds_{k}={} mib_sent_{k}={:.0} round0_mib_s_{k}={:.0} setup_ms_{k}={:.0} progress_per_s_round0_{k}={:.1} reps_{k}={}",
             self.total_p50_ms,
             self.total_max_ms,
             self.ratio,
+            self.estimate_p50_ms,
+            self.estimate_ratio(),
+            self.estimate_worst(),
             self.blackout_p50_ms,
             self.blackout_max_ms,
             self.rounds_p50,
@@ -494,6 +555,14 @@ async fn measure_row(spec: &RowSpec, tcp: f64) -> Result<RowStats, String> {
             s.round_0_rate / MIB as f64,
             s.rounds,
             s.blackout.as_secs_f64() * 1e3
+        );
+        println!(
+            "      estimated {:.0} ms ({:+.0}% of the actual total), {} rounds, {:.1} ms downtime; from {}",
+            s.estimate.total.as_secs_f64() * 1e3,
+            (s.estimate.total.as_secs_f64() / s.total.as_secs_f64() - 1.0) * 100.0,
+            s.estimate.rounds,
+            s.estimate.downtime.as_secs_f64() * 1e3,
+            s.measured
         );
         samples.push(s);
     }
@@ -588,6 +657,35 @@ fn total_check(rows: &[RowStats], rate_mib: u64, limit: f64, tcp: f64) -> Option
     })
 }
 
+/// Issue 17: the estimate taken before each move against the move's total,
+/// p50 over the row's repetitions (each repetition listed).
+fn estimate_check(r: &RowStats) -> Check {
+    let ratio = r.estimate_ratio();
+    let reps: Vec<String> = r
+        .estimate_ratios
+        .iter()
+        .map(|q| format!("{:+.0}%", (q - 1.0) * 100.0))
+        .collect();
+    let within = r
+        .estimate_ratios
+        .iter()
+        .filter(|q| (*q - 1.0).abs() <= ESTIMATE_TOLERANCE)
+        .count();
+    Check {
+        ok: (ratio - 1.0).abs() <= ESTIMATE_TOLERANCE,
+        text: format!(
+            "{}: estimate within ±{:.0}% of the actual total: estimated p50 {:.0} ms, actual p50 {:.0} ms, estimate / actual p50 {:.2} (reps {}; {within}/{} within)",
+            r.label.trim_start(),
+            ESTIMATE_TOLERANCE * 100.0,
+            r.estimate_p50_ms,
+            r.total_p50_ms,
+            ratio,
+            reps.join(", "),
+            r.estimate_ratios.len()
+        ),
+    }
+}
+
 fn checks(rows: &[RowStats], tcp: f64) -> Vec<Check> {
     let mut checks: Vec<Check> = [(0, 2.0), (16, 2.5), (128, 3.0)]
         .into_iter()
@@ -604,6 +702,7 @@ fn checks(rows: &[RowStats], tcp: f64) -> Vec<Check> {
             ),
         });
     }
+    checks.extend(rows.iter().map(estimate_check));
     checks
 }
 
@@ -693,7 +792,10 @@ fn main() {
             row.total_p50_ms / tls_ms
         );
     }
-    let checks = checks(&rows, tcp);
+    let mut checks = checks(&rows, tcp);
+    if let Ok(row) = &kvm {
+        checks.push(estimate_check(row));
+    }
     for check in &checks {
         check.print();
     }

@@ -289,8 +289,16 @@ async fn vm_cancel(
     ok(serde_json::json!({ "vm": name.as_str(), "cancelled": true }))
 }
 
-async fn vm_estimate(node: web::Data<Node>, name: web::Path<String>) -> ApiResult {
-    ok(node.estimate(&name)?)
+async fn vm_estimate(
+    node: web::Data<Node>,
+    name: web::Path<String>,
+    req: HttpRequest,
+) -> ApiResult {
+    let n = node.get_ref().clone();
+    let to = query_param(&req, "to");
+    ok(node
+        .run_here(async move { n.estimate(&name, to.as_deref()).await })
+        .await?)
 }
 
 async fn vm_append(

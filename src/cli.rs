@@ -352,8 +352,17 @@ on the target, 1 if the move aborted (the VM runs on the source).")]
     /// Cancel the move of a VM under way (asks its source to stop; for a
     /// move stuck behind a dead source see `ferry migrations abort`).
     Cancel { vm: String },
-    /// How long a move would take, and how long the VM would be paused.
-    Estimate { vm: String },
+    /// How long a move would take, and how long the VM would be paused:
+    /// measured on the node that runs it (the dirty rate sampled from the
+    /// guest's dirty log, the bandwidth from a recent move or a probe to the
+    /// target), printed with what each figure rests on.
+    Estimate {
+        vm: String,
+        /// The node the move would go to (by default, where `vm move`
+        /// without `--to` would send it).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Append a record to the VM's service, as a client would.
     Append { vm: String, record: String },
 }
@@ -1276,19 +1285,14 @@ fn vm_cmd(c: &Client, json: bool, cmd: VmCmd) -> Outcome {
                 println!("cancelling the move of {vm}; it stays on its source");
             }
         }
-        VmCmd::Estimate { vm } => {
-            let e: EstimateView = c.get(&format!("/api/vms/{vm}/estimate"))?;
+        VmCmd::Estimate { vm, to } => {
+            let query = to.map_or(String::new(), |t| format!("?to={t}"));
+            let e: EstimateView = c.get(&format!("/api/vms/{vm}/estimate{query}"))?;
             if json {
                 print_json(&e);
             } else {
                 println!("{vm}: {}", e.summary);
-                println!(
-                    "from {} MiB, {:.0} pages/s dirtied, {:.0} MB/s ({})",
-                    mib(e.memory_bytes),
-                    e.dirty_rate,
-                    e.bandwidth / 1e6,
-                    e.bandwidth_source
-                );
+                print!("{}", estimate_basis(&e));
             }
         }
         VmCmd::Append { vm, record } => {
@@ -1370,6 +1374,31 @@ fn round_message(p: &ProgressView) -> String {
     }
 }
 
+/// What an estimate was computed from, one line a factor, in words.
+fn estimate_basis(e: &EstimateView) -> String {
+    let memory = match e.nonzero_pages {
+        Some(pages) => format!(
+            "{} MiB, {} MiB of it in use",
+            mib(e.memory_bytes),
+            mib(pages.saturating_mul(4096))
+        ),
+        None => format!("{} MiB", mib(e.memory_bytes)),
+    };
+    let to = e
+        .target_name
+        .as_deref()
+        .map_or(String::new(), |t| format!(" to {t}"));
+    format!(
+        "  memory:     {memory}\n  dirty rate: {:.0} pages/s ({:.1} MiB/s), {}\n  bandwidth:  {:.0} MiB/s{to}, {}\n  setup:      {:.0} ms\n",
+        e.dirty_rate,
+        e.dirty_rate * 4096.0 / (1u64 << 20) as f64,
+        e.dirty_rate_basis,
+        e.bandwidth / (1u64 << 20) as f64,
+        e.bandwidth_basis,
+        e.setup_ms
+    )
+}
+
 fn bar_style() -> ProgressStyle {
     ProgressStyle::with_template("{prefix:<24} [{bar:30}] {pos:>3}%  {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -1401,6 +1430,7 @@ fn vm_move(c: &Client, json: bool, vm: &str, req: requests::MoveVm, no_wait: boo
         );
         if let Some(e) = &started.estimate {
             println!("estimate: {}", e.summary);
+            print!("{}", estimate_basis(e));
         }
     }
     let bar = if json || !std::io::stderr().is_terminal() {

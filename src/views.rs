@@ -295,11 +295,31 @@ pub struct EstimateView {
     pub converges: bool,
     pub needs_throttle: bool,
     pub memory_bytes: u64,
-    /// Pages per second, from the VM's configured workload.
+    /// Pages that may hold data, which round 0 sends (zero pages it skips),
+    /// if the guest could tell.
+    pub nonzero_pages: Option<u64>,
+    /// Distinct pages dirtied per second.
     pub dirty_rate: f64,
+    /// `sampled` (from the guest's dirty log just now) or `configured` (the
+    /// VM's workload setting, when no sample could be taken).
+    pub dirty_rate_source: String,
+    /// Where the dirty rate came from, in words (the window sampled, or why
+    /// no sample was taken).
+    pub dirty_rate_basis: String,
+    /// How long the dirty log was watched, when sampled.
+    pub sample_window_ms: Option<f64>,
+    /// Bytes per second, the cluster's bandwidth cap applied.
     pub bandwidth: f64,
-    /// `measured` (the last migration this node saw) or `assumed`.
+    /// `measured` (in a recent move), `probed` (just now, over the migration
+    /// networks to the target) or `assumed`.
     pub bandwidth_source: String,
+    /// Where the bandwidth came from, in words.
+    pub bandwidth_basis: String,
+    /// Expected time from the request to round 0.
+    pub setup_ms: f64,
+    /// The node the estimated move goes to (the probe's far end), if any.
+    pub target: Option<NodeId>,
+    pub target_name: Option<String>,
     pub summary: String,
 }
 

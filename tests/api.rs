@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use ferry::client::Client;
-use ferry::views::{NodeView, SettingsView, StatusView, VmView};
+use ferry::views::{EstimateView, NodeView, SettingsView, StatusView, VmView};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -228,6 +228,45 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     ] {
         expect_ok(&api, "GET", path, None);
     }
+    // The estimate says what it rests on: the dirty rate sampled from the
+    // guest's dirty log just now; with no other node to probe, the bandwidth
+    // assumed, and said to be.
+    let estimate: EstimateView = api.get("/api/vms/web-1/estimate").unwrap();
+    assert_eq!(estimate.dirty_rate_source, "sampled", "{estimate:?}");
+    assert!(
+        estimate.sample_window_ms.is_some_and(|w| w >= 300.0)
+            && estimate.dirty_rate_basis.contains("dirty log"),
+        "{estimate:?}"
+    );
+    assert_eq!(estimate.bandwidth_source, "assumed", "{estimate:?}");
+    assert!(
+        estimate.bandwidth_basis.contains("no node to move to"),
+        "{estimate:?}"
+    );
+    assert_eq!(estimate.target, None);
+    assert!(
+        estimate
+            .nonzero_pages
+            .is_some_and(|p| p <= estimate.memory_bytes / 4096),
+        "{estimate:?}"
+    );
+    // A target can be named; not an unknown one, nor the VM's own node.
+    expect_error(
+        &api,
+        "GET",
+        "/api/vms/web-1/estimate?to=node-9",
+        None,
+        404,
+        "unknown_node",
+    );
+    expect_error(
+        &api,
+        "GET",
+        "/api/vms/web-1/estimate?to=node-1",
+        None,
+        409,
+        "same_source_and_target",
+    );
     expect_ok(&api, "PATCH", "/api/settings", Some(serde_json::json!({})));
     let applied = |c: &Client| c.get::<StatusView>("/api/status").unwrap().last_applied;
     let before = applied(&api);

@@ -219,10 +219,13 @@ fn mutate(rng: &mut StdRng, seeds: &[Vec<u8>], input: &mut Vec<u8>) {
 // ---------------------------------------------------------------------------
 // Targets: valid seeds and the decoder they feed.
 
+/// A decoder under test: it decodes or refuses, and the fuzzer only watches.
+type Decoder = Box<dyn Fn(&[u8])>;
+
 struct Target {
     name: &'static str,
     seeds: Vec<Vec<u8>>,
-    decode: Box<dyn Fn(&[u8])>,
+    decode: Decoder,
 }
 
 fn target(name: &'static str, seeds: Vec<Vec<u8>>, decode: impl Fn(&[u8]) + 'static) -> Target {

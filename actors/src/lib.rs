@@ -16,12 +16,16 @@
 //! - [`triggers`]: what starts moves besides a user — maintenance drains with
 //!   failback, and policy (PRO) tips: load reports, the leader's loop,
 //!   applying tips.
+//! - [`measure`]: what a pre-move estimate is computed from — the dirty
+//!   rate sampled from the guest's dirty log, the bandwidth from recent moves
+//!   or a probe.
 //! - [`history`]: an optional recorder of what a node did to its guests and
 //!   migrations, for the chaos suite's invariant checker.
 
 pub mod actors;
 pub mod history;
 pub mod local;
+pub mod measure;
 pub mod migration;
 pub mod node;
 pub mod policy;

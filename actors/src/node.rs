@@ -19,8 +19,9 @@ use ferry_transport::{PageStreamReceiver, RpcNode};
 use ferry_vmm::{Guest, RunLease, ServiceError, SimGuest, SimGuestConfig};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch, for the store's records.
 pub fn now_ms() -> u64 {
@@ -102,6 +103,111 @@ impl Directory {
 /// page-stream paths.
 pub const PROBE_SERVICE: &str = "migration-probe";
 
+/// Who reads each guest's dirty log right now: the one exclusion between a
+/// migration and a dirty-rate sample ([`NodeShared::sample_dirty_rate`]).
+///
+/// A guest has one dirty log, and fetching it clears it: two readers would
+/// each miss the pages the other took. A migration's source must see every
+/// page dirtied after it started the log, or the target resumes with stale
+/// pages. So the log has one reader at a time:
+///
+/// - a source job claims the VM's log as it begins ([`DirtyLogClaim`], taken
+///   in `migration::source::run` before anything else, so before its
+///   `start_dirty_log`) and holds it until the job ends, however it ends;
+/// - a sample starts only while no job holds the log, and looks again right
+///   before it fetches. A claim taken in between voids the sample, which then
+///   leaves the log alone and says so.
+///
+/// The claim, the sample's start and the sample's fetch each happen under
+/// this one lock. So a sample's fetch either happens before a job claims the
+/// log — and the job's own `start_dirty_log`, which comes later, drops
+/// whatever the sample left — or never. The sample's own restart of the log
+/// would harm only a job already running, and a running job holds its claim.
+#[derive(Default)]
+struct DirtyLogUsers {
+    /// Source jobs of each VM holding its log (a count: a job refused by the
+    /// store may overlap the one that runs, for a moment).
+    migrations: HashMap<String, u32>,
+    /// The sample under way of each VM, by ticket.
+    samples: HashMap<String, u64>,
+}
+
+/// Who reads a guest's dirty log (see [`NodeShared::dirty_log_user`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyLogUser {
+    /// A migration of the guest from this node, from its start to its end.
+    Migration,
+    /// A dirty-rate sample, for its window.
+    Sample,
+}
+
+/// A source job's hold on a VM's dirty log (see [`DirtyLogUsers`]); released
+/// when dropped.
+pub(crate) struct DirtyLogClaim {
+    node: Arc<NodeShared>,
+    vm: String,
+}
+
+impl Drop for DirtyLogClaim {
+    fn drop(&mut self) {
+        let mut users = lock(&self.node.dirty_log);
+        if let Some(n) = users.migrations.get_mut(&self.vm) {
+            *n -= 1;
+            if *n == 0 {
+                users.migrations.remove(&self.vm);
+            }
+        }
+    }
+}
+
+/// A dirty-rate sample's slot; frees it when dropped (a sample whose caller
+/// gave up mid-window must not keep the next one out).
+struct SampleSlot<'a> {
+    node: &'a NodeShared,
+    vm: &'a str,
+    ticket: u64,
+}
+
+impl Drop for SampleSlot<'_> {
+    fn drop(&mut self) {
+        let mut users = lock(&self.node.dirty_log);
+        if users.samples.get(self.vm) == Some(&self.ticket) {
+            users.samples.remove(self.vm);
+        }
+    }
+}
+
+/// Pages a guest dirtied while a sample watched its dirty log.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DirtySample {
+    /// Distinct pages dirtied during the window.
+    pub pages: u64,
+    /// From the log's start to its fetch.
+    pub window: Duration,
+}
+
+impl DirtySample {
+    /// Distinct pages dirtied per second.
+    pub fn rate(&self) -> f64 {
+        self.pages as f64 / self.window.as_secs_f64().max(1e-6)
+    }
+}
+
+/// Why no dirty-rate sample was taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+pub enum SampleRefused {
+    #[error("VM {0} does not run on this node")]
+    NotHere(String),
+    #[error("a migration of VM {0} is running and its dirty log is the migration's")]
+    Migrating(String),
+    #[error("a migration of VM {0} began during the sample; the log was left to it")]
+    Interrupted(String),
+    #[error("another sample of VM {0} is being taken")]
+    Busy(String),
+    #[error("the guest's dirty log: {0}")]
+    Guest(String),
+}
+
 /// What this node does with a VM it holds.
 pub(crate) enum Role {
     /// The store says this node runs it, at `epoch`.
@@ -152,6 +258,12 @@ pub struct NodeShared {
     /// Whether this node boots VMs the store starts here by itself (see
     /// [`Self::begin_adopting`]).
     adopting: std::sync::atomic::AtomicBool,
+    /// Who reads each guest's dirty log (see [`DirtyLogUsers`]).
+    dirty_log: Mutex<DirtyLogUsers>,
+    next_sample: AtomicU64,
+    /// What this node measured for estimates: its moves, the links it
+    /// probed, the estimates it asked for (see [`crate::measure`]).
+    pub(crate) measured: crate::measure::Book,
 }
 
 /// What a simulated guest runs, stored opaquely in the VM's config.
@@ -165,12 +277,16 @@ pub struct GuestProgram {
     pub tcp_connections: u32,
 }
 
-/// What a guest's virtual NIC starts with.
-#[derive(Debug, Clone, Copy, Default)]
+/// What a guest booted here starts with: its virtual NIC, and its CPU.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct NicBoot {
     /// The node's NIC offloads TCP state.
     pub offload: bool,
     pub connections: u32,
+    /// Processor compatibility: the features the store fixed for this start
+    /// (the cluster's baseline), which a KVM guest's CPUID is masked to.
+    /// `None`: the node's own CPUID.
+    pub cpu_features: Option<std::collections::BTreeSet<String>>,
 }
 
 /// Reads the guest program out of the store's VM config.
@@ -255,8 +371,12 @@ fn build_unbound(spec: &GuestSpec, boot: Option<NicBoot>) -> Result<Arc<dyn Gues
             config.mac = spec.mac;
             config.prefill_seed = spec.prefill_seed;
             let guest = match boot {
+                // An incoming guest's CPUID comes with its device state.
                 None => ferry_vmm::KvmGuest::incoming(config),
-                Some(_) => ferry_vmm::KvmGuest::boot(config),
+                Some(nic) => {
+                    config.cpu_features = nic.cpu_features;
+                    ferry_vmm::KvmGuest::boot(config)
+                }
             };
             Ok(guest.map_err(|e| e.to_string())?)
         }
@@ -285,6 +405,9 @@ impl NodeShared {
             run_lease: RunLease::unlimited(),
             starting: Mutex::new(HashSet::new()),
             adopting: std::sync::atomic::AtomicBool::new(false),
+            dirty_log: Mutex::new(DirtyLogUsers::default()),
+            next_sample: AtomicU64::new(1),
+            measured: crate::measure::Book::default(),
         });
         node.rpc.register(
             protocol::SERVICE,
@@ -294,9 +417,93 @@ impl NodeShared {
             PROBE_SERVICE,
             ferry_transport::handler_fn(|_, _| async { Ok(Vec::new()) }),
         );
+        crate::measure::register(&node);
         node.switch
             .attach(node.id, Arc::new(Port(Arc::downgrade(&node))));
         node
+    }
+
+    /// Claims `vm`'s dirty log for a source job until the claim is dropped:
+    /// no sample reads the log meanwhile, and one under way is voided (see
+    /// [`DirtyLogUsers`]).
+    pub(crate) fn claim_dirty_log(self: &Arc<Self>, vm: &str) -> DirtyLogClaim {
+        let mut users = lock(&self.dirty_log);
+        *users.migrations.entry(vm.to_string()).or_insert(0) += 1;
+        users.samples.remove(vm);
+        DirtyLogClaim {
+            node: self.clone(),
+            vm: vm.to_string(),
+        }
+    }
+
+    /// Who reads `vm`'s dirty log now, if anyone.
+    pub fn dirty_log_user(&self, vm: &str) -> Option<DirtyLogUser> {
+        let users = lock(&self.dirty_log);
+        if users.migrations.contains_key(vm) {
+            Some(DirtyLogUser::Migration)
+        } else if users.samples.contains_key(vm) {
+            Some(DirtyLogUser::Sample)
+        } else {
+            None
+        }
+    }
+
+    /// Samples how fast the guest of `vm` dirties memory: restarts its dirty
+    /// log, waits `window`, and counts the distinct pages the log then holds.
+    ///
+    /// Only for a VM this node runs (owner role), and never while a migration
+    /// of it runs here: a migration holds the log from its start to its end,
+    /// and one that begins during the window voids the sample, which then
+    /// does not touch the log (see [`DirtyLogUsers`]). Harmless otherwise: a
+    /// migration restarts the log when it begins.
+    pub async fn sample_dirty_rate(
+        &self,
+        vm: &str,
+        window: Duration,
+    ) -> Result<DirtySample, SampleRefused> {
+        let guest = self
+            .guest(vm)
+            .ok_or_else(|| SampleRefused::NotHere(vm.into()))?;
+        // Allocated before the lock is taken: the fetch under it is short.
+        let mut bitmap = ferry_vmm::DirtyBitmap::new(guest.page_count());
+        let ticket = self
+            .next_sample
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = {
+            let mut users = lock(&self.dirty_log);
+            if users.migrations.contains_key(vm) {
+                return Err(SampleRefused::Migrating(vm.into()));
+            }
+            if users.samples.contains_key(vm) {
+                return Err(SampleRefused::Busy(vm.into()));
+            }
+            guest
+                .start_dirty_log()
+                .map_err(|e| SampleRefused::Guest(e.to_string()))?;
+            users.samples.insert(vm.to_string(), ticket);
+            Instant::now()
+        };
+        let _slot = SampleSlot {
+            node: self,
+            vm,
+            ticket,
+        };
+        tokio::time::sleep(window).await;
+        let mut users = lock(&self.dirty_log);
+        if users.samples.get(vm) != Some(&ticket) {
+            // A migration claimed the log since (and dropped our slot).
+            return Err(SampleRefused::Interrupted(vm.into()));
+        }
+        guest
+            .fetch_and_clear_dirty(&mut bitmap)
+            .map_err(|e| SampleRefused::Guest(e.to_string()))?;
+        let window = started.elapsed();
+        users.samples.remove(vm);
+        drop(users);
+        Ok(DirtySample {
+            pages: bitmap.count(),
+            window,
+        })
     }
 
     pub fn is_dead(&self) -> bool {
@@ -460,9 +667,11 @@ impl NodeShared {
             .config
             .clone();
         let spec = spec_of(&config)?;
-        let nic = NicBoot {
+        let compatible = state.vms.get(vm).is_some_and(|v| v.processor_compatibility);
+        let mut nic = NicBoot {
             offload: state.nodes.get(&self.id).is_some_and(|n| n.tcp_offload),
             connections: program_of(&config).map_or(0, |p| p.tcp_connections),
+            cpu_features: None,
         };
         let epoch = match self
             .cluster
@@ -472,7 +681,14 @@ impl NodeShared {
             })
             .await
         {
-            Ok(Response::VmStarted { epoch, .. }) => epoch,
+            Ok(Response::VmStarted {
+                epoch,
+                cpu_features,
+                ..
+            }) => {
+                nic.cpu_features = compatible.then_some(cpu_features);
+                epoch
+            }
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => return Err(e.to_string()),
         };
@@ -588,6 +804,7 @@ impl NodeShared {
         let nic = NicBoot {
             offload: state.nodes.get(&self.id).is_some_and(|n| n.tcp_offload),
             connections: program_of(&v.config).map_or(0, |p| p.tcp_connections),
+            cpu_features: v.processor_compatibility.then(|| v.cpu_features.clone()),
         };
         drop(state);
         tracing::info!(%vm, epoch, "starting a VM the cluster restarted here");

@@ -232,7 +232,7 @@ impl Node {
         if target == source {
             return Err(CommandError::SameSourceAndTarget { node: source }.into());
         }
-        let estimate = self.estimate_under(vm, req.downtime_limit_ms).ok();
+        let estimate = self.estimate_under(vm, target, req.downtime_limit_ms).ok();
         let reply = self
             .on_node(
                 source,

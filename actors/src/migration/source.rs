@@ -303,6 +303,9 @@ pub async fn run(
     let guest = node.guest(&req.vm).ok_or_else(|| {
         MigrationError::Refused(format!("VM {} does not run on node {}", req.vm, node.id))
     })?;
+    // The guest's dirty log is this job's from here to its end: no dirty-rate
+    // sample reads it meanwhile (see `node::DirtyLogUsers`).
+    let _dirty_log = node.claim_dirty_log(&req.vm);
     let peer = node.directory.get(req.target).ok_or_else(|| {
         MigrationError::Refused(format!(
             "node {} is not in this node's directory",
@@ -367,6 +370,7 @@ pub async fn run(
     };
     match job.precopy_and_switch(sender, started).await {
         Ok(report) => {
+            crate::measure::note_move(&job.node, &report);
             job.node.record(|| HistoryEvent::MigrationEnded {
                 migration,
                 vm: report.vm.clone(),

@@ -1,6 +1,7 @@
 //! The pre-move estimate: how long a move will take and how long the guest
 //! will be dark, from the seed's three factors — memory size, dirty rate and
-//! bandwidth — shown to the user with the request.
+//! bandwidth — plus the setup before round 0, shown to the user with the
+//! request. [`crate::measure`] measures them.
 //!
 //! Pre-copy is a geometric series: round 0 sends every non-zero page, and
 //! each later round sends what the guest dirtied while the previous one ran,
@@ -35,12 +36,17 @@ pub struct Factors {
     pub dirty_rate: f64,
     /// Bytes per second the migration networks carry.
     pub bandwidth: f64,
+    /// From the request to round 0: the store's record, the target's
+    /// preparation, opening the paths.
+    #[serde(default)]
+    pub setup: Duration,
 }
 
 /// The prediction for one move.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
-    /// Request to switchover (or to giving up): every round plus the blackout.
+    /// Request to switchover (or to giving up): the setup, every round and
+    /// the blackout.
     pub total: Duration,
     /// The expected blackout at stop-and-copy (or when giving up: what it
     /// would have been then).
@@ -83,7 +89,7 @@ fn simulate(factors: &Factors, config: &ConvergenceConfig) -> Result<Estimate, C
         0.0
     };
     let mut estimate = Estimate {
-        total: Duration::ZERO,
+        total: factors.setup,
         downtime: Duration::MAX,
         rounds: 0,
         converges: false,
@@ -104,11 +110,11 @@ fn simulate(factors: &Factors, config: &ConvergenceConfig) -> Result<Estimate, C
             // Nothing to send: only device state crosses, however slowly.
             estimate.converges = true;
             estimate.downtime = config.device_state_allowance;
-            estimate.total = config.device_state_allowance;
+            estimate.total = factors.setup.saturating_add(config.device_state_allowance);
             return Ok(estimate);
         }
         // Round 0 would never finish; the move stalls until its budget runs out.
-        estimate.total = policy.time_budget();
+        estimate.total = factors.setup.saturating_add(policy.time_budget());
         estimate.gives_up = Some(GiveUpReason::NoBandwidth { rounds: 1 });
         return Ok(estimate);
     }
@@ -222,6 +228,7 @@ mod tests {
             nonzero_pages: None,
             dirty_rate: dirty_bytes_per_sec / PAGE_SIZE as f64,
             bandwidth,
+            setup: Duration::ZERO,
         }
     }
 
@@ -236,6 +243,20 @@ mod tests {
         let copy = GIB as f64 / 1e9;
         assert!((e.total.as_secs_f64() - copy - 0.010).abs() < 1e-6);
         assert_eq!(e.bytes, GIB);
+    }
+
+    #[test]
+    fn the_setup_comes_before_round_zero() {
+        let config = ConvergenceConfig::default();
+        let mut f = factors(GIB, 16.0 * MIB as f64, 1e9);
+        let without = estimate(&f, &config).unwrap();
+        f.setup = Duration::from_millis(25);
+        let with = estimate(&f, &config).unwrap();
+        assert_eq!(with.total, without.total + Duration::from_millis(25));
+        assert_eq!(with.rounds, without.rounds);
+        assert_eq!(with.downtime, without.downtime);
+        f.setup = Duration::MAX;
+        assert_eq!(estimate(&f, &config).unwrap().total, Duration::MAX);
     }
 
     #[test]
