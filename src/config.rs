@@ -34,9 +34,13 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     pub api: ApiConfig,
     pub capacity: CapacityConfig,
-    /// CPU features this node offers (processor compatibility checks).
-    #[serde(default)]
-    pub cpu_features: Vec<String>,
+    /// CPU features this node offers (processor compatibility checks), by
+    /// the names in `ferry_vmm::cpu::FEATURES`. Absent: read from this
+    /// processor's CPUID at start (`ferry_vmm::cpu::host_features`), which is
+    /// what a real node wants; a list overrides it (tests that need nodes
+    /// with different processors on one machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_features: Option<Vec<String>>,
     #[serde(default)]
     pub tcp_offload: bool,
     /// The networks this node is attached to, with its address on each. The
@@ -279,7 +283,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
                 memory_mib: opts.memory_mib,
                 max_vms: opts.max_vms,
             },
-            cpu_features: Vec::new(),
+            cpu_features: None,
             tcp_offload: false,
             networks: opts
                 .networks
@@ -328,6 +332,11 @@ mod tests {
         assert_eq!(c2.networks[1].address, "127.2.0.2:7400".parse().unwrap());
         assert_eq!(c2.api.listen, "127.0.0.1:7702".parse().unwrap());
         assert_eq!(c2.peers.len(), 2);
+        // No features written: the node reads its processor's at start.
+        assert_eq!(c2.cpu_features, None);
+        assert!(!std::fs::read_to_string(&paths[1])
+            .unwrap()
+            .contains("cpu_features"));
         let creds = std::fs::read_to_string(&c2.credentials).unwrap();
         assert_eq!(
             ferry_transport::NodeCredentials::from_pem(&creds)
@@ -336,6 +345,22 @@ mod tests {
             2
         );
         assert!(init_cluster(&InitOptions::local(&dir, 3)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn named_cpu_features_override_the_processors() {
+        let dir = std::env::temp_dir().join(format!("ferry-cpu-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let paths = init_cluster(&InitOptions::local(&dir, 1)).unwrap();
+        let text = std::fs::read_to_string(&paths[0]).unwrap();
+        let named = format!("cpu_features = [\"sse4_2\", \"avx2\"]\n{text}");
+        std::fs::write(&paths[0], named).unwrap();
+        let c = NodeConfig::load(&paths[0]).unwrap();
+        assert_eq!(
+            c.cpu_features,
+            Some(vec!["sse4_2".to_string(), "avx2".to_string()])
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -196,7 +196,11 @@ impl LocalCluster {
                         .zip(&options.networks)
                         .map(|(k, net)| (net.name.clone(), ip(k, id)))
                         .collect(),
-                    cpu_features: options.cpu_features.get(i).cloned().unwrap_or_default(),
+                    cpu_features: options
+                        .cpu_features
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(ferry_vmm::cpu::host_features),
                     capacity: Capacity {
                         memory_bytes: 64 << 30,
                         max_vms: 32,
@@ -318,7 +322,8 @@ pub struct LocalNetwork {
 pub struct LocalOptions {
     pub nodes: u64,
     pub networks: Vec<LocalNetwork>,
-    /// Node `i`'s CPU features at index `i - 1` (none when missing).
+    /// Node `i`'s CPU features at index `i - 1`; when missing, this
+    /// processor's (`ferry_vmm::cpu::host_features`), as a daemon reports.
     pub cpu_features: Vec<BTreeSet<String>>,
     /// Whether node `i`'s NIC offloads TCP, at index `i - 1` (no when missing).
     pub tcp_offload: Vec<bool>,

@@ -25,7 +25,10 @@ impl Node {
                 .iter()
                 .map(|n| (n.name.clone(), n.address.ip()))
                 .collect(),
-            cpu_features: c.cpu_features.iter().cloned().collect(),
+            cpu_features: match &c.cpu_features {
+                Some(named) => named.iter().cloned().collect(),
+                None => ferry_vmm::cpu::host_features(),
+            },
             capacity: Capacity {
                 memory_bytes: c.capacity.memory_mib.saturating_mul(1 << 20),
                 max_vms: c.capacity.max_vms,
