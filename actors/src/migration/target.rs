@@ -21,6 +21,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 impl NodeShared {
+    /// Makes room for an incoming copy of `vm`, which the store says runs
+    /// elsewhere at `epoch`. A copy this node still holds as an owner from an
+    /// earlier epoch is the paused source copy of a switchover that already
+    /// committed: its job destroys it once the target has answered `Resume`,
+    /// which a dead path can delay, and a move back may arrive before that.
+    /// It can never run again, so it goes now. Anything else this node holds
+    /// of `vm` (a running copy, another incoming one) refuses the move.
+    fn clear_stale_copy(&self, vm: &str, epoch: u64) -> Result<(), String> {
+        let mut vms = lock(&self.vms);
+        let Some(held) = vms.get(vm) else {
+            return Ok(());
+        };
+        let stale = matches!(held.role, Role::Owner { epoch: mine } if mine < epoch)
+            && held.guest.is_paused();
+        if !stale {
+            return Err(format!("this node already holds VM {vm}"));
+        }
+        if let Some(old) = vms.remove(vm) {
+            tracing::info!(
+                vm,
+                epoch,
+                "dropping the paused source copy of an earlier switchover"
+            );
+            old.guest.destroy();
+        }
+        Ok(())
+    }
+
     fn prepare(
         &self,
         migration: u64,
@@ -29,11 +57,6 @@ impl NodeShared {
         spec: GuestSpec,
         from: NodeId,
     ) -> Reply {
-        if lock(&self.vms).contains_key(&vm) {
-            return Reply::Refused {
-                reason: format!("this node already holds VM {vm}"),
-            };
-        }
         // The store must know of this migration, of this VM, to this node, at
         // this epoch.
         let state = self.cluster.read();
@@ -54,6 +77,10 @@ impl NodeShared {
                     reason: format!("migration {migration} is not (yet) in this node's store"),
                 }
             }
+        }
+        // `epoch` is now the store's: the migration's, from its source.
+        if let Err(reason) = self.clear_stale_copy(&vm, epoch) {
+            return Reply::Refused { reason };
         }
         // The machine to build is the one the store defined, not whatever the
         // source says: the store checked this node's capacity for that one,
