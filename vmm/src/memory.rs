@@ -228,6 +228,8 @@ impl GuestMemory {
 
     /// Gives every page back to the kernel; they read as zero afterwards.
     pub fn discard(&self) {
+        // A populate still running would fault the pages back in.
+        self.mapping.dropped.store(true, Ordering::Relaxed);
         // SAFETY: MADV_DONTNEED on our own private anonymous mapping only drops
         // its pages; the mapping stays valid and reads back zeros.
         unsafe { libc::madvise(self.base.as_ptr().cast(), self.bytes, libc::MADV_DONTNEED) };
