@@ -951,6 +951,11 @@ impl Job {
         total_bytes += final_bytes;
         let verifying = Instant::now();
         let digest = self.pause_digest().map_err(paused_err)?;
+        // As on the target: a node stopped during the hash hashed discarded
+        // memory, and its digest would pass for a bad copy.
+        if self.node.is_dead() {
+            return Err(paused_err("this node stopped during the blackout".into()));
+        }
         let verify_cost = verifying.elapsed() * 3;
         let copy_deadline = budget_deadline + verify_cost;
         if self.cancelled() {

@@ -170,6 +170,15 @@ impl NodeShared {
         } else {
             None
         };
+        // A node stopped while it hashed (in this process: `kill` marks it
+        // dead, then discards its guests' memory) hashed zeros, not the copy:
+        // that is a dead target, not a copy that differs. Seen alive after
+        // the hash, it was alive during all of it.
+        if self.is_dead() {
+            return Reply::Refused {
+                reason: "this node stopped".into(),
+            };
+        }
         if mine != digest {
             return Reply::Refused {
                 reason: format!("digest mismatch: source {digest:?}, target {mine:?}"),
