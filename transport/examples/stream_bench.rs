@@ -6,9 +6,12 @@
 //! 2. the page stream (QUIC, TLS 1.3) on one path and on two paths, at the default
 //!    MTU and at the jumbo MTU;
 //! 3. each path through a chaos link proxy limited to the same rate: two paths must
-//!    deliver at least 1.8x one path.
+//!    deliver at least 1.8x one path;
+//! 4. the byte stream (a QEMU migration stream's carrier) on two paths at the jumbo
+//!    MTU, Unix socket in, Unix socket out, as QEMU uses it.
 //!
-//! The last line sums everything up as `key=value` pairs.
+//! The last line sums everything up as `key=value` pairs. `--quick`: a quarter of the
+//! bytes; `--byte-budget-mib N`: the byte stream's in-flight budget.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -103,10 +106,19 @@ struct Pair {
 }
 
 async fn pair(ca: &ClusterCa, mtu: u16, tag: u8) -> Pair {
-    let cfg = NetworkConfig {
+    let mut cfg = NetworkConfig {
         mtu,
         ..NetworkConfig::default()
     };
+    // `--byte-budget-mib N`: the byte stream's in-flight budget, to tune it.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(mib) = args
+        .windows(2)
+        .find(|w| w[0] == "--byte-budget-mib")
+        .and_then(|w| w[1].parse::<usize>().ok())
+    {
+        cfg.page_stream.byte_stream_budget_bytes = mib << 20;
+    }
     let at = |net: u8, node: u8| SocketAddr::from(([127, net, tag, node], 0));
     let src = RpcNode::start(ca.issue(1).unwrap(), vec![at(1, 1), at(2, 1)], cfg.clone())
         .await
@@ -159,6 +171,60 @@ async fn stream(p: &mut Pair, targets: &[SocketAddr], bytes: u64) -> f64 {
     rate
 }
 
+/// Pumps `bytes` from a Unix socket through a byte stream over `targets` into another
+/// Unix socket, as a QEMU migration goes; returns MiB/s (first byte to confirmed end).
+async fn byte_stream(p: &mut Pair, targets: &[SocketAddr], bytes: u64) -> f64 {
+    let id = p.next_stream;
+    p.next_stream += 1;
+    let rx = p.dst.accept_byte_stream(id, 1).unwrap();
+    let tx = p.src.open_byte_stream(2, targets, id).await.unwrap();
+    let (mut qemu_out, mut src_sock) = tokio::net::UnixStream::pair().unwrap();
+    let (mut dst_sock, mut qemu_in) = tokio::net::UnixStream::pair().unwrap();
+    let data = payload();
+    let start = Instant::now();
+    let producer = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while sent < bytes {
+            qemu_out.write_all(&data).await.unwrap();
+            sent += data.len() as u64;
+        }
+        qemu_out.shutdown().await.unwrap();
+        sent
+    });
+    let consumer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            let n = qemu_in.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return got;
+            }
+            got += n as u64;
+        }
+    });
+    let target = tokio::spawn(async move { rx.pump_into(&mut dst_sock).await });
+    let stats = tx.pump_from(&mut src_sock).await.unwrap();
+    let took = start.elapsed();
+    target.await.unwrap().unwrap();
+    let sent = producer.await.unwrap();
+    assert_eq!(consumer.await.unwrap(), sent);
+    let rate = sent as f64 / MIB / took.as_secs_f64();
+    println!(
+        "    {:>4} MiB over {} path(s) in {:>6.2?}: {rate:>7.1} MiB/s (MiB per path: {})",
+        sent >> 20,
+        targets.len(),
+        took,
+        stats
+            .page
+            .paths
+            .iter()
+            .map(|p| format!("{:.0}", p.bytes_acked as f64 / MIB))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    rate
+}
+
 #[tokio::main]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -171,6 +237,7 @@ async fn main() {
     println!("    {tcp:.1} MiB/s");
 
     let mut results = Vec::new();
+    let mut bytes_two_jumbo = 0.0;
     let mtus: &[(u8, u16)] = if limited_only {
         &[]
     } else {
@@ -183,6 +250,10 @@ async fn main() {
         let one = stream(&mut p, &targets[..1], direct_bytes).await;
         let two = stream(&mut p, &targets, direct_bytes).await;
         results.push((mtu, one, two));
+        if mtu == JUMBO_MTU {
+            println!("byte stream (Unix socket to Unix socket), MTU {mtu}:");
+            bytes_two_jumbo = byte_stream(&mut p, &targets, direct_bytes).await;
+        }
         p.src.shutdown().await;
         p.dst.shutdown().await;
     }
@@ -239,6 +310,10 @@ async fn main() {
         two_default / tcp
     );
     println!(
+        "byte stream, two paths / TCP: {:.2} (jumbo)",
+        bytes_two_jumbo / tcp
+    );
+    println!(
         "rate-limited: two paths / one path = {limited_ratio:.2} (required >= 1.8) {}",
         if limited_ratio >= 1.8 {
             "OK"
@@ -251,8 +326,10 @@ async fn main() {
          one_path_default_mtu_mibps={one_default:.0} two_paths_default_mtu_mibps={two_default:.0} \
          one_path_vs_tcp={:.2} two_paths_vs_tcp={:.2} limited_link_mibps={rate_mib} \
          limited_one_path_mibps={one_limited:.1} limited_two_paths_mibps={two_limited:.1} \
-         limited_two_vs_one={limited_ratio:.2}",
+         limited_two_vs_one={limited_ratio:.2} byte_stream_two_paths_mibps={bytes_two_jumbo:.0} \
+         byte_stream_vs_tcp={:.2}",
         one_jumbo / tcp,
-        two_jumbo / tcp
+        two_jumbo / tcp,
+        bytes_two_jumbo / tcp
     );
 }

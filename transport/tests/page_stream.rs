@@ -499,3 +499,47 @@ async fn barrier_cancel_sink_failure_and_unknown_streams() {
         Err(PageStreamError::SinkFailed(_))
     ));
 }
+
+/// Records the largest run one `apply` was asked to write.
+#[derive(Default)]
+struct SliceSink {
+    largest: std::sync::atomic::AtomicU32,
+    pages: AtomicU64,
+}
+
+impl ferry_transport::PageSink for SliceSink {
+    fn apply(&self, _first: u64, count: u32, _data: Option<&[u8]>) -> Result<(), String> {
+        self.largest.fetch_max(count, Ordering::Relaxed);
+        self.pages.fetch_add(u64::from(count), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Issue 15, hole 4: a zero chunk of 30 bytes may claim 65 536 pages (256 MiB
+/// of zeroing). The receiver applies it in slices of at most 256 pages, each
+/// under the stream's lock on its own, so one such chunk never holds the
+/// stream (and the pages other paths deliver) for a 256 MiB memset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_chunk_claiming_65536_pages_is_applied_in_small_slices() {
+    let (src, dst) = pair(NetworkConfig::loopback()).await;
+    let sink = Arc::new(SliceSink::default());
+    let rx = dst.accept_page_stream(9, 1, sink.clone()).unwrap();
+    let tx = src
+        .open_page_stream(2, &dst.local_addrs(), 9)
+        .await
+        .unwrap();
+    const CLAIMED: u64 = 65_536;
+    for i in 0..4 {
+        tx.send_zero(1, i * CLAIMED, CLAIMED).await.unwrap();
+    }
+    let stats = tx.finish().await.unwrap();
+    rx.wait().await.unwrap();
+    assert_eq!(sink.pages.load(Ordering::Relaxed), 4 * CLAIMED);
+    let largest = sink.largest.load(Ordering::Relaxed);
+    assert!(largest <= 256, "one apply zeroed {largest} pages");
+    let chunks: u64 = stats.paths.iter().map(|p| p.chunks_acked).sum();
+    assert!(
+        chunks <= 8,
+        "the claim went out as {chunks} chunks, not one per slice"
+    );
+}

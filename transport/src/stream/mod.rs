@@ -14,13 +14,23 @@
 //! what to resend, budget, barriers), [`pacer`] (the bandwidth cap) and [`versions`]
 //! (which copy of a page wins). The
 //! async code in `sender.rs` and `receiver.rs` only moves bytes and time.
+//!
+//! [`byte_stream`] carries one ordered stream of bytes (a QEMU migration stream) as a
+//! page stream whose receiver acknowledges chunks only once its reader took them
+//! (`ack_hold`).
 
+pub(crate) mod ack_hold;
+pub mod byte_stream;
 pub mod pacer;
 pub mod receiver;
 pub mod scheduler;
 pub mod sender;
 pub mod versions;
 
+pub use byte_stream::{
+    ByteReceiverStats, ByteSenderStats, ByteStreamCanceller, ByteStreamError, ByteStreamReceiver,
+    ByteStreamSender,
+};
 pub use receiver::{PageStreamReceiver, ReceiverStats};
 pub use sender::{PageStreamSender, PathStats, SenderStats};
 

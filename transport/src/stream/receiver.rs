@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use quinn::{Connection, RecvStream, SendStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
+use super::ack_hold::release_acks;
 use super::versions::{round_of, version, Admitted, PageVersions};
 use super::PageSink;
 use crate::config::PageStreamConfig;
@@ -74,6 +75,9 @@ pub(crate) struct ReceiverShared {
     state: Mutex<State>,
     counters: Counters,
     done: Notify,
+    /// The consumer's position (pages below it taken), when acknowledgements wait
+    /// for it (see `ack_hold`); `None`: a chunk is acknowledged once applied.
+    hold: Option<watch::Receiver<u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -176,6 +180,29 @@ impl RpcNode {
         from: NodeId,
         sink: Arc<dyn PageSink>,
     ) -> Result<PageStreamReceiver, PageStreamError> {
+        self.accept_stream(stream_id, from, sink, None)
+    }
+
+    /// Like [`accept_page_stream`](Self::accept_page_stream), but a chunk is
+    /// acknowledged only once `taken` (pages below it consumed) has passed its last
+    /// page: the byte stream's bound on what its sink buffers.
+    pub(crate) fn accept_page_stream_held(
+        self: &Arc<Self>,
+        stream_id: u64,
+        from: NodeId,
+        sink: Arc<dyn PageSink>,
+        taken: watch::Receiver<u64>,
+    ) -> Result<PageStreamReceiver, PageStreamError> {
+        self.accept_stream(stream_id, from, sink, Some(taken))
+    }
+
+    fn accept_stream(
+        self: &Arc<Self>,
+        stream_id: u64,
+        from: NodeId,
+        sink: Arc<dyn PageSink>,
+        hold: Option<watch::Receiver<u64>>,
+    ) -> Result<PageStreamReceiver, PageStreamError> {
         if self.is_shut() {
             return Err(PageStreamError::Shutdown);
         }
@@ -188,6 +215,7 @@ impl RpcNode {
             state: Mutex::new(State::default()),
             counters: Counters::default(),
             done: Notify::new(),
+            hold,
         });
         {
             let mut receivers = lock(&self.receivers);
@@ -357,10 +385,25 @@ pub(crate) async fn serve_path(
         conn.clone(),
         on_violation.clone(),
     ));
+    let held = shared.hold.clone().map(|taken| {
+        let (applied_tx, applied_rx) = mpsc::channel(OUTBOX);
+        let (shared, out) = (shared.clone(), out_tx.clone());
+        tasks.spawn(async move {
+            let acks = release_acks(applied_rx, taken, |seq| {
+                let out = out.clone();
+                async move { out.send(Out::Ack(seq)).await.is_ok() }
+            });
+            if let Err(e) = acks.await {
+                shared.fail(PageStreamError::Protocol(e));
+            }
+        });
+        applied_tx
+    });
     tasks.spawn(chunk_reader(
         shared.clone(),
         conn.clone(),
         out_tx,
+        held,
         wire_version,
         max_frame,
         on_violation,
@@ -370,6 +413,11 @@ pub(crate) async fn serve_path(
         _ = conn.closed() => {}
     }
     tasks.abort_all();
+    // A task may end (its stream finished) just before the sender's close arrives:
+    // wait briefly for the close, which says whether the stream was cancelled.
+    if conn.close_reason().is_none() {
+        let _ = tokio::time::timeout(shared.cfg.path_dead_after, conn.closed()).await;
+    }
     if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
         if CloseCode::from_u64(c.error_code.into_inner()) == Some(CloseCode::Cancelled) {
             let reason = String::from_utf8_lossy(&c.reason).into_owned();
@@ -478,6 +526,7 @@ async fn chunk_reader(
     shared: Arc<ReceiverShared>,
     conn: Connection,
     out: mpsc::Sender<Out>,
+    held: Option<mpsc::Sender<(u64, u64)>>,
     wire_version: u16,
     max_frame: u32,
     on_violation: Arc<impl Fn(&Connection, &ProtocolError)>,
@@ -568,8 +617,20 @@ async fn chunk_reader(
         }
         // A full outbox (the sender reads no acks) stops this reader, and
         // QUIC's flow control then stops the sender: back-pressure, not a
-        // queue that grows.
-        if out.send(Out::Ack(header.seq)).await.is_err() {
+        // queue that grows. Held acknowledgements go through the releaser.
+        let sent = match &held {
+            Some(h) => {
+                let end = chunk
+                    .runs()
+                    .iter()
+                    .map(|(_, first, count)| first + u64::from(*count))
+                    .max()
+                    .unwrap_or(header.first);
+                h.send((end, header.seq)).await.is_ok()
+            }
+            None => out.send(Out::Ack(header.seq)).await.is_ok(),
+        };
+        if !sent {
             return;
         }
     }

@@ -66,6 +66,10 @@ pub struct SenderStats {
     pub wire_version: Option<u16>,
 }
 
+/// How long a failed stream's paths stay open for its `Cancel` message to be
+/// delivered before they are closed (see `Shared::fail`).
+const CANCEL_GRACE: Duration = Duration::from_millis(100);
+
 struct PathSlot {
     remote: SocketAddr,
     local: Option<SocketAddr>,
@@ -130,27 +134,45 @@ impl Shared {
 
     /// Ends the stream with `e` (first outcome wins) and closes every path.
     fn fail(&self, e: PageStreamError) {
-        let conns = {
+        let (conns, controls) = {
             let mut st = lock(&self.state);
             if st.outcome.is_some() {
                 return;
             }
             tracing::warn!(stream = self.stream_id, peer = self.peer, error = %e, "page stream failed");
             st.outcome = Some(Err(e.clone()));
-            st.paths
-                .iter_mut()
-                .filter_map(|p| {
-                    p.control = None;
-                    p.conn.take()
-                })
-                .collect::<Vec<_>>()
+            let controls: Vec<_> = st.paths.iter_mut().map(|p| p.control.take()).collect();
+            let conns: Vec<_> = st.paths.iter_mut().filter_map(|p| p.conn.take()).collect();
+            (conns, controls)
         };
         let (code, reason) = match &e {
             PageStreamError::Cancelled(r) => (CloseCode::Cancelled, r.clone()),
             other => (CloseCode::Cancelled, other.to_string()),
         };
-        for c in conns {
-            c.close(code.to_varint(), reason.as_bytes());
+        // The close is QUIC's last packet, and it is not sent again once the
+        // connection has drained (a few round trips): lost, the receiver would see
+        // its paths end without the reason and fail only at `fail_after`, with
+        // "every path dead". So the reason goes first as a `Cancel` control message
+        // (stream data, resent until delivered; the writers stop once it is
+        // written), and the close follows after `CANCEL_GRACE`.
+        for c in controls.into_iter().flatten() {
+            let _ = c.send(Control::Cancel {
+                reason: reason.clone(),
+            });
+        }
+        let close = move || {
+            for c in conns {
+                c.close(code.to_varint(), reason.as_bytes());
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(CANCEL_GRACE).await;
+                    close();
+                });
+            }
+            Err(_) => close(),
         }
         self.changed.notify_waiters();
     }
@@ -189,13 +211,26 @@ impl RpcNode {
         paths: &[SocketAddr],
         stream_id: u64,
     ) -> Result<PageStreamSender, PageStreamError> {
+        let cfg = self.config().page_stream.clone();
+        self.open_page_stream_with(cfg, peer, paths, stream_id)
+            .await
+    }
+
+    /// [`open_page_stream`](Self::open_page_stream) with settings of its own (the
+    /// byte stream's smaller budget).
+    pub(crate) async fn open_page_stream_with(
+        self: &Arc<Self>,
+        cfg: PageStreamConfig,
+        peer: NodeId,
+        paths: &[SocketAddr],
+        stream_id: u64,
+    ) -> Result<PageStreamSender, PageStreamError> {
         if paths.is_empty() {
             return Err(PageStreamError::InvalidInput("no path given".into()));
         }
         if self.is_shut() {
             return Err(PageStreamError::Shutdown);
         }
-        let cfg = self.config().page_stream.clone();
         // Each connection is a path of its own to the scheduler: a network's
         // connections share its load, and all of them fail over together.
         let paths: Vec<SocketAddr> = paths
@@ -559,9 +594,9 @@ impl Drop for PageStreamSender {
             self.shared
                 .fail(PageStreamError::Cancelled("sender dropped".into()));
         }
-        for t in &self.tasks {
-            t.abort();
-        }
+        // The tasks end by themselves now that the stream is over; aborting them
+        // could stop a control writer before it sent the `Cancel`.
+        self.tasks.clear();
     }
 }
 
@@ -707,7 +742,12 @@ async fn path_task(shared: Arc<Shared>, node: Weak<RpcNode>, path: PathId, remot
                     st.sched.path_down(path)
                 };
                 shared.changed.notify_waiters();
-                conn.close(CloseCode::PathDead.to_varint(), b"path dropped");
+                // A path that ended because the stream did is closed by whoever
+                // ended the stream, with its code (a cancel's reason must reach the
+                // receiver, not "path dropped").
+                if !shared.is_over() {
+                    conn.close(CloseCode::PathDead.to_varint(), b"path dropped");
+                }
                 match end {
                     PathEnd::Fatal(e) => {
                         shared.fail(e);
@@ -806,14 +846,22 @@ async fn run_path(
         ctrl_recv,
         conn.clone(),
     ));
-    tokio::select! {
+    let end = tokio::select! {
         r = tasks.join_next() => match r {
             Some(Ok(end)) => end,
             Some(Err(e)) => PathEnd::Dead(format!("path task failed: {e}")),
             None => PathEnd::Dead("no path tasks".into()),
         },
         e = conn.closed() => classify(&e, peer),
+    };
+    if shared.is_over() {
+        // Let the control writer send the stream's last word (`Shared::fail`).
+        let _ = tokio::time::timeout(CANCEL_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
     }
+    end
 }
 
 async fn chunk_writer(
