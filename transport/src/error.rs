@@ -86,7 +86,9 @@ impl RpcError {
             Some(CloseCode::FrameTooLarge) => RpcError::FrameTooLarge(reason),
             Some(CloseCode::VersionMismatch) => RpcError::VersionMismatch(reason),
             Some(CloseCode::PeerIdentity) => RpcError::PeerIdentity(reason),
-            Some(CloseCode::UnknownStream) => RpcError::Refused(reason),
+            Some(CloseCode::UnknownStream | CloseCode::TooManyConnections) => {
+                RpcError::Refused(reason)
+            }
             Some(CloseCode::Shutdown) => RpcError::Unreachable {
                 peer,
                 reason: format!("peer shut down: {reason}"),

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use quinn::{ConnectionError, ReadError, ReadExactError, RecvStream, SendStream, WriteError};
 
 use crate::error::RpcError;
+use crate::limits::{Gauge, GrowthPlan, Held};
 use crate::protocol::{parse_frame_header, CloseCode, ProtocolError, Tag, FRAME_HEADER_LEN};
 use crate::NodeId;
 
@@ -53,11 +54,31 @@ impl FrameError {
 }
 
 /// Reads one frame. `Ok(None)` means the stream ended cleanly at a frame boundary.
-/// The length is checked against `max` before the body is allocated.
+/// The length is checked against `max` first, and the body's buffer grows only as
+/// its bytes arrive (see [`GrowthPlan`]).
 pub(crate) async fn read_frame(
     recv: &mut RecvStream,
     max: u32,
 ) -> Result<Option<(Tag, Vec<u8>)>, FrameError> {
+    read_frame_counted(recv, max, None).await
+}
+
+/// Like [`read_frame`], counting the bytes its partial body holds in `partial` until
+/// the frame is complete (or the read abandoned).
+pub(crate) async fn read_frame_counted(
+    recv: &mut RecvStream,
+    max: u32,
+    partial: Option<&Gauge>,
+) -> Result<Option<(Tag, Vec<u8>)>, FrameError> {
+    let Some((tag, len)) = read_header(recv, max).await? else {
+        return Ok(None);
+    };
+    let mut body = Vec::new();
+    read_body(recv, &mut body, len, partial).await?;
+    Ok(Some((tag, body)))
+}
+
+async fn read_header(recv: &mut RecvStream, max: u32) -> Result<Option<(Tag, usize)>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -69,23 +90,45 @@ pub(crate) async fn read_frame(
         }
         Err(ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    let (tag, len) = parse_frame_header(header, max).map_err(FrameError::Protocol)?;
-    let mut body = vec![0u8; len];
-    read_body(recv, &mut body).await?;
-    Ok(Some((tag, body)))
+    parse_frame_header(header, max)
+        .map(Some)
+        .map_err(FrameError::Protocol)
 }
 
-async fn read_body(recv: &mut RecvStream, body: &mut [u8]) -> Result<(), FrameError> {
-    match recv.read_exact(body).await {
-        Ok(()) => Ok(()),
-        Err(ReadExactError::FinishedEarly(n)) => {
-            Err(FrameError::Protocol(ProtocolError::Malformed(format!(
-                "stream ended after {n} of {} body bytes",
-                body.len()
-            ))))
-        }
-        Err(ReadExactError::ReadError(e)) => Err(e.into()),
+/// Reads a `len`-byte body into `body` (cleared first). Its capacity follows the
+/// bytes that arrived, not the length claimed: a peer that claims 16 MiB and sends a
+/// byte now and then makes the node hold [`crate::limits::FRAME_FIRST_ALLOCATION`] bytes.
+async fn read_body(
+    recv: &mut RecvStream,
+    body: &mut Vec<u8>,
+    len: usize,
+    partial: Option<&Gauge>,
+) -> Result<(), FrameError> {
+    body.clear();
+    if body.capacity() < GrowthPlan::first(len) {
+        body.reserve_exact(GrowthPlan::first(len));
     }
+    let mut held = partial.map(|g| Held::new(g, body.capacity() as u64));
+    while body.len() < len {
+        if body.len() == body.capacity() {
+            let grow = GrowthPlan::next(body.len(), len) - body.len();
+            body.reserve_exact(grow);
+            if let Some(h) = held.as_mut() {
+                h.set(body.capacity() as u64);
+            }
+        }
+        let room = (body.capacity() - body.len()).min(len - body.len());
+        match recv.read_chunk(room, true).await? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(FrameError::Protocol(ProtocolError::Malformed(format!(
+                    "stream ended after {} of {len} body bytes",
+                    body.len()
+                ))))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Like [`read_frame`], but reads the body into `buf` (reused across frames, so bulk
@@ -95,21 +138,11 @@ pub(crate) async fn read_frame_into(
     max: u32,
     buf: &mut Vec<u8>,
 ) -> Result<Option<Tag>, FrameError> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(ReadExactError::FinishedEarly(n)) => {
-            return Err(FrameError::Protocol(ProtocolError::Malformed(format!(
-                "stream ended inside a frame header ({n} bytes)"
-            ))))
-        }
-        Err(ReadExactError::ReadError(e)) => return Err(e.into()),
-    }
-    let (tag, len) = parse_frame_header(header, max).map_err(FrameError::Protocol)?;
+    let Some((tag, len)) = read_header(recv, max).await? else {
+        return Ok(None);
+    };
     // Grows to the largest frame seen (bounded by `max`), never shrinks.
-    buf.resize(len, 0);
-    read_body(recv, buf).await?;
+    read_body(recv, buf, len, None).await?;
     Ok(Some(tag))
 }
 

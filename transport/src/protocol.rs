@@ -142,6 +142,9 @@ pub enum CloseCode {
     Cancelled = 7,
     SinkFailed = 8,
     PathDead = 9,
+    /// The peer node already holds as many connections as a node may (see
+    /// `PeerLimits::max_connections_per_peer`).
+    TooManyConnections = 10,
 }
 
 impl CloseCode {
@@ -157,6 +160,7 @@ impl CloseCode {
             7 => CloseCode::Cancelled,
             8 => CloseCode::SinkFailed,
             9 => CloseCode::PathDead,
+            10 => CloseCode::TooManyConnections,
             _ => return None,
         })
     }
