@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use crate::command::{Command, CommandError, Resource, Response};
 use crate::model::{
     Capacity, ClusterState, Downed, DrainStatus, MigrationId, MigrationOutcome, MigrationPhase,
-    MigrationTrigger, MigrationUse, Network, Node, NodeId, NodeState, ProTipMode, Settings,
-    StorageSpec, Subnet, Tip, TipId, TipState, Vm, VmConfig, VmState, FAILURE_DETECTION_MS,
-    HISTORY_LIMIT, MAX_FAILOVER_PRIORITY,
+    MigrationTrigger, MigrationUse, Network, Node, NodeId, NodeState, ProTipMode, Revocation,
+    Settings, StorageSpec, Subnet, Tip, TipId, TipState, Vm, VmConfig, VmState,
+    FAILURE_DETECTION_MS, HISTORY_LIMIT, MAX_FAILOVER_PRIORITY,
 };
 
 type Result<T> = std::result::Result<T, CommandError>;
@@ -58,21 +58,14 @@ pub fn apply(state: &mut ClusterState, command: Command) -> Result<Response> {
             Ok(Response::Done)
         }
         Command::RemoveNode { node } => {
-            node_ref(state, node)?;
-            let vms: Vec<String> = state
-                .vms
-                .values()
-                .filter(|vm| vm.owner == node || vm.disk_owner == Some(node))
-                .map(|vm| vm.name.clone())
-                .collect();
-            if !vms.is_empty() {
-                return Err(CommandError::NodeHasVms { node, vms });
-            }
-            let migrations = active_migrations_of(state, node);
-            if !migrations.is_empty() {
-                return Err(CommandError::NodeHasActiveMigrations { node, migrations });
-            }
+            removable(state, node)?;
             state.nodes.remove(&node);
+            Ok(Response::Done)
+        }
+        Command::RetireNode { node, at_ms } => {
+            let name = removable(state, node)?;
+            state.nodes.remove(&node);
+            state.revoked.insert(node, Revocation { name, at_ms });
             Ok(Response::Done)
         }
         Command::PauseNode { node, drain } => {
@@ -726,6 +719,26 @@ pub fn apply(state: &mut ClusterState, command: Command) -> Result<Response> {
 }
 
 // ---- lookups ----
+
+/// A node that may leave the cluster: it owns no VM or disk and takes part in
+/// no migration. Its name.
+fn removable(state: &ClusterState, node: NodeId) -> Result<String> {
+    let name = node_ref(state, node)?.name.clone();
+    let vms: Vec<String> = state
+        .vms
+        .values()
+        .filter(|vm| vm.owner == node || vm.disk_owner == Some(node))
+        .map(|vm| vm.name.clone())
+        .collect();
+    if !vms.is_empty() {
+        return Err(CommandError::NodeHasVms { node, vms });
+    }
+    let migrations = active_migrations_of(state, node);
+    if !migrations.is_empty() {
+        return Err(CommandError::NodeHasActiveMigrations { node, migrations });
+    }
+    Ok(name)
+}
 
 fn node_ref(state: &ClusterState, node: NodeId) -> Result<&Node> {
     state

@@ -180,6 +180,15 @@ pub enum Command {
     UpdateSettings {
         settings: Settings,
     },
+    // ---- added after the first release: new variants go last, so the log
+    // entries of the build before keep their encoding ----
+    /// Remove a node for good (`ferry node remove`): refused, like
+    /// `RemoveNode`, while it owns VMs or disks or takes part in a migration;
+    /// then forgotten, and its certificates issued up to `at_ms` revoked.
+    RetireNode {
+        node: NodeId,
+        at_ms: u64,
+    },
 }
 
 impl Command {
@@ -212,6 +221,7 @@ impl Command {
             Command::RaiseTip { .. } => "RaiseTip",
             Command::ResolveTip { .. } => "ResolveTip",
             Command::UpdateSettings { .. } => "UpdateSettings",
+            Command::RetireNode { .. } => "RetireNode",
         }
     }
 }

@@ -50,6 +50,23 @@ pub struct ClusterState {
     pub next_migration_id: MigrationId,
     /// The id the next tip gets.
     pub next_tip_id: TipId,
+    /// Removed nodes, whose certificates issued before their removal every
+    /// node refuses (`ferry_transport::revocation`). Kept out of the state's
+    /// own encoding: a snapshot carries it after the rest
+    /// (`store/state_machine.rs`), so a snapshot of the build before reads as
+    /// an empty list, and the build before reads a newer one, ignoring it.
+    #[serde(skip)]
+    pub revoked: BTreeMap<NodeId, Revocation>,
+}
+
+/// A removed node's entry on the revocation list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The name the node had.
+    pub name: String,
+    /// When it was removed: its certificates issued (`notBefore`) up to then
+    /// are refused.
+    pub at_ms: u64,
 }
 
 /// A cluster member as the model sees it (its Raft membership is tracked by Raft itself).
@@ -283,6 +300,9 @@ pub enum Backend {
     Sim,
     /// A KVM guest.
     Kvm,
+    /// A QEMU process running a Linux guest; it migrates itself as one byte
+    /// stream, which Ferry carries and fences.
+    Qemu,
 }
 
 /// Where a VM's disk lives.

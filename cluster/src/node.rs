@@ -635,8 +635,9 @@ struct ClientService {
 }
 
 impl ServiceHandler for ClientService {
-    fn handle(&self, _from: NodeId, request: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+    fn handle(&self, from: NodeId, request: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, String>> {
         Box::pin(async move {
+            crate::network::forwarder_allowed(from, &crate::network::members_of(&self.raft))?;
             let request: ClientRequest = protocol::decode(&request).map_err(|e| e.to_string())?;
             let reply = serve(&self.raft, request).await;
             protocol::encode(&reply).map_err(|e| e.to_string())

@@ -259,6 +259,33 @@ fn remove_node_refusals_and_effect() {
 }
 
 #[test]
+fn retiring_a_node_forgets_it_and_revokes_its_certificates() {
+    let mut s = cluster();
+    match refused(&mut s, Command::RetireNode { node: 1, at_ms: 5 }) {
+        CommandError::NodeHasVms { node: 1, vms } => assert_eq!(vms, vec!["a", "b"]),
+        e => panic!("{e:?}"),
+    }
+    assert!(matches!(
+        refused(&mut s, Command::RetireNode { node: 42, at_ms: 5 }),
+        CommandError::UnknownNode { node: 42 }
+    ));
+    ok(&mut s, Command::RetireNode { node: 3, at_ms: 7 });
+    assert!(!s.nodes.contains_key(&3));
+    assert_eq!(
+        s.revoked.get(&3),
+        Some(&Revocation {
+            name: "node3".into(),
+            at_ms: 7
+        })
+    );
+    // Added again (with a certificate issued after its removal): a member
+    // again, and the entry stays, so its old certificates stay refused.
+    ok(&mut s, add_node(3, &["sse2"], 64 * GIB, 10));
+    assert!(s.nodes.contains_key(&3));
+    assert!(s.revoked.contains_key(&3));
+}
+
+#[test]
 fn maintenance_mode() {
     let mut s = cluster();
     assert!(matches!(

@@ -66,6 +66,7 @@ impl Node {
                 };
                 let Some(inner) = node.upgrade() else { return };
                 let node = Node { inner };
+                node.sync_membership();
                 if let Some(applied) = applied {
                     let event = match applied.change {
                         ferry_cluster::Change::Command { command, result } => Event::Change {

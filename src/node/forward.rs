@@ -76,6 +76,19 @@ impl Node {
 
     /// The operations peers (and this node) ask of this node.
     pub(super) async fn serve(&self, from: NodeId, request: PeerRequest) -> PeerResult {
+        // A stranger's certificate admits it this far only to ask to join
+        // (`membership.rs`).
+        if from != self.id()
+            && !matches!(request, PeerRequest::Join(_))
+            && !self.is_member_node(from)
+            && !self.members().raft.is_empty()
+        {
+            return Err(ApiError::new(
+                403,
+                "not_a_member",
+                format!("node {from} is not a member of this cluster: it may only ask to join"),
+            ));
+        }
         match request {
             PeerRequest::Join(info) => {
                 if info.id != from {

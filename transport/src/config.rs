@@ -59,6 +59,16 @@ pub struct PageStreamConfig {
     /// in parallel. Default: one per four cores, 1 to 4.
     #[serde(default = "default_connections_per_network")]
     pub connections_per_network: u32,
+    /// A byte stream's in-flight budget (a QEMU migration stream). Smaller than a
+    /// page stream's: what is in flight when the guest pauses for its switchover
+    /// drains inside the blackout.
+    #[serde(default = "default_byte_stream_budget_bytes")]
+    pub byte_stream_budget_bytes: usize,
+}
+
+/// 8 MiB: what two loopback or 10 GbE paths keep busy (see `stream_bench`).
+pub fn default_byte_stream_budget_bytes() -> usize {
+    8 << 20
 }
 
 /// One connection per four cores, at least one and at most four.
@@ -79,6 +89,7 @@ impl Default for PageStreamConfig {
             fail_after: Duration::from_secs(2),
             reconnect_interval: Duration::from_millis(150),
             connections_per_network: default_connections_per_network(),
+            byte_stream_budget_bytes: default_byte_stream_budget_bytes(),
         }
     }
 }
@@ -103,8 +114,14 @@ pub struct NetworkConfig {
     pub connect_timeout: Duration,
     /// Largest frame (request, response, message, chunk) accepted or sent.
     pub max_frame_bytes: u32,
-    /// Concurrent requests one peer connection may have open.
+    /// Concurrent request streams (and, separately, one-way streams) one peer
+    /// connection may have open; a caller's next call waits for a free one. A page
+    /// stream uses one of each per connection; 64 concurrent calls on one connection
+    /// is more than any service makes, and bounds what a hostile member holds.
     pub max_concurrent_requests: u32,
+    /// What a stranger or a member may make this node hold.
+    #[serde(default)]
+    pub limits: crate::limits::PeerLimits,
     pub page_stream: PageStreamConfig,
     /// Tests only: speak these wire versions `(min, max)` instead of this build's
     /// ([`Versions::THIS_BUILD`](crate::protocol::Versions::THIS_BUILD)), to run a
@@ -136,7 +153,8 @@ impl Default for NetworkConfig {
             keepalive_interval: Duration::from_millis(40),
             connect_timeout: Duration::from_secs(2),
             max_frame_bytes: 16 << 20,
-            max_concurrent_requests: 256,
+            max_concurrent_requests: 64,
+            limits: crate::limits::PeerLimits::default(),
             page_stream: PageStreamConfig::default(),
             speak_versions: None,
             hello_without_range: false,

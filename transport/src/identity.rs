@@ -6,6 +6,10 @@
 //! certificate is for another node. The server learns the client's id from the hello
 //! (`protocol.rs`) and checks it against the client's certificate with webpki before
 //! answering; a certificate from another CA never gets that far.
+//!
+//! Node certificates expire ([`NODE_CERT_VALIDITY`], a year; webpki refuses an
+//! expired one in the handshake) and a removed node's are refused through the
+//! [`RevocationList`] the verifiers consult (`revocation.rs`).
 
 use std::sync::Arc;
 
@@ -19,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::IdentityError;
 use crate::protocol::ALPN;
+use crate::revocation::{ClientVerifier, RevocationList, ServerVerifier};
 use crate::NodeId;
 
 /// The TLS name of a node's certificate.
@@ -110,10 +115,22 @@ impl ClusterCa {
         self.key.serialize_pem()
     }
 
-    /// Signs a certificate for `node_id`, usable both as TLS client and server.
+    /// Signs a certificate for `node_id`, usable both as TLS client and server,
+    /// valid for [`NODE_CERT_VALIDITY`] from now.
     pub fn issue(&self, node_id: NodeId) -> Result<NodeCredentials, IdentityError> {
+        self.issue_with(node_id, Validity::starting_now(NODE_CERT_VALIDITY))
+    }
+
+    /// [`issue`](Self::issue) with a chosen validity (tests issue expired ones).
+    pub fn issue_with(
+        &self,
+        node_id: NodeId,
+        validity: Validity,
+    ) -> Result<NodeCredentials, IdentityError> {
         let key = KeyPair::generate().map_err(gen_err)?;
         let mut params = CertificateParams::default();
+        params.not_before = unix_time(validity.not_before_s)?;
+        params.not_after = unix_time(validity.not_after_s)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("node-{node_id}"));
         dn.push(DnType::OrganizationName, self.name.as_str());
@@ -137,6 +154,87 @@ impl ClusterCa {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+impl ClusterCa {
+    /// Signs a TLS server certificate for a node's HTTP API, valid for
+    /// [`NODE_CERT_VALIDITY`], whose subject alternative names are `dns_names`
+    /// and `ips` (what clients reach the API by). Returns (certificate PEM,
+    /// key PEM). Server auth only: it cannot pass for a node on the cluster's
+    /// streams, whose names are `node-<id>.ferry`.
+    pub fn issue_api_server(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> Result<(String, String), IdentityError> {
+        let validity = Validity::starting_now(NODE_CERT_VALIDITY);
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let mut params = CertificateParams::default();
+        params.not_before = unix_time(validity.not_before_s)?;
+        params.not_after = unix_time(validity.not_after_s)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            dns_names.first().map_or("ferry-api", String::as_str),
+        );
+        dn.push(DnType::OrganizationName, self.name.as_str());
+        params.distinguished_name = dn;
+        for name in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.clone().try_into().map_err(gen_err)?));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let issuer = Issuer::new(ca_params(&self.name), &self.key);
+        let cert = params.signed_by(&key, &issuer).map_err(gen_err)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// How long a node certificate [`ClusterCa::issue`] signs is valid: a year.
+/// `ferry node renew-cert` issues the next one.
+pub const NODE_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+/// How far a new certificate's `notBefore` lies in the past, so a peer whose
+/// clock is a little behind the signer's does not see it as not yet valid.
+pub const CLOCK_SKEW_ALLOWANCE_S: u64 = 60;
+
+/// A certificate's validity, in Unix seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before_s: i64,
+    pub not_after_s: i64,
+}
+
+impl Validity {
+    /// From [`CLOCK_SKEW_ALLOWANCE_S`] ago until `valid_for` from now.
+    pub fn starting_now(valid_for: std::time::Duration) -> Validity {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Validity {
+            not_before_s: now.saturating_sub(CLOCK_SKEW_ALLOWANCE_S) as i64,
+            not_after_s: now.saturating_add(valid_for.as_secs()).min(i64::MAX as u64) as i64,
+        }
+    }
+
+    pub fn from_unix(not_before_s: i64, not_after_s: i64) -> Validity {
+        Validity {
+            not_before_s,
+            not_after_s,
+        }
+    }
+}
+
+fn unix_time(s: i64) -> Result<time::OffsetDateTime, IdentityError> {
+    time::OffsetDateTime::from_unix_timestamp(s)
+        .map_err(|e| IdentityError::Generate(format!("certificate time {s}: {e}")))
 }
 
 /// Reads the common name out of a DER `Name` (without its outer SEQUENCE header, as
@@ -252,6 +350,14 @@ impl NodeCredentials {
         Ok(creds)
     }
 
+    /// The certificate's validity (Unix seconds), read from its DER.
+    pub fn validity(&self) -> Result<Validity, IdentityError> {
+        let cert = self.parse()?.cert;
+        let (from, to) = crate::revocation::validity_unix(cert.as_ref())
+            .ok_or_else(|| IdentityError::Pem("node certificate: unreadable validity".into()))?;
+        Ok(Validity::from_unix(from, to))
+    }
+
     /// Parses everything and checks the certificate names this node.
     pub fn check(&self) -> Result<(), IdentityError> {
         let parsed = self.parse()?;
@@ -355,6 +461,16 @@ pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
 }
 
 pub(crate) fn tls_configs(creds: &NodeCredentials) -> Result<TlsConfigs, IdentityError> {
+    tls_configs_revoking(creds, RevocationList::default())
+}
+
+/// The TLS configurations of a node whose verifiers (both directions) also
+/// refuse the certificates `revoked` names (`revocation.rs`); the list can
+/// change while the configurations are in use.
+pub(crate) fn tls_configs_revoking(
+    creds: &NodeCredentials,
+    revoked: RevocationList,
+) -> Result<TlsConfigs, IdentityError> {
     let tls = |e: &dyn std::fmt::Display| IdentityError::Tls(e.to_string());
     let parsed = creds.parse()?;
     verify_cert_names_node(&parsed.cert, creds.node_id)?;
@@ -369,6 +485,18 @@ pub(crate) fn tls_configs(creds: &NodeCredentials) -> Result<TlsConfigs, Identit
     )
     .build()
     .map_err(|e| tls(&e))?;
+    let client_verifier = Arc::new(ClientVerifier {
+        inner: client_verifier,
+        revoked: revoked.clone(),
+    });
+    let server_verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| tls(&e))?;
+    let server_verifier = Arc::new(ServerVerifier {
+        inner: server_verifier,
+        revoked,
+    });
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls(&e))?
@@ -384,7 +512,8 @@ pub(crate) fn tls_configs(creds: &NodeCredentials) -> Result<TlsConfigs, Identit
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls(&e))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(server_verifier)
         .with_client_auth_cert(vec![parsed.cert], parsed.key)
         .map_err(|e| tls(&e))?;
     client.alpn_protocols = vec![ALPN.to_vec()];

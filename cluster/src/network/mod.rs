@@ -230,6 +230,30 @@ pub fn caller_allowed(
     Ok(())
 }
 
+/// Whether transport-verified node `from` may forward client requests
+/// (writes, reads, membership changes) to a node whose membership (voters and
+/// learners) names `members`: only a member may; a node with no membership
+/// yet has none to check against.
+pub fn forwarder_allowed(from: NodeId, members: &[NodeId]) -> Result<(), String> {
+    if !members.is_empty() && !members.contains(&from) {
+        return Err(format!(
+            "node {from} is not a member of this cluster: it may not write to its store"
+        ));
+    }
+    Ok(())
+}
+
+/// The ids in `raft`'s current membership, voters and learners.
+pub(crate) fn members_of(raft: &Raft) -> Vec<NodeId> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 /// Whether a snapshot chunk at `offset` of `len` bytes stays within
 /// [`MAX_SNAPSHOT_BYTES`].
 pub fn snapshot_chunk_allowed(offset: u64, len: usize) -> Result<(), String> {
@@ -243,16 +267,7 @@ pub fn snapshot_chunk_allowed(offset: u64, len: usize) -> Result<(), String> {
 
 impl RaftService {
     fn check(&self, from: NodeId, vote: &crate::raft_types::Vote) -> Result<(), String> {
-        let members: Vec<NodeId> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .collect();
-        caller_allowed(from, vote.leader_id().voted_for(), &members)
+        caller_allowed(from, vote.leader_id().voted_for(), &members_of(&self.raft))
     }
 }
 
@@ -295,6 +310,14 @@ mod caller_tests {
         assert!(caller_allowed(2, None, &members).is_err());
         // A node with no membership yet hears its future leader.
         assert_eq!(caller_allowed(4, Some(4), &[]), Ok(()));
+    }
+
+    #[test]
+    fn only_members_forward_requests() {
+        assert_eq!(forwarder_allowed(2, &[1, 2, 3]), Ok(()));
+        let removed = forwarder_allowed(4, &[1, 2, 3]).unwrap_err();
+        assert!(removed.contains("not a member"), "{removed}");
+        assert_eq!(forwarder_allowed(4, &[]), Ok(()));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! [`crate::apply::apply`]; the results of recent requests are remembered so a retried
 //! request is answered, not applied twice.
 //!
-//! A snapshot is the serialized state plus the recent-request table; it is written durably
+//! A snapshot is the serialized state plus the recent-request table (and, since the
+//! second release, the revocation list after them); it is written durably
 //! before openraft may purge the log it covers, and loaded back when the node restarts (the
 //! log after it is then re-applied by openraft).
 
@@ -22,10 +23,10 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::{decode, encode, Db, KEY_SNAPSHOT};
+use super::{encode, Db, KEY_SNAPSHOT};
 use crate::apply::apply;
 use crate::command::{ApplyResult, Command, Response};
-use crate::model::{ClusterState, NodeId};
+use crate::model::{ClusterState, NodeId, Revocation};
 use crate::raft_types::{
     Entry, LogId, Member, RequestId, StorageError, StoredMembership, TypeConfig,
 };
@@ -173,7 +174,7 @@ impl StateMachineStore {
         let mut data = Data::default();
         let current: Option<StoredSnapshot> = db.get_meta(KEY_SNAPSHOT)?;
         if let Some(snap) = &current {
-            let payload: SnapshotPayload = decode(&snap.data)?;
+            let payload = decode_payload(&snap.data)?;
             data = Data {
                 last_applied: snap.meta.last_log_id,
                 membership: snap.meta.last_membership.clone(),
@@ -230,6 +231,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let payload = encode(&SnapshotPayloadRef {
                 state: &d.state,
                 recent: &d.recent,
+                revoked: &d.state.revoked,
             })
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
             (meta, payload)
@@ -250,12 +252,35 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-/// Borrowed form of [`SnapshotPayload`], to encode without cloning.
+/// Borrowed form of [`SnapshotPayload`], to encode without cloning. The
+/// revocation list follows the payload of the first release (see
+/// [`decode_payload`]).
 #[derive(Serialize)]
 struct SnapshotPayloadRef<'a> {
     state: &'a ClusterState,
     recent: &'a RecentRequests,
+    revoked: &'a BTreeMap<NodeId, Revocation>,
 }
+
+/// Reads a snapshot payload: the first release's `(state, recent)`, then,
+/// when bytes follow (a snapshot of this build), the revocation list. The
+/// first release's decoder ignores trailing bytes, so it reads this build's
+/// snapshots too (without the list, which it cannot enforce).
+fn decode_payload(bytes: &[u8]) -> io::Result<SnapshotPayload> {
+    let invalid = |e: bincode::error::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e);
+    let (mut payload, used): (SnapshotPayload, usize) =
+        ferry_transport::codec::decode_standard(bytes, MAX_SNAPSHOT_VALUE).map_err(invalid)?;
+    let rest = bytes.get(used..).unwrap_or_default();
+    if !rest.is_empty() {
+        let (revoked, _): (BTreeMap<NodeId, Revocation>, usize) =
+            ferry_transport::codec::decode_standard(rest, MAX_SNAPSHOT_VALUE).map_err(invalid)?;
+        payload.state.revoked = revoked;
+    }
+    Ok(payload)
+}
+
+/// Most bytes a snapshot payload may claim (as any stored value).
+const MAX_SNAPSHOT_VALUE: usize = 64 << 20;
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
@@ -343,7 +368,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let payload: SnapshotPayload = decode(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let payload = decode_payload(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data,
@@ -384,5 +409,65 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta.clone(),
             snapshot: Box::new(Cursor::new(s.data.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The first release's payload, as it encoded it.
+    #[derive(Serialize, Deserialize)]
+    struct FirstRelease {
+        state: ClusterState,
+        recent: RecentRequests,
+    }
+
+    fn state_with_a_revocation() -> ClusterState {
+        let mut state = ClusterState {
+            next_tip_id: 9,
+            ..Default::default()
+        };
+        state.revoked.insert(
+            4,
+            Revocation {
+                name: "node-4".into(),
+                at_ms: 1_700_000_000_000,
+            },
+        );
+        state
+    }
+
+    #[test]
+    fn snapshots_carry_the_revocation_list_and_read_one_version_back() {
+        let state = state_with_a_revocation();
+        let recent = RecentRequests::default();
+        let now = encode(&SnapshotPayloadRef {
+            state: &state,
+            recent: &recent,
+            revoked: &state.revoked,
+        })
+        .unwrap();
+        let back = decode_payload(&now).unwrap();
+        assert_eq!(back.state, state);
+
+        // A snapshot of the first release: no list, read as an empty one.
+        let old = encode(&FirstRelease {
+            state: ClusterState {
+                next_tip_id: 9,
+                ..Default::default()
+            },
+            recent: RecentRequests::default(),
+        })
+        .unwrap();
+        let back = decode_payload(&old).unwrap();
+        assert_eq!(back.state.next_tip_id, 9);
+        assert!(back.state.revoked.is_empty());
+
+        // The first release's decoder (trailing bytes ignored) reads this
+        // build's snapshot, all but the list.
+        let read_by_old: FirstRelease = super::super::decode(&now).unwrap();
+        assert_eq!(read_by_old.state.next_tip_id, 9);
     }
 }

@@ -38,6 +38,17 @@ pub(super) struct ConnSlot {
     failed_at: std::sync::Mutex<Option<Instant>>,
 }
 
+impl ConnSlot {
+    /// Closes the slot's connection, if it has one and nobody is dialling.
+    pub(super) fn close(&self, code: crate::protocol::CloseCode, reason: &str) {
+        if let Ok(mut conn) = self.conn.try_lock() {
+            if let Some(c) = conn.take() {
+                c.close(code.to_varint(), reason.as_bytes());
+            }
+        }
+    }
+}
+
 /// How long a path that failed or lost a race is tried after the others.
 const RECENT_FAILURE: Duration = Duration::from_secs(2);
 

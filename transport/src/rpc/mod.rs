@@ -29,7 +29,7 @@ use crate::config::{common_prefix_len, NetworkConfig};
 use crate::endpoint::{self, LocalEndpoint};
 use crate::error::{RpcError, TransportError};
 use crate::framing::{connection_error, expect_frame, write_bytes};
-use crate::identity::{node_server_name, tls_configs, NodeCredentials};
+use crate::identity::{node_server_name, tls_configs_revoking, NodeCredentials};
 use crate::protocol::{
     decode_hello_ok, encode_hello, negotiated_version, CloseCode, Hello, Purpose, Tag, Versions,
     MAX_CONTROL_FRAME,
@@ -72,6 +72,18 @@ where
     }
     Arc::new(FnHandler(f))
 }
+
+/// Who may call which service, asked before every request, one-way message
+/// and page-stream path is served (the daemon answers from the cluster
+/// store's membership). `request` is the request's payload (empty for a
+/// page-stream path), for a gate that lets a stranger make one kind of
+/// request only. `Err` is the refusal the caller reads.
+pub trait Admission: Send + Sync + 'static {
+    fn admit(&self, peer: NodeId, service: &str, request: &[u8]) -> Result<(), String>;
+}
+
+/// The service name [`Admission`] is asked about for a page-stream path.
+pub const PAGE_STREAM_SERVICE: &str = "page-stream";
 
 /// Counters of what a node accepted and refused.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -124,6 +136,13 @@ pub struct RpcNode {
     shut: AtomicBool,
     counters: Counters,
     refusals: Mutex<VecDeque<String>>,
+    /// Removed nodes whose certificates the handshake refuses.
+    revoked: crate::revocation::RevocationList,
+    admission: RwLock<Option<Arc<dyn Admission>>>,
+    /// Connections peers opened to this node, so a removed peer's can be closed.
+    incoming: Mutex<Vec<(NodeId, Connection)>>,
+    /// What peers hold of this node now, against `cfg.limits`.
+    holdings: Arc<crate::limits::Holdings>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,7 +162,8 @@ impl RpcNode {
             return Err(TransportError::NoAddresses);
         }
         cfg.validate().map_err(TransportError::Config)?;
-        let tls = tls_configs(&creds)?;
+        let revoked = crate::revocation::RevocationList::default();
+        let tls = tls_configs_revoking(&creds, revoked.clone())?;
         let endpoints = listen
             .iter()
             .map(|addr| endpoint::bind(*addr, &cfg, &tls))
@@ -163,6 +183,10 @@ impl RpcNode {
             shut: AtomicBool::new(false),
             counters: Counters::default(),
             refusals: Mutex::new(VecDeque::new()),
+            revoked,
+            admission: RwLock::new(None),
+            incoming: Mutex::new(Vec::new()),
+            holdings: Arc::default(),
         });
         for ep in endpoints {
             let weak = Arc::downgrade(&node);
@@ -194,6 +218,74 @@ impl RpcNode {
             .insert(service, handler);
     }
 
+    /// Asks every request, message and page-stream path from now on whether
+    /// its caller may use the service (replacing an earlier gate).
+    pub fn set_admission(&self, admission: Arc<dyn Admission>) {
+        *self.admission.write().unwrap_or_else(|e| e.into_inner()) = Some(admission);
+    }
+
+    /// What the gate says of `peer` calling `service` (no gate: yes).
+    pub(crate) fn admit(&self, peer: NodeId, service: &str, request: &[u8]) -> Result<(), String> {
+        let gate = self
+            .admission
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match gate {
+            Some(g) => g.admit(peer, service, request),
+            None => Ok(()),
+        }
+    }
+
+    /// The removed nodes whose certificates this node's handshakes refuse.
+    pub fn revocations(&self) -> &crate::revocation::RevocationList {
+        &self.revoked
+    }
+
+    /// Replaces the revocation list and closes every connection to or from a
+    /// node on it: its certificate was checked when they opened.
+    pub fn set_revoked(&self, revoked: std::collections::BTreeMap<NodeId, u64>) {
+        let peers: Vec<NodeId> = revoked.keys().copied().collect();
+        self.revoked.replace(revoked);
+        for peer in peers {
+            self.disconnect(
+                peer,
+                &format!(
+                    "the certificate of node {peer} is revoked: the node was removed from the cluster"
+                ),
+            );
+        }
+    }
+
+    /// Closes every connection to and from `peer` (new ones go through the
+    /// handshake and the gate again).
+    pub fn disconnect(&self, peer: NodeId, reason: &str) {
+        let slots: Vec<Arc<ConnSlot>> = {
+            let mut conns = lock(&self.conns);
+            let keys: Vec<_> = conns.keys().filter(|(p, _)| *p == peer).copied().collect();
+            keys.iter().filter_map(|k| conns.remove(k)).collect()
+        };
+        for slot in slots {
+            slot.close(CloseCode::PeerIdentity, reason);
+        }
+        let mut incoming = lock(&self.incoming);
+        incoming.retain(|(p, c)| {
+            if *p == peer {
+                c.close(CloseCode::PeerIdentity.to_varint(), reason.as_bytes());
+                false
+            } else {
+                c.close_reason().is_none()
+            }
+        });
+    }
+
+    /// Remembers a connection `peer` opened (and forgets closed ones).
+    pub(crate) fn note_incoming(&self, peer: NodeId, conn: &Connection) {
+        let mut incoming = lock(&self.incoming);
+        incoming.retain(|(_, c)| c.close_reason().is_none());
+        incoming.push((peer, conn.clone()));
+    }
+
     pub fn stats(&self) -> NodeStats {
         let c = &self.counters;
         NodeStats {
@@ -206,6 +298,12 @@ impl RpcNode {
             calls_hedged: c.hedged.load(Ordering::Relaxed),
             calls_failed_over: c.failed_over.load(Ordering::Relaxed),
         }
+    }
+
+    /// What strangers and members make this node hold now, and the most they ever
+    /// did (see [`crate::limits`]).
+    pub fn limit_stats(&self) -> crate::limits::LimitStats {
+        self.holdings.stats()
     }
 
     fn next_request_id(&self) -> u64 {
@@ -377,6 +475,8 @@ impl RpcNode {
             r.fail(crate::error::PageStreamError::Shutdown);
         }
         lock(&self.conns).clear();
+        // A connection handle keeps its endpoint's socket bound.
+        lock(&self.incoming).clear();
         let endpoints =
             std::mem::take(&mut *self.endpoints.write().unwrap_or_else(|e| e.into_inner()));
         for ep in &endpoints {

@@ -17,8 +17,9 @@ use rustls::pki_types::CertificateDer;
 
 use super::replies::Arrival;
 use super::{lock, RpcHandler, RpcNode};
-use crate::framing::{expect_frame, read_frame, write_bytes, FrameError};
+use crate::framing::{expect_frame, read_frame_counted, write_bytes, FrameError};
 use crate::identity::verify_cert_names_node;
+use crate::limits::{handshake_decision, HandshakeDecision, Holdings, OwnedSlot, Slot};
 use crate::protocol::{
     accept_hello, decode_hello, decode_request, encode_hello_ok, encode_response, CloseCode, Hello,
     HelloOk, ProtocolError, Purpose, RequestFrame, ResponseBody, Tag, Versions, FRAME_HEADER_LEN,
@@ -29,11 +30,35 @@ use crate::NodeId;
 
 pub(super) async fn accept_loop(node: Weak<RpcNode>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        if node.strong_count() == 0 {
+        let Some(me) = node.upgrade() else {
             incoming.refuse();
             break;
+        };
+        let holdings = me.holdings.clone();
+        let max = me.cfg.limits.max_handshakes;
+        drop(me);
+        // Decided before any cryptography or task: past the cap, a stranger costs
+        // this node one packet.
+        match handshake_decision(
+            holdings.handshakes.now(),
+            max,
+            incoming.remote_address_validated(),
+        ) {
+            HandshakeDecision::Refuse => {
+                holdings.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+            }
+            HandshakeDecision::Retry => {
+                holdings.handshakes_retried.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+            }
+            HandshakeDecision::Accept => {
+                let slot = holdings.hold(Slot::Handshake);
+                tokio::spawn(serve_connection(node.clone(), incoming, slot));
+            }
         }
-        tokio::spawn(serve_connection(node.clone(), incoming));
     }
 }
 
@@ -93,21 +118,36 @@ fn peer_certificate(conn: &Connection) -> Option<CertificateDer<'static>> {
         .next()
 }
 
-async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
+async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming, handshake: OwnedSlot) {
     let remote = incoming.remote_address();
-    let Some(cfg) = node.upgrade().map(|n| n.cfg.clone()) else {
+    let Some((cfg, holdings)) = node.upgrade().map(|n| (n.cfg.clone(), n.holdings.clone())) else {
         return;
     };
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    // One deadline for the TLS handshake and the hello together: a stranger that
+    // never finishes gives its handshake slot back by then.
+    let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             if let Some(n) = node.upgrade() {
                 n.note_refusal(false, format!("handshake from {remote} failed: {e}"));
             }
             return;
         }
+        Err(_) => {
+            if let Some(n) = node.upgrade() {
+                n.note_refusal(
+                    false,
+                    format!(
+                        "handshake from {remote} not done within {:?}",
+                        cfg.connect_timeout
+                    ),
+                );
+            }
+            return;
+        }
     };
-    let hello = tokio::time::timeout(cfg.connect_timeout, async {
+    let hello = tokio::time::timeout_at(deadline, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(FrameError::Connection)?;
         let body = expect_frame(&mut recv, MAX_CONTROL_FRAME, Tag::Hello, "hello").await?;
         let hello = if cfg.hello_without_range {
@@ -158,9 +198,23 @@ async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
         );
         return;
     }
+    drop(handshake);
+    let max_conns = cfg.limits.max_connections_per_peer;
+    let Some(_counted) = holdings.connect(peer, max_conns) else {
+        refuse(
+            &node,
+            &conn,
+            CloseCode::TooManyConnections,
+            format!(
+                "node {peer} already holds {max_conns} connections to this node, the most one node may"
+            ),
+        );
+        return;
+    };
     let Some(me) = node.upgrade() else {
         return;
     };
+    me.note_incoming(peer, &conn);
     let my_id = me.node_id;
     // A client that sent a range learns the version chosen; one that sent a single
     // version (a build from before ranges) gets the answer it knows, and speaks it.
@@ -178,9 +232,14 @@ async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
             if let Some(n) = node.upgrade() {
                 n.counters.accepted.fetch_add(1, Ordering::Relaxed);
             }
-            serve_rpc(node, conn, peer, cfg.max_frame_bytes).await;
+            serve_rpc(node, conn, peer, cfg.max_frame_bytes, holdings).await;
         }
         Purpose::PageStream { stream_id, path } => {
+            if let Err(reason) = me.admit(peer, super::PAGE_STREAM_SERVICE, &[]) {
+                drop(me);
+                refuse(&node, &conn, CloseCode::PeerIdentity, reason);
+                return;
+            }
             let receiver = lock(&me.receivers).get(&stream_id).cloned();
             drop(me);
             let Some(receiver) = receiver else {
@@ -233,18 +292,28 @@ async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming) {
     }
 }
 
-async fn serve_rpc(node: Weak<RpcNode>, conn: Connection, peer: NodeId, max_frame: u32) {
+async fn serve_rpc(
+    node: Weak<RpcNode>,
+    conn: Connection,
+    peer: NodeId,
+    max_frame: u32,
+    holdings: Arc<Holdings>,
+) {
+    // quinn lets the peer open at most `max_concurrent_requests` streams of each
+    // kind at once; each is counted while its task runs.
     loop {
         tokio::select! {
             bi = conn.accept_bi() => match bi {
                 Ok((send, recv)) => {
-                    tokio::spawn(serve_request(node.clone(), conn.clone(), peer, send, recv, max_frame));
+                    let slot = holdings.hold(Slot::RequestStream);
+                    tokio::spawn(serve_request(node.clone(), conn.clone(), peer, send, recv, max_frame, slot));
                 }
                 Err(_) => break,
             },
             uni = conn.accept_uni() => match uni {
                 Ok(recv) => {
-                    tokio::spawn(serve_message(node.clone(), conn.clone(), peer, recv, max_frame));
+                    let slot = holdings.hold(Slot::RequestStream);
+                    tokio::spawn(serve_message(node.clone(), conn.clone(), peer, recv, max_frame, slot));
                 }
                 Err(_) => break,
             },
@@ -267,7 +336,22 @@ async fn read_request(
     } else {
         "message"
     };
-    let result = match read_frame(recv, max_frame).await {
+    let (deadline, holdings) = {
+        let n = node.upgrade()?;
+        (n.cfg.limits.frame_deadline, n.holdings.clone())
+    };
+    let read = read_frame_counted(recv, max_frame, Some(&holdings.partial_frames));
+    let Ok(read) = tokio::time::timeout(deadline, read).await else {
+        // Idle or trickling: the stream gives its slot back, the connection lives.
+        holdings.frames_timed_out.fetch_add(1, Ordering::Relaxed);
+        let _ = recv.stop(CloseCode::Cancelled.to_varint());
+        tracing::debug!(
+            peer,
+            "{what} frame not received within {deadline:?}: stream stopped"
+        );
+        return None;
+    };
+    let result = match read {
         Ok(Some((t, body))) if t == tag => decode_request(body).map_err(FrameError::Protocol),
         Ok(Some((t, _))) => Err(FrameError::Protocol(ProtocolError::Unexpected {
             got: t,
@@ -301,14 +385,26 @@ async fn serve_request(
     mut send: SendStream,
     mut recv: RecvStream,
     max_frame: u32,
+    _slot: OwnedSlot,
 ) {
     let Some(req) = read_request(&node, &conn, peer, &mut recv, max_frame, Tag::Request).await
     else {
+        let _ = send.reset(CloseCode::Cancelled.to_varint());
         return;
     };
     let Some(me) = node.upgrade() else {
         return;
     };
+    // The gate comes first: a caller that may not use the service learns why,
+    // and nothing of its request runs or is kept.
+    if let Err(reason) = me.admit(peer, &req.service, &req.payload) {
+        drop(me);
+        let frame = encode_response(&ResponseBody::HandlerError(format!("refused: {reason}")));
+        if write_bytes(&mut send, &frame).await.is_ok() {
+            let _ = send.finish();
+        }
+        return;
+    }
     let key = (peer, req.id);
     let arrival = lock(&me.replies).arrive(key, Instant::now());
     let mut answer = match arrival {
@@ -316,13 +412,18 @@ async fn serve_request(
         Arrival::Run(answer) => {
             let handler = handler(&node, &req.service);
             let weak = node.clone();
+            let deadline = me.cfg.limits.handler_deadline;
             tokio::spawn(async move {
                 let response = match handler {
                     None => ResponseBody::UnknownService(req.service),
-                    Some(h) => match h.handle(peer, req.payload).await {
-                        Ok(v) => ResponseBody::Ok(v),
-                        Err(e) => ResponseBody::HandlerError(e),
-                    },
+                    Some(h) => {
+                        match run_handler(&weak, &*h, peer, &req.service, req.payload, deadline)
+                            .await
+                        {
+                            Ok(v) => ResponseBody::Ok(v),
+                            Err(e) => ResponseBody::HandlerError(e),
+                        }
+                    }
                 };
                 if let Some(n) = weak.upgrade() {
                     n.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -361,6 +462,7 @@ async fn serve_message(
     peer: NodeId,
     mut recv: RecvStream,
     max_frame: u32,
+    _slot: OwnedSlot,
 ) {
     let Some(RequestFrame {
         service, payload, ..
@@ -370,6 +472,10 @@ async fn serve_message(
     };
     if let Some(n) = node.upgrade() {
         n.counters.messages.fetch_add(1, Ordering::Relaxed);
+        if let Err(reason) = n.admit(peer, &service, &payload) {
+            tracing::debug!(peer, service, "one-way message refused: {reason}");
+            return;
+        }
     }
     match handler(&node, &service) {
         None => tracing::debug!(
@@ -378,9 +484,36 @@ async fn serve_message(
             "one-way message for an unknown service dropped"
         ),
         Some(h) => {
-            if let Err(e) = h.handle(peer, payload).await {
+            let Some(deadline) = node.upgrade().map(|n| n.cfg.limits.handler_deadline) else {
+                return;
+            };
+            if let Err(e) = run_handler(&node, &*h, peer, &service, payload, deadline).await {
                 tracing::debug!(peer, service, error = %e, "one-way message handler failed");
             }
+        }
+    }
+}
+
+/// Runs a handler, giving up on it (and its task) at `deadline`.
+async fn run_handler(
+    node: &Weak<RpcNode>,
+    h: &dyn RpcHandler,
+    peer: NodeId,
+    service: &str,
+    payload: Vec<u8>,
+    deadline: std::time::Duration,
+) -> Result<Vec<u8>, String> {
+    match tokio::time::timeout(deadline, h.handle(peer, payload)).await {
+        Ok(r) => r,
+        Err(_) => {
+            if let Some(n) = node.upgrade() {
+                n.holdings
+                    .handlers_timed_out
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(format!(
+                "the {service} handler did not answer within its deadline of {deadline:?}"
+            ))
         }
     }
 }
