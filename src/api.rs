@@ -1,9 +1,11 @@
 //! The HTTP API (actix-web) every node serves, and the dashboard.
 //!
-//! Every route under `/api/` (except the OpenAPI document) and `/metrics`
-//! needs the cluster's token, as `Authorization: Bearer <token>` or, for
-//! clients that cannot set headers (a browser's `EventSource`), as the
-//! `access_token` query parameter. Bodies are read whole (at most 64 KiB) and
+//! Served over HTTPS by default with a certificate from the cluster CA
+//! (`api_tls.rs`). Every route under `/api/` (except the OpenAPI document)
+//! and `/metrics` needs one of the cluster's tokens, operator or read-only,
+//! as `Authorization: Bearer <token>`; only the event stream also takes it as
+//! the `access_token` query parameter, for a browser's `EventSource`
+//! (`api_auth.rs`). Bodies are read whole (at most 64 KiB) and
 //! parsed before anything else happens: a malformed request is answered with
 //! an error and never reaches the cluster store. Errors are
 //! `{"code", "message"}` with the codes listed in [`crate::error`].
@@ -12,6 +14,7 @@
 //! touches the store or a peer is sent to the node's own runtime
 //! ([`Node::run_here`]), where the transport and Raft live.
 
+use crate::api_auth::{query_token, Tokens};
 use crate::error::ApiError;
 use crate::events::Event;
 use crate::node::Node;
@@ -21,6 +24,7 @@ use actix_web::dev::{Service, ServiceResponse};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use anyhow::Context as _;
 use bytes::Bytes;
 use serde::Serialize;
 use std::pin::Pin;
@@ -44,6 +48,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/nodes/{node}/pause"),
     ("post", "/api/nodes/{node}/resume"),
     ("post", "/api/nodes/{node}/down"),
+    ("post", "/api/nodes/{node}/remove"),
     ("get", "/api/vms"),
     ("post", "/api/vms"),
     ("get", "/api/vms/{vm}"),
@@ -204,6 +209,27 @@ async fn node_down(
     let n = node.get_ref().clone();
     ok(node
         .run_here(async move { n.mark_node_down(&name, req).await })
+        .await?)
+}
+
+async fn node_remove(
+    node: web::Data<Node>,
+    name: web::Path<String>,
+    payload: web::Payload,
+) -> ApiResult {
+    let req: requests::RemoveNode = body(payload).await?;
+    if req.confirm != *name {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            format!(
+                "confirm is {:?}: it must repeat the name of the node to remove, {:?}",
+                req.confirm, *name
+            ),
+        ));
+    }
+    let n = node.get_ref().clone();
+    ok(node
+        .run_here(async move { n.remove_node(&name).await })
         .await?)
 }
 
@@ -517,31 +543,6 @@ fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
     })
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte
-/// from response times.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn needs_token(path: &str) -> bool {
-    (path.starts_with("/api/") && path != "/api/openapi.json") || path == "/metrics"
-}
-
-fn authorized(req: &actix_web::dev::ServiceRequest, token: &str) -> bool {
-    let header = req
-        .headers()
-        .get("authorization")
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
-    if let Some(t) = header {
-        return same(t.trim().as_bytes(), token.as_bytes());
-    }
-    req.query_string().split('&').any(|kv| {
-        kv.split_once('=')
-            .is_some_and(|(k, v)| k == "access_token" && same(v.as_bytes(), token.as_bytes()))
-    })
-}
-
 /// The methods of `path` in [`ROUTES`], as an `Allow` header: `GET, POST`.
 pub fn allowed_methods(path: &str) -> String {
     ROUTES
@@ -570,6 +571,7 @@ fn handler(method: &str, path: &str) -> Option<actix_web::Route> {
         ("post", "/api/nodes/{node}/pause") => web::post().to(node_pause),
         ("post", "/api/nodes/{node}/resume") => web::post().to(node_resume),
         ("post", "/api/nodes/{node}/down") => web::post().to(node_down),
+        ("post", "/api/nodes/{node}/remove") => web::post().to(node_remove),
         ("get", "/api/vms") => web::get().to(vms),
         ("post", "/api/vms") => web::post().to(vm_create),
         ("get", "/api/vms/{vm}") => web::get().to(vm_get),
@@ -626,11 +628,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 /// The API server of `node`, bound to the configured address and not yet
 /// running: spawn it (it is a future) and stop it with its handle.
-pub fn server(node: &Node) -> std::io::Result<actix_web::dev::Server> {
+pub fn server(node: &Node) -> anyhow::Result<actix_web::dev::Server> {
     let data = web::Data::new(node.clone());
-    let token = node.config().api.token.clone();
-    let server = HttpServer::new(move || {
-        let token = token.clone();
+    let api = &node.config().api;
+    let tokens = Tokens {
+        operator: api.token.clone(),
+        read_only: api.read_token.clone(),
+    };
+    let make_app = move || {
+        let tokens = tokens.clone();
         let counting = data.clone();
         App::new()
             .app_data(data.clone())
@@ -640,19 +646,25 @@ pub fn server(node: &Node) -> std::io::Result<actix_web::dev::Server> {
                     .api_counters()
                     .requests
                     .fetch_add(1, Ordering::Relaxed);
-                let fut: Pin<Box<dyn std::future::Future<Output = _>>> =
-                    if needs_token(req.path()) && !authorized(&req, &token) {
-                        let response = ApiError::new(
-                            401,
-                            "unauthorized",
-                            "this API needs the cluster's token: Authorization: Bearer <token>",
-                        )
-                        .error_response();
-                        let res: ServiceResponse = req.into_response(response);
+                let bearer = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.strip_prefix("Bearer "));
+                let decision = crate::api_auth::authorize(
+                    &tokens,
+                    req.method().as_str(),
+                    req.path(),
+                    bearer,
+                    query_token(req.query_string()),
+                );
+                let fut: Pin<Box<dyn std::future::Future<Output = _>>> = match decision {
+                    Err(refusal) => {
+                        let res: ServiceResponse = req.into_response(refusal.error_response());
                         Box::pin(async move { Ok(res) })
-                    } else {
-                        Box::pin(srv.call(req))
-                    };
+                    }
+                    Ok(_) => Box::pin(srv.call(req)),
+                };
                 async move {
                     let res: Result<ServiceResponse, actix_web::Error> = fut.await;
                     if let Ok(r) = &res {
@@ -667,13 +679,24 @@ pub fn server(node: &Node) -> std::io::Result<actix_web::dev::Server> {
                 }
             })
             .configure(configure)
-    })
-    .workers(2)
-    .disable_signals()
-    .shutdown_timeout(1)
-    .bind(node.config().api.listen)?
-    .run();
-    Ok(server)
+    };
+    let binding = || format!("binding the API to {}", api.listen);
+    if api.tls {
+        let cert = api
+            .cert
+            .as_deref()
+            .context("api.tls is on but api.cert is not set")?;
+        let tls = crate::api_tls::server_config(cert, &node.config().credentials)?;
+        let listener = std::net::TcpListener::bind(api.listen).with_context(binding)?;
+        return crate::api_tls::serve_https(listener, tls, make_app).with_context(binding);
+    }
+    Ok(HttpServer::new(make_app)
+        .workers(2)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .bind(api.listen)
+        .with_context(binding)?
+        .run())
 }
 
 #[cfg(test)]
@@ -929,6 +952,7 @@ mod tests {
         check_request::<requests::NetworkOrder>();
         check_request::<requests::SettingsPatch>();
         check_request::<requests::MarkNodeDown>();
+        check_request::<requests::RemoveNode>();
         check_request::<requests::Empty>();
         // Every schema the document gives a body is one of those.
         let doc = doc();
@@ -944,6 +968,7 @@ mod tests {
             "NetworkOrder",
             "SettingsPatch",
             "MarkNodeDown",
+            "RemoveNode",
             "Empty",
         ];
         for (method, path) in ROUTES {
@@ -990,6 +1015,5 @@ mod tests {
         let e = parse_json::<requests::SettingsPatch>(b"[null, null]").err();
         assert_eq!(e.map(|e| e.code), Some("invalid_request".into()));
         assert!(parse_json::<requests::MoveVm>(b"").is_ok());
-        assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"ab", b"abc"));
     }
 }

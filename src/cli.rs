@@ -63,9 +63,14 @@ pub struct Cli {
 /// How to reach a node's API.
 #[derive(Args, Clone, Debug)]
 pub struct Conn {
-    /// API address of the node to talk to (host:port).
+    /// API address of the node to talk to: host:port or https://host:port
+    /// (HTTPS, the default), http://host:port for an API with api.tls = false.
     #[arg(long, global = true, env = "FERRY_API")]
     pub api: Option<String>,
+    /// The cluster CA certificate (the cluster directory's ca.pem) to trust
+    /// for an HTTPS API; --config gives its api.ca.
+    #[arg(long, global = true, env = "FERRY_CA")]
+    pub ca: Option<PathBuf>,
     /// API token.
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -82,8 +87,8 @@ pub enum Command {
     /// Set up a cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Run or stop a node daemon, list nodes, pause (maintenance, drain),
-    /// resume them, declare one down.
+    /// Run or stop a node daemon, add or remove a node, list nodes, pause
+    /// (maintenance, drain), resume them, declare one down.
     #[command(subcommand)]
     Node(NodeCmd),
     /// Create, start, stop and move VMs.
@@ -198,6 +203,85 @@ after 150 s; 4 the process is not yours to signal.
 
 Example: ferry node stop --config ./cluster/node-2/node.toml")]
     Stop,
+    /// Add a node to a running cluster: its certificate from the cluster CA
+    /// and its configuration.
+    #[command(after_help = "\
+Signs the new node's certificate with the cluster CA's key, which `ferry cluster
+init` left in the cluster directory (<dir>/ca.key, beside the node-N
+directories): run this where that file is — on the machine of the first node
+for a cluster made with `cluster init` — or name the directory with
+--cluster-dir (default: the directory above FERRY_CONFIG's node directory).
+Writes <cluster dir>/<name>/node.pem and node.toml: the node's address on
+every network of FERRY_CONFIG's node (the subnet's base plus its id, same
+port), the same API token, that node and its peers as the peers to join
+through. Asks the cluster (FERRY_CONFIG's node) which names and ids are taken.
+
+Then start it; it joins as a learner, catches up with the store, and becomes a
+voter (`ferry status --wait` with its configuration returns once it has: that
+configuration names every node, itself included):
+  ferry node add node-4
+  ferry node run --config ./cluster/node-4/node.toml &
+  ferry status --wait --config ./cluster/node-4/node.toml
+  ferry vm move web-1 --to node-4
+
+The certificate is valid for --valid-days (365); renew it before then with
+`ferry node renew-cert`.
+
+Exit codes: 0 written; 2 invalid name; 4 name or id taken; 1 the CA key
+cannot be read (nothing written); 5 the cluster cannot be reached.")]
+    Add {
+        name: String,
+        /// The node's id (default: one more than any id the cluster and the
+        /// cluster directory know).
+        #[arg(long)]
+        id: Option<u64>,
+        /// Where ca.pem and ca.key are.
+        #[arg(long)]
+        cluster_dir: Option<PathBuf>,
+        /// Memory offered to VMs (default: as FERRY_CONFIG's node).
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// Most VMs (default: as FERRY_CONFIG's node).
+        #[arg(long)]
+        max_vms: Option<u32>,
+        /// How long the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+        /// How long the certificate is valid, in seconds (tests; overrides
+        /// --valid-days).
+        #[arg(long, hide = true)]
+        valid_secs: Option<u64>,
+    },
+    /// Remove a node from the cluster for good and revoke its certificate.
+    #[command(after_help = "\
+Refused while the node owns VMs or takes part in a migration (exit 4, naming
+them): move them away first with `ferry node pause <node> --drain`. Then the
+cluster store forgets the node and puts it on its revocation list, and the node
+leaves the Raft membership: every node refuses its certificates (issued up to
+now) in the TLS handshake and closes its connections. Stop its daemon
+afterwards; to bring the machine back, `ferry node add` it again (a new
+certificate). Ask another node than the one removed (FERRY_CONFIG/--api).
+
+Example: ferry node remove node-4")]
+    Remove { node: String },
+    /// Issue a node's next certificate from the cluster CA (before the
+    /// current one expires).
+    #[command(after_help = "\
+Writes <cluster dir>/<node>/node.pem anew (the old one is kept as
+node.pem.old), signed with the cluster CA's key (<cluster dir>/ca.key: run this
+where that file is). The daemon reads its certificate at start: restart it to
+use the new one (`ferry node stop --config …` moves its VMs away first, then
+`ferry node run --config …`). A daemon refuses to start on an expired
+certificate, and warns 30 days before.
+
+Example: ferry node renew-cert node-2")]
+    RenewCert {
+        node: String,
+        #[arg(long)]
+        cluster_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 365)]
+        valid_days: u32,
+    },
     /// List the nodes.
     List,
     /// Show one node.
@@ -264,7 +348,8 @@ pub enum VmCmd {
     List,
     /// Show one VM.
     Show { vm: String },
-    /// Define a VM (simulated, or KVM with --backend kvm) and start it.
+    /// Define a VM (simulated; KVM with --backend kvm; a QEMU process running
+    /// Linux with --backend qemu) and start it.
     #[command(
         after_help = "Example: ferry vm create web-1 --node node-1 --memory-mib 256 --dirty-pages-per-sec 5000"
     )]
@@ -286,7 +371,9 @@ pub enum VmCmd {
         /// shared (cluster-shared volume) or local (the disk moves with the VM).
         #[arg(long)]
         storage: Option<String>,
-        /// sim (simulated guest) or kvm (a real KVM guest; needs usable /dev/kvm).
+        /// sim (simulated guest), kvm (a real KVM guest; needs usable /dev/kvm) or
+        /// qemu (a QEMU process running Linux; needs qemu-system-x86_64, a kernel
+        /// and busybox: see README).
         #[arg(long)]
         backend: Option<String>,
         /// Start with the cluster's common CPU baseline.
@@ -508,6 +595,11 @@ impl From<ClientError> for Failure {
                 code: ExitCode::Failed,
                 error: ApiError::internal(e.to_string()),
             },
+            ClientError::Tls { .. } => Failure {
+                code: ExitCode::Unreachable,
+                error: ApiError::unavailable("tls_failed", e.to_string()),
+            },
+            ClientError::Setup(_) => usage(e.to_string()),
         }
     }
 }
@@ -548,17 +640,44 @@ pub fn run(cli: Cli) -> std::process::ExitCode {
 }
 
 fn client(conn: &Conn) -> Result<Client, Failure> {
-    let mut api = conn.api.clone();
-    let mut token = conn.token.clone();
-    if let Some(path) = &conn.config {
-        let config = NodeConfig::load(path)?;
-        api.get_or_insert(config.api.listen.to_string());
-        token.get_or_insert(config.api.token);
+    let config = match &conn.config {
+        Some(path) => Some(NodeConfig::load(path)?),
+        None => None,
+    };
+    let setup = |e: ClientError| usage(e.to_string());
+    match (&conn.api, config) {
+        (None, Some(config)) => match &conn.token {
+            Some(t) => Client::for_node_with(&config, Some(t.clone())),
+            None => Client::for_node(&config),
+        }
+        .map_err(setup),
+        (Some(api), config) => {
+            let token = conn
+                .token
+                .clone()
+                .or_else(|| config.as_ref().map(|c| c.api.token.clone()));
+            if api.starts_with("http://") {
+                return Ok(Client::new(api, token));
+            }
+            let ca = conn
+                .ca
+                .clone()
+                .or_else(|| config.and_then(|c| c.api.ca))
+                .ok_or_else(|| {
+                    usage(format!(
+                        "{api} is reached over HTTPS: give the cluster CA with --ca <cluster \
+                         dir>/ca.pem (or FERRY_CA, or --config), or http:// for an API with \
+                         api.tls = false"
+                    ))
+                })?;
+            let pem = std::fs::read_to_string(&ca)
+                .map_err(|e| usage(format!("reading the cluster CA {}: {e}", ca.display())))?;
+            Client::https(api, token, &pem).map_err(setup)
+        }
+        (None, None) => Err(usage(
+            "no node to talk to: give --api, --config, FERRY_API or FERRY_CONFIG",
+        )),
     }
-    let api = api.ok_or_else(|| {
-        usage("no node to talk to: give --api, --config, FERRY_API or FERRY_CONFIG")
-    })?;
-    Ok(Client::new(&api, token))
 }
 
 fn print_json<T: Serialize>(value: &T) {
@@ -673,6 +792,62 @@ fn dispatch(cli: Cli) -> Outcome {
                 .ok_or_else(|| usage("ferry node stop needs --config PATH (or FERRY_CONFIG)"))?;
             node_stop(&path, conn.json)
         }
+        Command::Node(NodeCmd::Add {
+            name,
+            id,
+            cluster_dir,
+            memory_mib,
+            max_vms,
+            valid_days,
+            valid_secs,
+        }) => {
+            let valid_for =
+                Duration::from_secs(valid_secs.unwrap_or(u64::from(valid_days) * 86_400));
+            node_add(
+                &conn,
+                crate::enroll::AddNode {
+                    name,
+                    id,
+                    cluster_dir: PathBuf::new(),
+                    reference: reference_config(&conn)?,
+                    members: Vec::new(),
+                    memory_mib,
+                    max_vms,
+                    valid_for,
+                },
+                cluster_dir,
+            )
+        }
+        Command::Node(NodeCmd::RenewCert {
+            node,
+            cluster_dir,
+            valid_days,
+        }) => {
+            let dir = match cluster_dir {
+                Some(d) => d,
+                None => crate::enroll::cluster_dir_of(&reference_path(&conn)?),
+            };
+            let config = dir.join(&node).join("node.toml");
+            let (creds, v) = crate::enroll::renew_cert(
+                &dir,
+                &config,
+                Duration::from_secs(u64::from(valid_days) * 86_400),
+            )?;
+            if conn.json {
+                print_json(&serde_json::json!({
+                    "node": creds.node_id,
+                    "not_before_s": v.not_before_s,
+                    "not_after_s": v.not_after_s,
+                }));
+            } else {
+                println!(
+                    "renewed the certificate of {node} (id {}): valid until Unix time {}",
+                    creds.node_id, v.not_after_s
+                );
+                println!("restart its daemon to use it: ferry node stop --config {0}; ferry node run --config {0}", config.display());
+            }
+            Ok(ExitCode::Ok)
+        }
         Command::Node(cmd) => node_cmd(&client(&conn)?, conn.json, cmd),
         Command::Vm(cmd) => vm_cmd(&client(&conn)?, conn.json, cmd),
         Command::Network(cmd) => network_cmd(&client(&conn)?, conn.json, cmd),
@@ -730,19 +905,27 @@ fn wait_for_members(c: &Client, conn: &Conn, timeout: Duration) -> Result<(), Fa
         let now = match c.get::<StatusView>("/api/status") {
             Ok(s) => {
                 let want = expected.unwrap_or(s.nodes).max(1);
+                // The answering node's lease too: until it holds one, a VM
+                // moved onto it is fenced (a node that just joined).
                 if s.leader.is_some()
                     && s.voters.len() >= want
                     && s.nodes >= want
                     && s.nodes_up >= want
+                    && s.failover.leased
                 {
                     return Ok(());
                 }
                 format!(
-                    "waiting: {} of {want} nodes joined, {} up, leader {}",
+                    "waiting: {} of {want} nodes joined, {} up, leader {}{}",
                     s.voters.len().min(s.nodes),
                     s.nodes_up,
                     s.leader
-                        .map_or("none yet".to_string(), |l| format!("node {l}"))
+                        .map_or("none yet".to_string(), |l| format!("node {l}")),
+                    if s.failover.leased {
+                        ""
+                    } else {
+                        ", no lease yet on this node"
+                    }
                 )
             }
             Err(e) => format!("waiting for the node to answer: {e}"),
@@ -831,10 +1014,78 @@ fn print_down_reasons(nodes: &[NodeView]) {
     }
 }
 
+fn reference_path(conn: &Conn) -> Result<PathBuf, Failure> {
+    conn.config.clone().ok_or_else(|| {
+        usage("this command needs a running node's configuration: --config PATH or FERRY_CONFIG")
+    })
+}
+
+fn reference_config(conn: &Conn) -> Result<NodeConfig, Failure> {
+    Ok(NodeConfig::load(&reference_path(conn)?)?)
+}
+
+/// `ferry node add`: asks the cluster which names and ids are taken, then
+/// writes the node's certificate and configuration (`enroll.rs`).
+fn node_add(
+    conn: &Conn,
+    mut opts: crate::enroll::AddNode,
+    cluster_dir: Option<PathBuf>,
+) -> Outcome {
+    opts.cluster_dir = match cluster_dir {
+        Some(d) => d,
+        None => crate::enroll::cluster_dir_of(&reference_path(conn)?),
+    };
+    let nodes: Vec<NodeView> = client(conn)?.get("/api/nodes")?;
+    opts.members = nodes.iter().map(|n| (n.id, n.name.clone())).collect();
+    let path = crate::enroll::add_node(&opts).map_err(|e| {
+        let code = match e.downcast_ref::<crate::enroll::AddRefused>() {
+            Some(crate::enroll::AddRefused::Taken(_)) => (ExitCode::Refused, "name_taken"),
+            Some(crate::enroll::AddRefused::Invalid(_)) => (ExitCode::Usage, "invalid_name"),
+            None => (ExitCode::Failed, "not_written"),
+        };
+        Failure {
+            code: code.0,
+            error: ApiError::new(400, code.1, format!("{e:#}")),
+        }
+    })?;
+    if conn.json {
+        print_json(&serde_json::json!({ "name": opts.name, "config": path }));
+    } else {
+        println!("wrote {}", path.display());
+        println!("start it:  ferry node run --config {}", path.display());
+        println!(
+            "it joins as a learner, then becomes a voter; this waits until it has:\n  ferry status --wait --config {}",
+            path.display()
+        );
+    }
+    Ok(ExitCode::Ok)
+}
+
 fn node_cmd(c: &Client, json: bool, cmd: NodeCmd) -> Outcome {
     match cmd {
         NodeCmd::Run => Err(usage("ferry node run needs --config PATH")),
         NodeCmd::Stop => Err(usage("ferry node stop needs --config PATH")),
+        NodeCmd::Add { .. } | NodeCmd::RenewCert { .. } => Err(usage(
+            "ferry node add and renew-cert run where the cluster CA is",
+        )),
+        NodeCmd::Remove { node } => {
+            let removed: RemovedNodeView = c.post(
+                &format!("/api/nodes/{node}/remove"),
+                &requests::RemoveNode {
+                    confirm: node.clone(),
+                },
+            )?;
+            if json {
+                print_json(&removed);
+            } else {
+                println!(
+                    "removed {} (id {}): it left the Raft membership, and every node refuses its certificate",
+                    removed.name, removed.id
+                );
+                println!("stop its daemon now; `ferry node add` brings a machine back with a new certificate");
+            }
+            Ok(ExitCode::Ok)
+        }
         NodeCmd::List => {
             let nodes: Vec<NodeView> = c.get("/api/nodes")?;
             if json {

@@ -2,16 +2,26 @@
 //! `Content-Length` or chunked responses, and server-sent event streams.
 //!
 //! Why not reqwest or hyper's client: the CLI makes one request at a time to
-//! one node on a trusted address, and this is about 200 lines over
-//! `std::net::TcpStream`, with no TLS stack, no async runtime and no new
+//! one node, and this is about 300 lines over `std::net::TcpStream` and
+//! rustls's blocking `StreamOwned`, with no async runtime and no new
 //! dependency in the binary. Each request opens its own connection
 //! (`Connection: close`), which is plenty for a command line.
+//!
+//! A node's API speaks HTTPS with a certificate from the cluster CA: the
+//! client trusts that CA alone ([`Client::https`], [`Client::for_node`]) and
+//! says in words what went wrong when the handshake fails (a certificate it
+//! does not trust, a server that speaks plain HTTP, or the reverse).
+//! [`Client::new`] speaks plain HTTP (an API with `api.tls = false`,
+//! Chromium's DevTools endpoint in the browser test).
 
+use crate::config::NodeConfig;
 use crate::error::ApiError;
+use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a request did not get an answer from the API.
@@ -29,6 +39,13 @@ pub enum ClientError {
     /// The answer was not HTTP or not the JSON expected.
     #[error("bad answer from {addr}: {what}")]
     Protocol { addr: String, what: String },
+    /// The TLS handshake failed: an untrusted certificate, a server that
+    /// does not speak TLS, a client certificate the server refused.
+    #[error("TLS with {addr} failed: {what}")]
+    Tls { addr: String, what: String },
+    /// The client could not be set up (a CA file missing or unreadable).
+    #[error("{0}")]
+    Setup(String),
 }
 
 type Headers = Vec<(String, String)>;
@@ -60,29 +77,120 @@ impl Response {
 }
 
 /// A client of one node's API.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     /// `host:port`.
     pub addr: String,
     pub token: Option<String>,
     pub timeout: Duration,
+    /// HTTPS with this configuration; `None`: plain HTTP.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("https", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `addr` without its scheme and trailing slash.
+fn bare(addr: &str) -> String {
+    addr.trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string()
 }
 
 impl Client {
-    /// `addr` is `host:port`, optionally prefixed with `http://`.
+    /// A plain-HTTP client; `addr` is `host:port`, optionally prefixed with
+    /// `http://`.
     pub fn new(addr: &str, token: Option<String>) -> Client {
-        let addr = addr
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
         Client {
-            addr,
+            addr: bare(addr),
             token,
             timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 
+    /// An HTTPS client trusting only the CA certificate(s) in `ca_pem`;
+    /// `addr` is `host:port`, optionally prefixed with `https://`.
+    pub fn https(addr: &str, token: Option<String>, ca_pem: &str) -> Result<Client, ClientError> {
+        let config = crate::api_tls::client_config(ca_pem, None)
+            .map_err(|e| ClientError::Setup(format!("{e:#}")))?;
+        Ok(Client {
+            tls: Some(Arc::new(config)),
+            ..Client::new(addr, token)
+        })
+    }
+
+    /// This HTTPS client presenting a client certificate (`cert_pem`,
+    /// `key_pem`) besides trusting `ca_pem`.
+    pub fn with_identity(
+        self,
+        ca_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Client, ClientError> {
+        let config = crate::api_tls::client_config(ca_pem, Some((cert_pem, key_pem)))
+            .map_err(|e| ClientError::Setup(format!("{e:#}")))?;
+        Ok(Client {
+            tls: Some(Arc::new(config)),
+            ..self
+        })
+    }
+
+    /// A client of the API `config` describes, with its operator token:
+    /// HTTPS trusting `api.ca` unless `api.tls = false`.
+    pub fn for_node(config: &NodeConfig) -> Result<Client, ClientError> {
+        Client::for_node_with(config, Some(config.api.token.clone()))
+    }
+
+    /// [`for_node`](Self::for_node) with another token (or none).
+    pub fn for_node_with(
+        config: &NodeConfig,
+        token: Option<String>,
+    ) -> Result<Client, ClientError> {
+        let addr = config.api.listen.to_string();
+        if !config.api.tls {
+            return Ok(Client::new(&addr, token));
+        }
+        let ca = config.api.ca.as_deref().ok_or_else(|| {
+            ClientError::Setup(format!(
+                "the API of {} speaks HTTPS but its configuration names no CA (api.ca)",
+                config.name
+            ))
+        })?;
+        let pem = std::fs::read_to_string(ca).map_err(|e| {
+            ClientError::Setup(format!("reading the cluster CA {}: {e}", ca.display()))
+        })?;
+        Client::https(&addr, token, &pem)
+    }
+
+    /// Whether this client speaks HTTPS.
+    pub fn is_https(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The base URL, `https://host:port`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
     fn io(&self, source: std::io::Error) -> ClientError {
+        let tls = source
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        if let Some(e) = tls {
+            return ClientError::Tls {
+                addr: self.addr.clone(),
+                what: explain_tls(e),
+            };
+        }
         ClientError::Io {
             addr: self.addr.clone(),
             source,
@@ -96,7 +204,52 @@ impl Client {
         }
     }
 
-    fn connect(&self) -> Result<TcpStream, ClientError> {
+    /// A connection, TLS when this client speaks HTTPS, with the handshake
+    /// done (so its failure is told as such).
+    fn connect(&self) -> Result<Box<dyn ReadWrite>, ClientError> {
+        let tcp = self.connect_tcp()?;
+        let Some(config) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let name = server_name(&self.addr).ok_or_else(|| {
+            ClientError::Setup(format!(
+                "{}: no host name to check the certificate against",
+                self.addr
+            ))
+        })?;
+        let conn = rustls::ClientConnection::new(config.clone(), name)
+            .map_err(|e| ClientError::Setup(format!("TLS setup: {e}")))?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| self.handshake_failed(e))?;
+        }
+        Ok(Box::new(stream))
+    }
+
+    fn handshake_failed(&self, e: std::io::Error) -> ClientError {
+        match self.io(e) {
+            ClientError::Io { addr, source }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                ClientError::Tls {
+                    addr,
+                    what: format!(
+                        "the server closed the connection during the handshake ({source}); \
+                         it may speak plain HTTP (api.tls = false: use http://)"
+                    ),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn connect_tcp(&self) -> Result<TcpStream, ClientError> {
         let addrs: Vec<SocketAddr> = self
             .addr
             .to_socket_addrs()
@@ -148,6 +301,15 @@ impl Client {
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         reader.read_line(&mut line).map_err(|e| self.io(e))?;
+        // A TLS server answers a plain request with an alert record (0x15,
+        // version 3.x) or just closes: say what that means.
+        let tls_answer = line.is_empty() || matches!(line.as_bytes(), [0x15 | 0x16, 0x03, ..]);
+        if tls_answer && self.tls.is_none() {
+            return Err(self.protocol(
+                "no HTTP answer, the server expects TLS: this API speaks HTTPS \
+                 (use https:// and trust the cluster CA: --ca <cluster dir>/ca.pem)",
+            ));
+        }
         let status: u16 = line
             .split_whitespace()
             .nth(1)
@@ -251,6 +413,54 @@ impl Client {
             })));
         }
         Ok(EventStream { reader })
+    }
+}
+
+/// A connection the client reads and writes: TCP or TLS over TCP.
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+/// The name the server's certificate must carry: the host of `addr`
+/// (`host:port`, `[v6]:port`), an IP address or a DNS name.
+fn server_name(addr: &str) -> Option<ServerName<'static>> {
+    let host = match addr.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => h,
+        _ => addr,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string()).ok()
+}
+
+/// A TLS failure in words a person can act on.
+fn explain_tls(e: &rustls::Error) -> String {
+    use rustls::{AlertDescription, CertificateError, Error};
+    match e {
+        Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => format!(
+            "the API's certificate is not signed by the cluster CA this client trusts ({e}); \
+             is --ca / api.ca this cluster's ca.pem?"
+        ),
+        Error::InvalidCertificate(CertificateError::NotValidForName)
+        | Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => format!(
+            "the API's certificate does not name the address dialled ({e}); dial the node by \
+             its listen address, its name or localhost"
+        ),
+        Error::InvalidCertificate(c) => format!("the API's certificate is refused: {c:?}"),
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => format!(
+            "the server does not speak TLS ({e}): it serves plain HTTP (api.tls = false), \
+             use http://"
+        ),
+        Error::AlertReceived(
+            a @ (AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::DecryptError),
+        ) => format!(
+            "the API refused this client's certificate ({a:?}): a client certificate must \
+             come from the cluster CA, or be left out"
+        ),
+        other => other.to_string(),
     }
 }
 

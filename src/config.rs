@@ -54,8 +54,27 @@ pub struct NodeConfig {
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
-    /// Bearer token every API request must carry. Secret.
+    /// The operator's bearer token: every request, reads and writes. Secret.
     pub token: String,
+    /// A read-only bearer token: GET requests only (`api_auth.rs`). Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_token: Option<String>,
+    /// Serve HTTPS (the default). `false` serves plain HTTP, which the
+    /// daemon warns about loudly when the API listens beyond loopback.
+    #[serde(default = "tls_by_default")]
+    pub tls: bool,
+    /// The API's certificate and key (PEM), signed by the cluster CA, whose
+    /// names cover what clients reach the API by (`api_tls.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The cluster CA certificate (PEM) clients of this API trust: the CLI
+    /// reads it from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+}
+
+fn tls_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -103,6 +122,14 @@ impl NodeConfig {
         if config.credentials.is_relative() {
             config.credentials = base.join(&config.credentials);
         }
+        for path in [&mut config.api.cert, &mut config.api.ca]
+            .into_iter()
+            .flatten()
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
         config.check()?;
         Ok(config)
     }
@@ -124,6 +151,20 @@ impl NodeConfig {
         }
         if self.api.token.len() < 16 {
             bail!("the API token must be at least 16 characters");
+        }
+        if let Some(read) = &self.api.read_token {
+            if read.len() < 16 {
+                bail!("the API's read-only token must be at least 16 characters");
+            }
+            if *read == self.api.token {
+                bail!("api.read_token must differ from api.token (the operator's)");
+            }
+        }
+        if self.api.tls && self.api.cert.is_none() {
+            bail!(
+                "api.tls is on but api.cert (the API's certificate from the cluster CA) is not \
+                 set: `ferry cluster init` and `ferry node add` write one; or set api.tls = false"
+            );
         }
         if self.peers.iter().any(|p| p.id == self.node_id) {
             bail!("node {} lists itself as a peer", self.node_id);
@@ -211,7 +252,7 @@ pub fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -224,8 +265,9 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `dir/ca.pem`, `dir/ca.key`, and for each node `dir/node-i/node.pem`
-/// and `dir/node-i/node.toml`. Refuses a directory that already holds a
+/// Writes `dir/ca.pem`, `dir/ca.key`, and for each node `dir/node-i/node.pem`,
+/// `dir/node-i/api.pem` (the API's certificate) and `dir/node-i/node.toml`
+/// (with an operator and a read-only API token, shared by the cluster). Refuses a directory that already holds a
 /// cluster. Returns the configuration paths, node 1 first.
 pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
     if opts.nodes == 0 || opts.nodes > 250 {
@@ -247,6 +289,7 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
     write_secret(&dir.join("ca.pem"), &ca.cert_pem())?;
     write_secret(&dir.join("ca.key"), &ca.key_pem())?;
     let token = new_token();
+    let read_token = new_token();
     let api = |i: NodeId| -> anyhow::Result<SocketAddr> {
         let port = u16::try_from(u64::from(opts.api_port) + i - 1).context("API port overflow")?;
         Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
@@ -268,6 +311,8 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
         std::fs::create_dir_all(&node_dir)?;
         let creds = ca.issue(i)?;
         write_secret(&node_dir.join("node.pem"), &creds.to_pem())?;
+        let api_cert = node_dir.join("api.pem");
+        crate::api_tls::write_api_cert(&ca, &format!("node-{i}"), api(i)?, &api_cert)?;
         let mine = addresses(i)?;
         let config = NodeConfig {
             node_id: i,
@@ -278,6 +323,10 @@ pub fn init_cluster(opts: &InitOptions) -> anyhow::Result<Vec<PathBuf>> {
             api: ApiConfig {
                 listen: api(i)?,
                 token: token.clone(),
+                read_token: Some(read_token.clone()),
+                tls: true,
+                cert: Some(api_cert),
+                ca: Some(dir.join("ca.pem")),
             },
             capacity: CapacityConfig {
                 memory_mib: opts.memory_mib,

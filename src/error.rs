@@ -10,7 +10,9 @@
 //!
 //! | code | HTTP | meaning |
 //! |---|---|---|
-//! | `unauthorized` | 401 | no token, or the wrong one |
+//! | `unauthorized` | 401 | no token, the wrong one, or a token in the URL outside the event stream |
+//! | `https_required` | 400 | plain HTTP to the API's HTTPS port (answered before any handshake, `api_tls.rs`) |
+//! | `forbidden` | 403 | the read-only token on a request that writes |
 //! | `malformed_json` | 400 | the body is not JSON |
 //! | `invalid_request` | 400 | JSON of the wrong shape: not an object, or missing, unknown, mistyped or `null` fields |
 //! | `invalid_name` / `invalid_value` | 400 | a field's value is not acceptable |

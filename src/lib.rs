@@ -46,16 +46,20 @@
 //! - [`api`]: the HTTP API (actix-web), event stream, metrics, OpenAPI, dashboard.
 //! - [`cli`], [`client`]: the command line and its small HTTP client.
 //! - [`config`]: `node.toml` and `ferry cluster init`.
+//! - [`enroll`]: `ferry node add` and `renew-cert` (certificates from the cluster CA).
 //! - [`daemon`]: `ferry node run`.
 //! - [`views`], [`requests`], [`error`]: the shapes the API speaks.
 //! - [`events`], [`peer`]: progress relayed between nodes; the control exchange.
 
 pub mod api;
+pub mod api_auth;
+pub mod api_tls;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod enroll;
 pub mod error;
 pub mod events;
 pub mod metrics;

@@ -118,7 +118,7 @@ pub const PATTERNS: &[&str] = &["uniform", "hot_set", "sequential"];
 /// `CreateVm::storage`.
 pub const STORAGES: &[&str] = &["shared", "local"];
 /// `CreateVm::backend`.
-pub const BACKENDS: &[&str] = &["sim", "kvm"];
+pub const BACKENDS: &[&str] = &["sim", "kvm", "qemu"];
 /// `NetworkPatch::migration`.
 pub const MIGRATION_USES: &[&str] = &["default", "allow", "forbid"];
 /// `SettingsPatch::pro_tip_mode`.
@@ -143,6 +143,7 @@ pub const MAX_CHARS: &[(&str, &str, usize)] = &[
     ("CreateVm", "name", NAME_MAX_LEN),
     ("Append", "record", RECORD_MAX_CHARS),
     ("MarkNodeDown", "reason", REASON_MAX_CHARS),
+    ("RemoveNode", "confirm", NAME_MAX_LEN),
 ];
 
 /// A request body: parsed by [`crate::api::parse_json`] and then checked by
@@ -443,6 +444,15 @@ pub struct MarkNodeDown {
     pub confirmed_dead: bool,
 }
 
+/// `POST /api/nodes/{node}/remove`: remove a node for good and revoke its
+/// certificate (see [`crate::Node::remove_node`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveNode {
+    /// The node's name again: a guard against removing one by accident.
+    pub confirm: String,
+}
+
 impl Request for CreateVm {
     const SCHEMA: &'static str = "CreateVm";
 
@@ -554,6 +564,14 @@ impl Request for SettingsPatch {
             in_range("failure_detection_ms", f, &FAILURE_DETECTION_MS)?;
         }
         one_of("pro_tip_mode", self.pro_tip_mode.as_deref(), TIP_MODES)
+    }
+}
+
+impl Request for RemoveNode {
+    const SCHEMA: &'static str = "RemoveNode";
+
+    fn validate(&self) -> Result<(), ApiError> {
+        check_name("node", &self.confirm)
     }
 }
 

@@ -43,6 +43,15 @@ pub struct NodeView {
     pub down_since_ms: Option<u64>,
 }
 
+/// `DELETE /api/nodes/{node}`'s answer: the node left the cluster and its
+/// certificates issued up to `revoked_at_ms` are refused by every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemovedNodeView {
+    pub id: NodeId,
+    pub name: String,
+    pub revoked_at_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StuckView {
     pub vm: String,
@@ -59,6 +68,8 @@ pub struct VmView {
     pub memory_bytes: u64,
     pub vcpus: u32,
     pub mac: String,
+    /// `sim`, `kvm` or `qemu`.
+    pub backend: String,
     pub epoch: u64,
     pub processor_compatibility: bool,
     pub cpu_features: Vec<String>,
@@ -571,6 +582,12 @@ pub fn vm(state: &ClusterState, v: &ferry_cluster::model::Vm) -> VmView {
         memory_bytes: v.config.memory_bytes,
         vcpus: v.config.vcpus,
         mac: v.config.mac.to_string(),
+        backend: match v.config.backend {
+            ferry_cluster::model::Backend::Sim => "sim",
+            ferry_cluster::model::Backend::Kvm => "kvm",
+            ferry_cluster::model::Backend::Qemu => "qemu",
+        }
+        .into(),
         epoch: v.epoch,
         processor_compatibility: v.processor_compatibility,
         cpu_features: v.cpu_features.iter().cloned().collect(),

@@ -204,6 +204,7 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     let dir = TempDir::new("api");
     let cluster = InProcess::start(&dir.0, 1, 43, 44);
     let api = client(&cluster.configs[0]);
+    let config = ferry::config::NodeConfig::load(&cluster.configs[0]).unwrap();
     let created = expect_ok(
         &api,
         "POST",
@@ -272,7 +273,7 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     let before = applied(&api);
 
     // No token, or the wrong one.
-    let anonymous = Client::new(&api.addr, None);
+    let anonymous = Client::for_node_with(&config, None).unwrap();
     expect_error(&anonymous, "GET", "/api/vms", None, 401, "unauthorized");
     expect_error(
         &anonymous,
@@ -283,7 +284,8 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
         "unauthorized",
     );
     expect_error(&anonymous, "GET", "/metrics", None, 401, "unauthorized");
-    let wrong = Client::new(&api.addr, Some("0123456789abcdef0123456789abcdef".into()));
+    let wrong =
+        Client::for_node_with(&config, Some("0123456789abcdef0123456789abcdef".into())).unwrap();
     expect_error(&wrong, "GET", "/api/status", None, 401, "unauthorized");
 
     // Malformed JSON, and JSON of the wrong shape.
@@ -704,7 +706,7 @@ fn bad_requests_get_stable_error_codes_and_never_reach_the_store() {
     );
     expect_ok(&api, "DELETE", "/api/vms/db-1", None);
     let token = api.token.clone().unwrap();
-    let by_query = Client::new(&api.addr, None);
+    let by_query = Client::for_node_with(&config, None).unwrap();
     assert!(by_query
         .events(&format!("/api/events?access_token={token}"))
         .is_ok());

@@ -51,8 +51,15 @@ fn dashboard_shows_progress_and_a_click_on_drain_starts_a_drain() {
             )
             .unwrap();
     }
-    let url = format!("http://{}/?token={}", api.addr, api.token.clone().unwrap());
-    let mut browser = Browser::launch(&chromium, &dir.0.join("profile"), &url);
+    let url = format!("{}/?token={}", api.url(), api.token.clone().unwrap());
+    let config = ferry::config::NodeConfig::load(&cluster.configs[0]).unwrap();
+    let pin = spki_pin(config.api.cert.as_ref().unwrap());
+    let mut browser = Browser::launch(
+        &chromium,
+        &dir.0.join("profile"),
+        &url,
+        &[format!("--ignore-certificate-errors-spki-list={pin}")],
+    );
     browser.wait_for(
         "the dashboard to load and follow the event stream",
         "document.body.dataset.loaded === '1' && document.body.dataset.live === '1' \
@@ -141,4 +148,46 @@ fn dashboard_shows_progress_and_a_click_on_drain_starts_a_drain() {
         Duration::from_secs(10),
     );
     println!("browser test took {:.1?}", started.elapsed());
+}
+
+/// The base64 SHA-256 of the public key of the API certificate in `api_pem`:
+/// what `--ignore-certificate-errors-spki-list` takes. Chromium then accepts
+/// the certificates carrying this one key (the test node's API) and still
+/// refuses every other certificate error, where `--ignore-certificate-errors`
+/// would accept any certificate from anyone; trusting the cluster CA itself
+/// would need an NSS database written with certutil, which the test machine
+/// need not have.
+fn spki_pin(api_pem: &std::path::Path) -> String {
+    let pem = std::fs::read_to_string(api_pem).unwrap();
+    // api.pem is the certificate, then the key.
+    let key_at = pem.find("-----BEGIN PRIVATE KEY-----").unwrap();
+    let key = rcgen::KeyPair::from_pem(&pem[key_at..]).unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let provider = ferry::transport::crypto_provider();
+    let Some(rustls::SupportedCipherSuite::Tls13(suite)) = provider.cipher_suites.first() else {
+        panic!("no TLS 1.3 suite to hash with")
+    };
+    let digest = suite.common.hash_provider.hash(&spki);
+    base64(digest.as_ref())
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

@@ -232,7 +232,7 @@ impl Chaos {
     /// started may accept before it serves).
     fn answers(&self, i: usize) -> bool {
         let c = &self.d.loaded[i];
-        let mut client = Client::new(&c.api.listen.to_string(), Some(c.api.token.clone()));
+        let mut client = Client::for_node(c).expect("an API client from the node configuration");
         client.timeout = Duration::from_millis(500);
         client.get::<StatusView>("/api/status").is_ok()
     }

@@ -262,7 +262,7 @@ impl Daemons {
     /// Runs `f` with node `i`'s API client, from inside its namespace.
     pub fn api<T: Send>(&self, i: usize, f: impl FnOnce(&Client) -> T + Send) -> T {
         let c = &self.loaded[i];
-        let mut client = Client::new(&c.api.listen.to_string(), Some(c.api.token.clone()));
+        let mut client = Client::for_node(c).expect("an API client from the node configuration");
         client.timeout = Duration::from_secs(10);
         match &self.netns[i] {
             Some(ns) => in_netns(ns, || f(&client)),

@@ -38,9 +38,9 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// Starts headless chromium on `url` with its profile in `profile`, and
-    /// attaches to the page.
-    pub fn launch(chromium: &Path, profile: &Path, url: &str) -> Browser {
+    /// Starts headless chromium on `url` with its profile in `profile` and
+    /// the `extra` flags, and attaches to the page.
+    pub fn launch(chromium: &Path, profile: &Path, url: &str, extra: &[String]) -> Browser {
         std::fs::create_dir_all(profile).unwrap();
         let child = Command::new(chromium)
             .args([
@@ -56,6 +56,7 @@ impl Browser {
                 "--window-size=1280,1000",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
             .arg(url)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

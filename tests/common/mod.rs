@@ -98,7 +98,7 @@ pub fn cli(config: &Path, args: &[&str]) -> Run {
 
 pub fn client(config: &Path) -> Client {
     let c = NodeConfig::load(config).unwrap();
-    Client::new(&c.api.listen.to_string(), Some(c.api.token))
+    Client::for_node(&c).unwrap()
 }
 
 /// Polls `f` until it returns `Some`, at most `timeout`.

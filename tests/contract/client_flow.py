@@ -16,8 +16,11 @@ from ferry_client.models import CreateVm, Migration, MoveStarted, MoveVm, Vm
 
 
 def main() -> None:
-    base, token = sys.argv[1], sys.argv[2]
-    client = AuthenticatedClient(base_url=base, token=token, raise_on_unexpected_status=True)
+    base, token, ca = sys.argv[1], sys.argv[2], sys.argv[3]
+    # verify_ssl: the cluster CA's certificate, the only one trusted.
+    client = AuthenticatedClient(
+        base_url=base, token=token, verify_ssl=ca, raise_on_unexpected_status=True
+    )
 
     nodes = list_nodes.sync(client=client)
     assert isinstance(nodes, list) and len(nodes) == 3, nodes
