@@ -20,9 +20,13 @@
 //!
 //! Where this host can run KVM guests (`ferry::vmm::kvm::probe`), a 256 MiB
 //! KVM guest (one vCPU, 16 MiB/s of scattered writes) is moved the same way,
-//! three times; elsewhere the row says why it was skipped. Last, the cluster's
+//! three times; elsewhere the row says why it was skipped. Then the cluster's
 //! bandwidth cap: a 1 GiB idle guest moved under a cap of 100 MiB/s, its
-//! round 0's rate given as a ratio to the cap.
+//! round 0's rate given as a ratio to the cap. Last, a 256 MiB guest (16
+//! MiB/s of writes) with a 1 GiB node-local disk, 256 MiB of it written
+//! before the move and 8 MiB/s written during it, moved three times: total,
+//! blackout, and memory and disk bytes apart (`FERRY_BENCH_ROWS=disk` for
+//! only this row).
 //!
 //! Before every move the benchmark asks for the move's estimate the way the
 //! API does (`ferry::actors::measure`: the dirty rate sampled from the
@@ -753,7 +757,7 @@ fn main() {
         mib(tls)
     );
 
-    let (stream, rows, kvm, capped) = run(async {
+    let (stream, rows, kvm, capped, disk) = run(async {
         let stream = raw_single_path().await;
         println!(
             "raw single-path page stream (QUIC, TLS): {:.0} MiB/s",
@@ -777,7 +781,12 @@ fn main() {
             mib(capped),
             capped / CAP as f64
         );
-        (stream, rows, kvm, capped)
+        let disk = if disk_row_wanted() {
+            Some(disk_row().await)
+        } else {
+            None
+        };
+        (stream, rows, kvm, capped, disk)
     })
     .unwrap();
 
@@ -813,6 +822,9 @@ fn main() {
         let word = why.split_whitespace().next().unwrap_or("skipped");
         write!(summary, " kvm={word}").unwrap();
     }
+    if let Some(disk) = &disk {
+        summary.push_str(&disk.summary());
+    }
     let passed = checks.iter().filter(|c| c.ok).count();
     write!(
         summary,
@@ -824,4 +836,116 @@ fn main() {
     )
     .unwrap();
     println!("{summary}");
+}
+
+// ---------------------------------------------------------------------------
+// A guest with a node-local disk.
+
+/// Moves of the disk row.
+const DISK_REPS: usize = 3;
+
+/// Whether the disk row runs: always, unless `FERRY_BENCH_ROWS` leaves it out.
+fn disk_row_wanted() -> bool {
+    std::env::var("FERRY_BENCH_ROWS").map_or(true, |only| only.split(',').any(|k| k == "disk"))
+}
+
+/// p50s of the disk row's moves.
+struct DiskRow {
+    total_ms: f64,
+    blackout_ms: f64,
+    memory_mib: f64,
+    disk_mib: f64,
+    disk_blackout_kib: f64,
+    blocks_written: f64,
+}
+
+impl DiskRow {
+    fn summary(&self) -> String {
+        format!(
+            " disk_total_p50_ms={:.0} disk_blackout_p50_ms={:.1} disk_memory_mib={:.0} disk_disk_mib={:.0} disk_blackout_kib={:.0} disk_blocks_written={:.0}",
+            self.total_ms,
+            self.blackout_ms,
+            self.memory_mib,
+            self.disk_mib,
+            self.disk_blackout_kib,
+            self.blocks_written
+        )
+    }
+}
+
+/// One move of a 256 MiB guest with a 1 GiB local disk: (total, blackout,
+/// memory bytes, disk bytes, disk bytes in the blackout, blocks written
+/// during the move).
+async fn disk_move(rep: usize) -> Result<[f64; 6], String> {
+    use ferry::actors::migration::source::StorageReport;
+    let cluster = LocalCluster::start(&format!("bench-disk-{rep}"), 2).await?;
+    let workload = Workload {
+        dirty_pages_per_sec: Some(16 * MIB / PAGE_SIZE as u64),
+        pattern: Pattern::Uniform,
+        seed: 42,
+    };
+    let mut config = vm_config(256 * MIB, workload, 1);
+    config.storage = ferry::cluster::model::StorageSpec::Local { size_bytes: GIB };
+    config.workload = ferry::actors::disks::encode_program_with_disk(
+        &ferry::actors::node::GuestProgram {
+            workload,
+            prefill_seed: Some(1),
+            tcp_connections: 0,
+        },
+        &ferry::vmm::DiskWorkload {
+            blocks_per_sec: 8 * MIB / PAGE_SIZE as u64,
+            prefill_blocks: 256 * MIB / PAGE_SIZE as u64,
+            seed: 7,
+        },
+    );
+    let result = async {
+        cluster.start_vm_config("bench", 1, config).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let report = cluster
+            .move_vm(MoveRequest::new("bench", 2), 1)
+            .await
+            .map_err(|e| format!("move: {e}"))?;
+        let StorageReport::NodeOwned { copy, .. } = report.storage else {
+            return Err(format!("not a node-owned disk: {:?}", report.storage));
+        };
+        Ok([
+            report.total.as_secs_f64() * 1e3,
+            report.blackout.as_secs_f64() * 1e3,
+            report.bytes.saturating_sub(copy.bytes) as f64 / MIB as f64,
+            copy.bytes as f64 / MIB as f64,
+            copy.final_bytes as f64 / 1024.0,
+            copy.blocks_written as f64,
+        ])
+    }
+    .await;
+    for node in &cluster.nodes {
+        node.shared.kill().await;
+    }
+    result
+}
+
+async fn disk_row() -> DiskRow {
+    let mut moves = Vec::new();
+    for rep in 0..DISK_REPS {
+        let m = disk_move(rep).await.unwrap();
+        println!(
+            "  disk rep {rep}: total {:.0} ms, blackout {:.1} ms, memory {:.0} MiB, disk {:.0} MiB ({:.0} KiB in the blackout), {:.0} blocks written during the move",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        );
+        moves.push(m);
+    }
+    let col = |i: usize| p50(moves.iter().map(|m| m[i]).collect());
+    let row = DiskRow {
+        total_ms: col(0),
+        blackout_ms: col(1),
+        memory_mib: col(2),
+        disk_mib: col(3),
+        disk_blackout_kib: col(4),
+        blocks_written: col(5),
+    };
+    println!(
+        "  256 MiB sim guest, 1 GiB local disk (256 MiB written, 8 MiB/s during the move): total p50 {:.0} ms, blackout p50 {:.1} ms, memory {:.0} MiB + disk {:.0} MiB ({:.0} KiB of disk in the blackout), {:.0} blocks written during the move",
+        row.total_ms, row.blackout_ms, row.memory_mib, row.disk_mib, row.disk_blackout_kib, row.blocks_written
+    );
+    row
 }

@@ -125,6 +125,12 @@ impl LocalCluster {
                 .await
                 .map_err(|e| err("cluster store")(&e))?;
             let shared = NodeShared::new(rpc.clone(), cluster, switch.clone(), directory.clone());
+            // Each node's own disks apart, one shared volume folder for all:
+            // all under the cluster's folder, removed with it.
+            shared.set_disk_dirs(crate::disks::DiskDirs {
+                local: dir.join(format!("disks-{id}")),
+                shared: Some(dir.join("shared-volumes")),
+            });
             // A fresh node: nothing from before to tell apart from a restart
             // the store places here.
             shared.begin_adopting();

@@ -41,6 +41,8 @@ pub enum ServiceError {
     TooLarge(usize),
     #[error("the service log in guest memory is corrupt: {0}")]
     Corrupt(String),
+    #[error("the record could not be written through to the guest's disk: {0}")]
+    Disk(String),
 }
 
 /// The service log over a guest's memory. Holds no state of its own: every
