@@ -19,6 +19,27 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// What the daemon says when its API serves plain HTTP: a loud warning when
+/// that listens beyond loopback (tokens and VM data cross the network in
+/// clear text), a quiet note otherwise; nothing over HTTPS.
+pub fn plain_api_warning(api: &crate::config::ApiConfig) -> Option<String> {
+    if api.tls {
+        return None;
+    }
+    if api.listen.ip().is_loopback() {
+        return Some(format!(
+            "note: the API on {} serves plain HTTP (api.tls = false); loopback only",
+            api.listen
+        ));
+    }
+    Some(format!(
+        "WARNING: the API listens on {} beyond loopback WITHOUT TLS (api.tls = false): \
+         its tokens and everything it answers cross the network in clear text. \
+         Remove api.tls = false to serve HTTPS with the cluster CA's certificate.",
+        api.listen
+    ))
+}
+
 /// Runs the node configured in `config_path` until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     init_logging();
@@ -32,22 +53,37 @@ pub fn run(config_path: &Path) -> anyhow::Result<()> {
             Ok(s) => s,
             Err(e) => {
                 node.shutdown().await;
-                return Err(e).context(format!("binding the API to {}", node.config().api.listen));
+                return Err(e);
             }
         };
         let handle = server.handle();
         let serving = tokio::spawn(server);
+        let api = &node.config().api;
         println!(
-            "ferry node {} (id {}) running; API and dashboard on http://{}/",
+            "ferry node {} (id {}) running; API and dashboard on {}://{}/",
             node.config().name,
             node.id(),
-            node.config().api.listen
+            if api.tls { "https" } else { "http" },
+            api.listen
         );
+        if let Some(warning) = plain_api_warning(api) {
+            eprintln!("{warning}");
+            tracing::warn!("{warning}");
+        }
         // Say at start whether this node can run KVM guests; without usable
         // KVM it refuses them with the same reason.
         match ferry_vmm::kvm::probe() {
             Ok(caps) => println!("KVM: usable ({})", caps.summary()),
             Err(reason) => println!("KVM: not usable here ({reason}); KVM VMs will be refused"),
+        }
+        // And which accelerator its QEMU guests get, or why it has none.
+        match ferry_vmm::qemu::gate::check() {
+            Ok(qemu) => println!(
+                "QEMU: {} with {} (FERRY_QEMU_ACCEL=kvm|tcg|auto chooses)",
+                qemu.display(),
+                ferry_actors::qemu::accelerator()
+            ),
+            Err(reason) => println!("QEMU: not usable here ({reason}); QEMU VMs will be refused"),
         }
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM"),

@@ -7,7 +7,10 @@
 //!   switchover), [`migration::target`] (the RPC service that takes the copy),
 //!   and the control messages between them, [`migration::protocol`].
 //! - [`actors`]: the actix actors that own and drive the above.
+//! - [`qemu`]: where a node runs its QEMU guests (boot image, run dirs).
 //! - [`switch`]: the virtual switch clients reach VMs through.
+//! - [`disks`]: where a node keeps its guests' virtual disks, and which
+//!   disk a guest gets (copied with it, or on a shared volume).
 //! - [`local`]: a whole cluster in one process, for examples, tests and
 //!   control planes that embed Ferry.
 //! - [`policy`]: pure decisions — when to stop iterating, how long a move
@@ -23,11 +26,13 @@
 //!   migrations, for the chaos suite's invariant checker.
 
 pub mod actors;
+pub mod disks;
 pub mod history;
 pub mod local;
 pub mod measure;
 pub mod migration;
 pub mod node;
 pub mod policy;
+pub mod qemu;
 pub mod switch;
 pub mod triggers;

@@ -217,6 +217,8 @@ pub(crate) enum Role {
     Incoming {
         migration: u64,
         receiver: Option<PageStreamReceiver>,
+        /// A stream guest's incoming byte stream, pumped into it.
+        stream: Option<crate::migration::target::IncomingStream>,
         verified: bool,
         /// The digest this node computed when it verified the copy (with a
         /// digest to compare against); reported when the guest resumes.
@@ -264,6 +266,9 @@ pub struct NodeShared {
     /// What this node measured for estimates: its moves, the links it
     /// probed, the estimates it asked for (see [`crate::measure`]).
     pub(crate) measured: crate::measure::Book,
+    /// Where this node keeps its guests' disks; none: guests get no disk
+    /// (see [`crate::disks`]).
+    pub(crate) disk_dirs: RwLock<Option<crate::disks::DiskDirs>>,
 }
 
 /// What a simulated guest runs, stored opaquely in the VM's config.
@@ -309,6 +314,7 @@ pub fn spec_of(config: &VmConfig) -> Result<GuestSpec, String> {
     let backend = match config.backend {
         ferry_cluster::model::Backend::Sim => "sim",
         ferry_cluster::model::Backend::Kvm => "kvm",
+        ferry_cluster::model::Backend::Qemu => "qemu",
     };
     let sim = SimGuestConfig::new(config.memory_bytes, workload);
     Ok(GuestSpec {
@@ -380,6 +386,11 @@ fn build_unbound(spec: &GuestSpec, boot: Option<NicBoot>) -> Result<Arc<dyn Gues
             };
             Ok(guest.map_err(|e| e.to_string())?)
         }
+        "qemu" => crate::qemu::build(
+            spec,
+            boot.as_ref().is_some_and(|b| b.cpu_features.is_some()),
+            boot.is_none(),
+        ),
         other => Err(format!("this node cannot run {other} guests")),
     }
 }
@@ -408,6 +419,7 @@ impl NodeShared {
             dirty_log: Mutex::new(DirtyLogUsers::default()),
             next_sample: AtomicU64::new(1),
             measured: crate::measure::Book::default(),
+            disk_dirs: RwLock::new(None),
         });
         node.rpc.register(
             protocol::SERVICE,
@@ -464,6 +476,9 @@ impl NodeShared {
         let guest = self
             .guest(vm)
             .ok_or_else(|| SampleRefused::NotHere(vm.into()))?;
+        if guest.as_stream().is_some() {
+            return self.sample_stream_dirty_rate(vm, guest, window).await;
+        }
         // Allocated before the lock is taken: the fetch under it is short.
         let mut bitmap = ferry_vmm::DirtyBitmap::new(guest.page_count());
         let ticket = self
@@ -502,6 +517,32 @@ impl NodeShared {
         drop(users);
         Ok(DirtySample {
             pages: bitmap.count(),
+            window,
+        })
+    }
+
+    /// A stream guest (QEMU) measures its dirty rate itself, with no log of
+    /// Ferry's to share; only not while it migrates.
+    async fn sample_stream_dirty_rate(
+        &self,
+        vm: &str,
+        guest: Arc<dyn Guest>,
+        window: Duration,
+    ) -> Result<DirtySample, SampleRefused> {
+        if lock(&self.dirty_log).migrations.contains_key(vm) {
+            return Err(SampleRefused::Migrating(vm.into()));
+        }
+        let started = Instant::now();
+        let rate = tokio::task::spawn_blocking(move || match guest.as_stream() {
+            Some(s) => s.dirty_rate(window).map_err(|e| e.to_string()),
+            None => Err("not a stream guest".into()),
+        })
+        .await
+        .map_err(|e| SampleRefused::Guest(e.to_string()))?
+        .map_err(SampleRefused::Guest)?;
+        let window = started.elapsed();
+        Ok(DirtySample {
+            pages: (rate * window.as_secs_f64() / ferry_vmm::PAGE_SIZE as f64) as u64,
             window,
         })
     }
@@ -704,7 +745,15 @@ impl NodeShared {
         spec: GuestSpec,
         nic: NicBoot,
     ) -> Result<u64, String> {
-        let guest = match build_guest(&spec, Some(nic), &self.run_lease) {
+        // Off the runtime's workers: a boot can take seconds (a QEMU guest's
+        // kernel under TCG).
+        let built = {
+            let (spec, lease) = (spec.clone(), self.run_lease.clone());
+            tokio::task::spawn_blocking(move || build_guest(&spec, Some(nic), &lease))
+                .await
+                .unwrap_or_else(|e| Err(format!("the boot failed: {e}")))
+        };
+        let guest = match built.and_then(|g| self.with_planned_disk(vm, g, false)) {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(%vm, epoch, "the guest did not boot: {e}");

@@ -67,6 +67,7 @@ mod background;
 mod cluster_ops;
 mod forming;
 mod forward;
+mod membership;
 mod reads;
 mod shutdown;
 mod vms;
@@ -210,6 +211,7 @@ impl Node {
                 config.node_id
             );
         }
+        certificate_usable(&creds, &config.name, ferry_actors::node::now_ms() / 1000)?;
         let loopback = config.listen_addrs().iter().all(|a| a.ip().is_loopback());
         let net = if loopback {
             NetworkConfig::loopback()
@@ -233,6 +235,12 @@ impl Node {
             VirtualSwitch::new(),
             Arc::new(Directory::default()),
         );
+        // Node-local disks live with the node's data; no shared volume is
+        // reachable from a daemon yet (ARCHITECTURE.md, *Virtual disks*).
+        shared.set_disk_dirs(ferry_actors::disks::DiskDirs {
+            local: config.data_dir.join("disks"),
+            shared: None,
+        });
         let actor = NodeActor::new(shared.clone()).start();
         let failover = FailoverLoop::start(shared.clone());
         let (relay, relay_rx) = tokio::sync::mpsc::channel(256);
@@ -255,6 +263,12 @@ impl Node {
             }),
         };
         node.refresh_directory();
+        // The store on disk may already revoke nodes: refuse them before any
+        // peer is heard.
+        node.sync_membership();
+        rpc.set_admission(Arc::new(membership::MembershipGate(Arc::downgrade(
+            &node.inner,
+        ))));
         rpc.register(
             peer::SERVICE,
             Arc::new(ControlService(Arc::downgrade(&node.inner))),
@@ -406,6 +420,36 @@ impl Node {
     }
 }
 
+/// Refuses to start on an expired (or not yet valid) certificate, which every
+/// peer would refuse, with what to do; warns when it expires within 30 days.
+fn certificate_usable(creds: &NodeCredentials, name: &str, now_s: u64) -> anyhow::Result<()> {
+    let v = creds.validity()?;
+    let now = now_s as i64;
+    let renew = format!("renew it with `ferry node renew-cert {name}` where the cluster CA is");
+    if now > v.not_after_s {
+        bail!(
+            "the node certificate expired {} s ago (not valid after Unix time {}): peers refuse it; {renew}",
+            now - v.not_after_s,
+            v.not_after_s
+        );
+    }
+    if now < v.not_before_s {
+        bail!(
+            "the node certificate is not valid before Unix time {} ({} s from now): check this machine's clock",
+            v.not_before_s,
+            v.not_before_s - now
+        );
+    }
+    if v.not_after_s - now < 30 * 86_400 {
+        tracing::warn!(
+            not_after = v.not_after_s,
+            "the node certificate expires in {} days; {renew}",
+            (v.not_after_s - now) / 86_400
+        );
+    }
+    Ok(())
+}
+
 /// `POST /api/vms/{vm}/append`'s answer.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AppendView {
@@ -417,4 +461,27 @@ pub struct AppendView {
 /// Paths of a node's files, for tools and tests.
 pub fn lock_path(data_dir: &Path) -> PathBuf {
     data_dir.join("ferry.lock")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ferry_transport::identity::Validity;
+    use ferry_transport::ClusterCa;
+
+    #[test]
+    fn a_daemon_refuses_an_expired_or_not_yet_valid_certificate() {
+        let ca = ClusterCa::generate("c").unwrap();
+        let creds = ca.issue_with(2, Validity::from_unix(1_000, 2_000)).unwrap();
+        assert!(certificate_usable(&creds, "node-2", 1_500).is_ok());
+        let expired = certificate_usable(&creds, "node-2", 2_500).unwrap_err();
+        assert!(
+            expired.to_string().contains("expired 500 s ago")
+                && expired.to_string().contains("ferry node renew-cert node-2"),
+            "{expired}"
+        );
+        let early = certificate_usable(&creds, "node-2", 900).unwrap_err();
+        assert!(early.to_string().contains("not valid before"), "{early}");
+    }
 }

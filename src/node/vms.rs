@@ -53,10 +53,11 @@ impl Node {
         let backend = match req.backend.as_deref() {
             None | Some("sim") => Backend::Sim,
             Some("kvm") => Backend::Kvm,
+            Some("qemu") => Backend::Qemu,
             Some(other) => {
                 return Err(ApiError::bad_request(
                     "invalid_value",
-                    format!("backend {other:?} is not sim or kvm"),
+                    format!("backend {other:?} is not sim, kvm or qemu"),
                 ))
             }
         };

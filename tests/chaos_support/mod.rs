@@ -10,5 +10,6 @@ pub mod daemons;
 pub mod faults;
 pub mod netns;
 pub mod paths;
+pub mod qemu_watch;
 pub mod recording;
 pub mod run;

@@ -129,6 +129,17 @@ impl PathRig {
         dirty_pages_per_sec: u64,
         on: usize,
     ) -> Result<PathRig, String> {
+        Self::start_backend(tag, memory_mib, dirty_pages_per_sec, on, None)
+    }
+
+    /// [`start`](Self::start) with a VM of another backend (`"qemu"`, `"kvm"`).
+    pub fn start_backend(
+        tag: &str,
+        memory_mib: u64,
+        dirty_pages_per_sec: u64,
+        on: usize,
+        backend: Option<&str>,
+    ) -> Result<PathRig, String> {
         let topo = Topology::build(tag, NODES, NETWORKS)?;
         let dir = TempDir::new(tag);
         let nets: Vec<(String, String)> = (1..=NETWORKS)
@@ -153,6 +164,7 @@ impl PathRig {
         create.node = Some(format!("node-{}", on + 1));
         create.memory_mib = memory_mib;
         create.dirty_pages_per_sec = dirty_pages_per_sec;
+        create.backend = backend.map(String::from);
         let _: VmView = d
             .api(0, |c| c.post("/api/vms", &create))
             .map_err(|e| format!("creating {VM}: {e}"))?;
@@ -176,7 +188,8 @@ impl PathRig {
         let appender = {
             let (acks, stop, last) = (acks.clone(), stop.clone(), last_append_error.clone());
             let c = &d.loaded[0];
-            let mut client = Client::new(&c.api.listen.to_string(), Some(c.api.token.clone()));
+            let mut client =
+                Client::for_node(c).expect("an API client from the node configuration");
             client.timeout = Duration::from_secs(30);
             let ns = topo.nodes[0].clone();
             std::thread::spawn(move || in_netns(&ns, || append_loop(&client, &acks, &last, &stop)))

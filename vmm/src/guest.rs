@@ -66,8 +66,16 @@ pub trait Guest: Send + Sync {
     /// Short name of the backend (`"sim"`, `"kvm"`), recorded in device state.
     fn kind(&self) -> &'static str;
 
-    /// Number of 4 KiB pages of guest memory.
+    /// Number of 4 KiB pages of guest memory (with a disk copied next to
+    /// it, its blocks too: see [`with_disk`](Self::with_disk)).
     fn page_count(&self) -> u64;
+
+    /// The guest's virtual disk, for a guest that has one (see
+    /// `crate::with_disk`): where it lives, and how much of the copy space
+    /// is disk blocks rather than memory.
+    fn with_disk(&self) -> Option<&crate::with_disk::GuestWithDisk> {
+        None
+    }
 
     /// Copies pages `first..first + buf.len() / PAGE_SIZE` into `buf`.
     fn read_pages(&self, first: u64, buf: &mut [u8]) -> GuestResult<()>;
@@ -148,6 +156,12 @@ pub trait Guest: Send + Sync {
 
     /// Stops the vCPUs for good and frees guest memory.
     fn destroy(&self);
+
+    /// The guest's own stream migration, for a backend that moves as one
+    /// byte stream (QEMU) rather than page by page.
+    fn as_stream(&self) -> Option<&dyn crate::stream::StreamGuest> {
+        None
+    }
 
     /// Checks that `bitmap` covers exactly this guest's pages.
     fn check_bitmap(&self, bitmap: &DirtyBitmap) -> GuestResult<()> {

@@ -14,23 +14,33 @@
 
 pub mod cpu;
 pub mod dirty;
+pub mod disk;
 pub mod guest;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod lease;
 pub mod local;
 pub mod memory;
+#[cfg(target_os = "linux")]
+pub mod qemu;
 pub mod service;
 pub mod sim;
 pub mod state;
+pub mod stream;
+pub mod with_disk;
 pub mod workload;
 
 pub use dirty::DirtyBitmap;
+pub use disk::VirtualDisk;
 pub use guest::{Guest, GuestError, GuestResult, MemoryDigest, PAGE_SIZE};
 #[cfg(target_os = "linux")]
 pub use kvm::{KvmGuest, KvmGuestConfig};
 pub use lease::RunLease;
+#[cfg(target_os = "linux")]
+pub use qemu::{QemuConfig, QemuVm};
 pub use service::{ServiceError, SERVICE_PAGES};
 pub use sim::{SimGuest, SimGuestConfig};
 pub use state::{DeviceState, NicState, VcpuState, DEVICE_STATE_VERSION};
+pub use stream::{StreamGuest, StreamProgress, StreamSettings, StreamStatus};
+pub use with_disk::{DiskPlacement, DiskWorkload, GuestWithDisk};
 pub use workload::{Pattern, Workload};

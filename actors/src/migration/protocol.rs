@@ -54,6 +54,15 @@ pub struct GuestSpec {
     pub prefill_seed: Option<u64>,
 }
 
+/// Backends whose guests migrate themselves as one byte stream (see
+/// `ferry_vmm::StreamGuest`): their `Prepare` sets up a byte stream, not a
+/// page stream, and their `Complete` carries no device state.
+pub const STREAM_BACKENDS: &[&str] = &["qemu"];
+
+pub fn is_stream_backend(backend: &str) -> bool {
+    STREAM_BACKENDS.contains(&backend)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     Prepare {

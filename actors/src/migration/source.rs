@@ -27,6 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Pages read from the guest and queued on the stream at a time (256 KiB).
+mod stream;
+
 const BATCH_PAGES: u64 = 256;
 /// How long an abort waits for the store to record it before answering
 /// (it keeps trying in the background after that).
@@ -236,14 +238,29 @@ pub struct OffloadReport {
 pub enum StorageReport {
     /// On a cluster-shared volume: nothing moved.
     Shared { volume: String },
-    /// On a node-owned disk: its ownership moved to the target in the
-    /// switchover commit, inside the blackout. `size_bytes` is what a copy of
-    /// the disk would have to move were it not reachable from the target.
+    /// On a node-owned disk: copied live next to memory (where the nodes
+    /// keep disks, see `crate::disks`), and its ownership moved to the
+    /// target in the switchover commit, inside the blackout.
     NodeOwned {
         size_bytes: u64,
         from: NodeId,
         to: NodeId,
+        copy: DiskCopyReport,
     },
+}
+
+/// What copying a node-owned disk took, apart from memory. Disk blocks go in
+/// the same rounds as memory pages (one copy space, `ferry_vmm::with_disk`);
+/// these count the ones past memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DiskCopyReport {
+    /// Disk blocks sent over the whole move (every round, the blackout's
+    /// too), in bytes; 0 where the guest has no disk to copy.
+    pub bytes: u64,
+    /// Of those, sent in the blackout.
+    pub final_bytes: u64,
+    /// Blocks the guest wrote to its disk while the move ran (to the pause).
+    pub blocks_written: u64,
 }
 
 /// Why a migration did not complete. Every variant means the VM runs on the
@@ -288,6 +305,8 @@ struct Job {
     /// The device state as saved before the offload push-back, to put back
     /// if the move aborts after the blackout began.
     unpushed: std::sync::Mutex<Option<ferry_vmm::DeviceState>>,
+    /// What the copy of a disk that moves with the guest took so far.
+    disk_copy: std::sync::Mutex<DiskCopyReport>,
     /// The digest taken in the blackout (when verifying), for the history.
     digest_at_pause: std::sync::Mutex<Option<ferry_vmm::MemoryDigest>>,
 }
@@ -358,17 +377,24 @@ pub async fn run(
         paths: Default::default(),
         unpushed: Default::default(),
         digest_at_pause: Default::default(),
+        disk_copy: Default::default(),
     };
     job.progress(Phase::Preparing, 0, 0, 0, None, 0.0);
     let paths = match job.choose_paths().await {
         Ok(p) => p,
         Err(reason) => return Err(job.abort(reason, false).await),
     };
-    let sender = match job.prepare(&paths).await {
-        Ok(s) => s,
-        Err(reason) => return Err(job.abort(reason, false).await),
+    // A guest that moves as one byte stream (QEMU) runs its own rounds.
+    let outcome = if job.guest.as_stream().is_some() {
+        job.stream_and_switch(&paths, started).await
+    } else {
+        let sender = match job.prepare(&paths).await {
+            Ok(s) => s,
+            Err(reason) => return Err(job.abort(reason, false).await),
+        };
+        job.precopy_and_switch(sender, started).await
     };
-    match job.precopy_and_switch(sender, started).await {
+    match outcome {
         Ok(report) => {
             crate::measure::note_move(&job.node, &report);
             job.node.record(|| HistoryEvent::MigrationEnded {
@@ -622,6 +648,16 @@ impl Job {
     }
 
     async fn prepare(&self, paths: &[std::net::SocketAddr]) -> Result<PageStreamSender, String> {
+        self.ask_prepare().await?;
+        self.node
+            .rpc
+            .open_page_stream(self.req.target, paths, self.migration)
+            .await
+            .map_err(|e| format!("page stream: {e}"))
+    }
+
+    /// Asks the target to `Prepare` a guest shell for the move.
+    async fn ask_prepare(&self) -> Result<(), String> {
         let spec = lock(&self.node.vms)
             .get(&self.req.vm)
             .map(|h| h.spec.clone())
@@ -649,11 +685,7 @@ impl Job {
             }
         }
         self.record_phase(MigrationPhase::TargetReady);
-        self.node
-            .rpc
-            .open_page_stream(self.req.target, paths, self.migration)
-            .await
-            .map_err(|e| format!("page stream: {e}"))
+        Ok(())
     }
 
     /// Records a phase in the store without waiting: progress bookkeeping must
@@ -819,6 +851,18 @@ impl Job {
         };
 
         self.guest.start_dirty_log().map_err(not_paused)?;
+        // A disk copied with the guest: its blocks follow memory's pages.
+        let disk = self
+            .guest
+            .with_disk()
+            .filter(|d| d.copied_blocks() > 0)
+            .map(|d| (d.memory_pages(), d.disk().clone()));
+        let written_before = disk.as_ref().map_or(0, |(_, d)| d.blocks_written());
+        let disk_bytes = |pages: &DirtyBitmap| {
+            disk.as_ref().map_or(0, |(from, _)| {
+                ferry_vmm::with_disk::count_from(pages, *from) * PAGE_SIZE as u64
+            })
+        };
         self.guest
             .nonzero_candidates(&mut pages)
             .map_err(not_paused)?;
@@ -839,6 +883,7 @@ impl Job {
                 Some(&policy),
                 throttle,
             );
+            lock(&self.disk_copy).bytes += disk_bytes(&pages);
             let (sent, zero, bytes) = self.send_round(&sender, round, &pages, &base).await?;
             let elapsed = t.elapsed();
             total_bytes += bytes;
@@ -897,6 +942,10 @@ impl Job {
         // Blackout.
         let blackout = Instant::now();
         self.guest.pause().map_err(not_paused)?;
+        if let Some((_, d)) = &disk {
+            let written = d.blocks_written().saturating_sub(written_before);
+            lock(&self.disk_copy).blocks_written = written;
+        }
         self.node.record(|| HistoryEvent::SourcePaused {
             migration: self.migration,
             vm: self.req.vm.clone(),
@@ -948,6 +997,11 @@ impl Job {
         .await
         .map_err(|_| over_budget(budget))??;
         let final_round = round + 1;
+        {
+            let mut copy = lock(&self.disk_copy);
+            copy.final_bytes = disk_bytes(&pages);
+            copy.bytes += copy.final_bytes;
+        }
         total_bytes += final_bytes;
         let verifying = Instant::now();
         let digest = self.pause_digest().map_err(paused_err)?;
@@ -1040,7 +1094,10 @@ impl Job {
         // source's copy (giving its memory back takes tens of milliseconds
         // per GiB) is cleanup after it.
         let total = started.elapsed();
-        self.release_source_copy();
+        if self.release_source_copy() {
+            // The disk now lives on the target; this node's copy goes.
+            crate::disks::remove_copied_disk(self.guest.as_ref());
+        }
         self.progress(
             Phase::Completed,
             final_round,
@@ -1169,6 +1226,7 @@ impl Job {
                 size_bytes: *size_bytes,
                 from: self.node.id,
                 to: self.req.target,
+                copy: *lock(&self.disk_copy),
             },
             Some(StorageSpec::Shared { volume }) => StorageReport::Shared {
                 volume: volume.clone(),
@@ -1287,7 +1345,8 @@ impl Job {
         }
     }
 
-    fn release_source_copy(&self) {
+    /// Returns whether the copy was this job's (and is gone now).
+    fn release_source_copy(&self) -> bool {
         // Only this job's copy: while the job waited for the store, the VM may
         // have been restarted on this node as a new guest, which stays.
         let ours = {
@@ -1309,6 +1368,7 @@ impl Job {
                 node: self.node.id,
             });
         }
+        ours
     }
 
     /// Gives up before any switchover commit: the target discards its copy, the

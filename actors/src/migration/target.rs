@@ -20,6 +20,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod stream;
+pub(crate) use stream::IncomingStream;
+
 impl NodeShared {
     /// Makes room for an incoming copy of `vm`, which the store says runs
     /// elsewhere at `epoch`. A copy this node still holds as an owner from an
@@ -57,42 +60,12 @@ impl NodeShared {
         spec: GuestSpec,
         from: NodeId,
     ) -> Reply {
-        // The store must know of this migration, of this VM, to this node, at
-        // this epoch.
-        let state = self.cluster.read();
-        match state.migrations.get(&migration) {
-            Some(m)
-                if m.vm == vm
-                    && m.target == self.id
-                    && m.source == from
-                    && m.epoch == epoch
-                    && m.is_active() => {}
-            Some(m) => {
-                return Reply::Refused {
-                    reason: format!("migration {migration} does not match the store: {m:?}"),
-                }
-            }
-            None => {
-                return Reply::Refused {
-                    reason: format!("migration {migration} is not (yet) in this node's store"),
-                }
-            }
-        }
-        // `epoch` is now the store's: the migration's, from its source.
-        if let Err(reason) = self.clear_stale_copy(&vm, epoch) {
+        if let Err(reason) = self.admit_incoming(migration, &vm, epoch, &spec, from) {
             return Reply::Refused { reason };
         }
-        // The machine to build is the one the store defined, not whatever the
-        // source says: the store checked this node's capacity for that one,
-        // and a spec of the source's own making could ask for any memory or
-        // vCPU count (`u32::MAX` vCPUs aborted the process).
-        if let Err(reason) = check_spec(&spec, state.vms.get(&vm).map(|v| &v.config)) {
-            return Reply::Refused {
-                reason: format!("migration {migration} of VM {vm}: {reason}"),
-            };
-        }
-        drop(state);
-        let guest = match build_guest(&spec, None, self.run_lease()) {
+        let guest = match build_guest(&spec, None, self.run_lease())
+            .and_then(|g| self.with_planned_disk(&vm, g, true))
+        {
             Ok(g) => g,
             Err(reason) => return Reply::Refused { reason },
         };
@@ -104,6 +77,7 @@ impl NodeShared {
                 Ok(r) => r,
                 Err(e) => {
                     guest.destroy();
+                    crate::disks::remove_copied_disk(guest.as_ref());
                     return Reply::Refused {
                         reason: e.to_string(),
                     };
@@ -117,12 +91,54 @@ impl NodeShared {
                 role: Role::Incoming {
                     migration,
                     receiver: Some(receiver),
+                    stream: None,
                     verified: false,
                     verified_digest: None,
                 },
             },
         );
         Reply::Prepared
+    }
+
+    /// Checks an incoming move against this node's replica of the store, and
+    /// makes room for it.
+    fn admit_incoming(
+        &self,
+        migration: u64,
+        vm: &str,
+        epoch: u64,
+        spec: &GuestSpec,
+        from: NodeId,
+    ) -> Result<(), String> {
+        // The store must know of this migration, of this VM, to this node, at
+        // this epoch.
+        let state = self.cluster.read();
+        match state.migrations.get(&migration) {
+            Some(m)
+                if m.vm == vm
+                    && m.target == self.id
+                    && m.source == from
+                    && m.epoch == epoch
+                    && m.is_active() => {}
+            Some(m) => {
+                return Err(format!(
+                    "migration {migration} does not match the store: {m:?}"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "migration {migration} is not (yet) in this node's store"
+                ))
+            }
+        }
+        // `epoch` is now the store's: the migration's, from its source.
+        self.clear_stale_copy(vm, epoch)?;
+        // The machine to build is the one the store defined, not whatever the
+        // source says: the store checked this node's capacity for that one,
+        // and a spec of the source's own making could ask for any memory or
+        // vCPU count (`u32::MAX` vCPUs aborted the process).
+        check_spec(spec, state.vms.get(vm).map(|v| &v.config))
+            .map_err(|reason| format!("migration {migration} of VM {vm}: {reason}"))
     }
 
     fn incoming_guest(&self, migration: u64) -> Option<(String, Arc<dyn Guest>)> {
@@ -223,6 +239,7 @@ impl NodeShared {
                 migration: mig,
                 verified: true,
                 receiver,
+                stream,
                 verified_digest,
             } if *mig == migration => {
                 // The NIC takes the capability of this host: connections the
@@ -259,6 +276,7 @@ impl NodeShared {
                     epoch: vm.epoch,
                 });
                 receiver.take();
+                stream.take();
                 h.role = Role::Owner { epoch: vm.epoch };
                 self.switch.announce(&m.vm, self.id, vm.epoch);
                 tracing::info!(node = self.id, vm = %m.vm, epoch = vm.epoch, "resumed after switchover");
@@ -278,6 +296,8 @@ impl NodeShared {
         });
         if let Some((name, h)) = name.and_then(|n| vms.remove(&n).map(|h| (n, h))) {
             h.guest.destroy();
+            // A partial copy of a disk that moves with the VM goes with it.
+            crate::disks::remove_copied_disk(h.guest.as_ref());
             self.record(|| HistoryEvent::CopyDestroyed {
                 vm: name,
                 node: self.id,
@@ -407,9 +427,14 @@ impl RpcHandler for MigrationService {
                                 protocol::PROTOCOL_VERSION
                             ),
                         }
+                    } else if protocol::is_stream_backend(&spec.backend) {
+                        node.prepare_stream(migration, vm, epoch, spec, from).await
                     } else {
                         node.prepare(migration, vm, epoch, spec, from)
                     }
+                }
+                Request::Complete { migration, .. } if node.incoming_is_stream(migration) => {
+                    node.complete_stream(migration).await
                 }
                 Request::Complete {
                     migration,
