@@ -70,6 +70,19 @@ fn run_dirs_alive(root: &std::path::Path) -> usize {
         .count()
 }
 
+/// The end of every daemon's log, for a failure's message.
+fn logs(rig: &PathRig) -> String {
+    (0..rig.d.nodes())
+        .map(|i| {
+            let log = rig.d.log(i);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            format!("--- node-{} log, last lines:\n{tail}", i + 1)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `ferry vm move` with node `from`'s config, run in its namespace.
 fn cli_move(rig: &PathRig, from: usize, to: usize) -> (i32, String) {
     let (program, env) = ferry_program();
@@ -153,7 +166,7 @@ fn a_linux_vm_moves_between_daemons_survives_a_dropped_network_and_a_dead_target
                 phase: Phase::Round0,
             }),
         )
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&rig)));
     println!(
         "qemu_daemons: move 2 -> 3 with network 1 dropped at the target ({}): {} in {:.2} s, longest client gap {:.0} ms",
         dropped.phase_at_fault.as_deref().unwrap_or("-"),

@@ -172,14 +172,26 @@ impl Scheduler {
         }
     }
 
-    /// The next chunk `path` should send, if it is up and has room in its window.
+    /// The next chunk `path` should send, if it is up and has room in its window
+    /// — or, window or not, a chunk a dead path lost.
+    ///
+    /// Resends go ahead of the window: the budget already counts them, so the
+    /// receiver never holds more than it allows; and a receiver that acknowledges
+    /// only what its reader has taken (a byte stream, which delivers in order)
+    /// leaves the surviving path's window full of chunks waiting for exactly the
+    /// ones the dead path lost. Held to the window, they would never go.
     pub fn next_for(&mut self, path: PathId) -> Option<(u64, Chunk)> {
         let window = self.window(path);
         let p = self.paths.get(path)?;
-        if !p.up || (p.inflight_bytes > 0 && p.inflight_bytes >= window) {
+        if !p.up {
             return None;
         }
-        let seq = self.queue.pop_first()?;
+        let seq = *self.queue.first()?;
+        let resend = self.entries.get(&seq)?.last_path.is_some();
+        if !resend && p.inflight_bytes > 0 && p.inflight_bytes >= window {
+            return None;
+        }
+        self.queue.pop_first();
         let e = self.entries.get_mut(&seq)?;
         let cost = e.chunk.cost();
         let resent = e.last_path.is_some();
@@ -395,6 +407,34 @@ mod tests {
         assert!(!s.on_ack(3, t), "duplicate ack");
         assert!(s.is_drained());
         assert_eq!(s.path(1).unwrap().inflight_bytes, 0);
+    }
+
+    #[test]
+    fn a_dead_paths_chunks_go_past_a_full_window_on_the_survivor() {
+        let t = Instant::now();
+        // Windows of two chunks: the survivor's is full of chunks its receiver
+        // holds (a byte stream waiting for the dead path's chunks, in order).
+        let mut s = Scheduler::new(2, 100 * COST, 2 * COST);
+        s.path_up(0, t);
+        s.path_up(1, t);
+        for i in 0..6 {
+            s.push(chunk(0, i));
+        }
+        let sent: Vec<u64> = [0, 1, 0, 1]
+            .iter()
+            .map(|p| s.next_for(*p).unwrap().0)
+            .collect();
+        assert_eq!(sent, vec![1, 2, 3, 4]);
+        assert!(s.next_for(1).is_none(), "the survivor's window is full");
+        assert_eq!(s.path_down(0), 2);
+        let resent: Vec<u64> = std::iter::from_fn(|| s.next_for(1).map(|x| x.0)).collect();
+        assert_eq!(resent, vec![1, 3], "resends go, fresh chunk 5 still waits");
+        assert!(s.next_for(1).is_none());
+        s.on_ack(2, t);
+        s.on_ack(4, t);
+        s.on_ack(1, t);
+        s.on_ack(3, t);
+        assert_eq!(s.next_for(1).map(|x| x.0), Some(5));
     }
 
     #[test]
