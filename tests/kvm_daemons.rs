@@ -15,9 +15,23 @@ use ferry::views::{MigrationView, StatusView, VmView};
 use std::time::Duration;
 
 /// Appends `text` to `vm`'s service through node `config`'s CLI; returns the
-/// acknowledged sequence number and the node that served it.
+/// acknowledged sequence number and the node that served it. A refusal the
+/// service calls temporary (a node whose lease with the cluster is late on a
+/// loaded machine fences its guests until it renews) is tried again, as a
+/// client would, for a while; a refused append is not acknowledged, so the
+/// sequence checks below still hold.
 fn append(config: &std::path::Path, vm: &str, text: &str) -> (u64, u64) {
-    let r = cli(config, &["vm", "append", vm, text, "--json"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let r = loop {
+        let r = cli(config, &["vm", "append", vm, text, "--json"]);
+        if r.code == 0
+            || !r.stdout.contains("service_unavailable")
+            || std::time::Instant::now() > deadline
+        {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(r.code, 0, "{r:?}");
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     (v["seq"].as_u64().unwrap(), v["node"].as_u64().unwrap())
@@ -43,6 +57,9 @@ fn a_kvm_guest_with_two_vcpus_moves_between_three_daemons_with_the_cli() {
         let s: StatusView = api.get("/api/status").ok()?;
         (s.voters.len() == 3 && s.nodes == 3).then_some(())
     });
+    // As a user would: every node joined and up, with its lease.
+    let r = cli(&configs[0], &["status", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
 
     let r = cli(
         &configs[0],
