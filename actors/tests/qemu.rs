@@ -20,7 +20,8 @@ const VM: &str = "linux-1";
 
 /// Whether QEMU guests run here (the boot image goes to a scratch dir).
 fn qemu_or_skip(what: &str) -> bool {
-    let dir = std::env::temp_dir().join(format!("ferry-qemu-gate-{}", std::process::id()));
+    // One per test: the tests run at once, and each removes its own.
+    let dir = std::env::temp_dir().join(format!("ferry-qemu-gate-{}-{what}", std::process::id()));
     let usable = ferry_vmm::qemu::usable_or_skip(what, &dir).is_some();
     let _ = std::fs::remove_dir_all(&dir);
     usable
