@@ -1059,36 +1059,7 @@ impl Job {
             ?expected_downtime,
             "committing switchover"
         );
-        // A node that died meanwhile (in this process: `NodeShared::kill`,
-        // which marks the node dead before it discards its guests' memory)
-        // proposes nothing: the pages read since may be the discarded
-        // memory's zeros. Seen alive here, the node died after every read.
-        if self.node.is_dead() {
-            return Err(Failure::BeforeCommit {
-                reason: "this node stopped before the switchover".into(),
-                paused: true,
-            });
-        }
-        let epoch = self.commit().await?;
-        self.node.record(|| HistoryEvent::SwitchoverCommitted {
-            migration: self.migration,
-            vm: self.req.vm.clone(),
-            owner: self.req.target,
-            epoch,
-        });
-        // The target also resumes by itself once it sees the commit; this
-        // call only makes it immediate. The source's copy goes either way:
-        // it is older than whatever the target may have run and acknowledged
-        // since (ARCHITECTURE.md, "the source's copy after the switchover").
-        let _ = self
-            .call_with(
-                &Request::Resume {
-                    migration: self.migration,
-                    epoch,
-                },
-                CallOptions::new(CONTROL_TIMEOUT).hedge_after(BLACKOUT_HEDGE),
-            )
-            .await;
+        let epoch = self.switch_over().await?;
         let blackout = blackout.elapsed();
         // The move is done when the target runs the VM; destroying the
         // source's copy (giving its memory back takes tens of milliseconds
@@ -1124,6 +1095,42 @@ impl Job {
             offload,
             storage: self.storage_report(),
         })
+    }
+
+    /// The switchover, once the target verified its copy: the commit through
+    /// the store, then `Resume` to the target. Returns the VM's new epoch.
+    async fn switch_over(&self) -> Result<u64, Failure> {
+        // A node that died meanwhile (in this process: `NodeShared::kill`,
+        // which marks the node dead before it discards its guests' memory)
+        // proposes nothing: the pages read since may be the discarded
+        // memory's zeros. Seen alive here, the node died after every read.
+        if self.node.is_dead() {
+            return Err(Failure::BeforeCommit {
+                reason: "this node stopped before the switchover".into(),
+                paused: true,
+            });
+        }
+        let epoch = self.commit().await?;
+        self.node.record(|| HistoryEvent::SwitchoverCommitted {
+            migration: self.migration,
+            vm: self.req.vm.clone(),
+            owner: self.req.target,
+            epoch,
+        });
+        // The target also resumes by itself once it sees the commit; this
+        // call only makes it immediate. The source's copy goes either way:
+        // it is older than whatever the target may have run and acknowledged
+        // since (ARCHITECTURE.md, "the source's copy after the switchover").
+        let _ = self
+            .call_with(
+                &Request::Resume {
+                    migration: self.migration,
+                    epoch,
+                },
+                CallOptions::new(CONTROL_TIMEOUT).hedge_after(BLACKOUT_HEDGE),
+            )
+            .await;
+        Ok(epoch)
     }
 
     /// The blackout's copy: the last dirty pages and the device state.

@@ -14,8 +14,8 @@
 //! - Progress comes from the guest's own figures (round = its dirty-sync
 //!   count), polled at least every [`POLL`].
 
+use super::PAGE_SIZE;
 use super::{Failure, Job, MigrationReport, Phase, RoundReport, BLACKOUT_HEDGE, BLACKOUT_SLACK};
-use super::{CONTROL_TIMEOUT, PAGE_SIZE};
 use crate::history::{GuestPoint, HistoryEvent};
 use crate::migration::protocol::{Reply, Request};
 use crate::node::lock;
@@ -264,25 +264,7 @@ impl Job {
         }
         self.emit_stream(Phase::SwitchingOver, &done, started);
         // From here on as for every guest: the store decides.
-        if self.node.is_dead() {
-            return Err(paused("this node stopped before the switchover".into()));
-        }
-        let epoch = self.commit().await?;
-        self.node.record(|| HistoryEvent::SwitchoverCommitted {
-            migration: self.migration,
-            vm: self.req.vm.clone(),
-            owner: self.req.target,
-            epoch,
-        });
-        let _ = self
-            .call_with(
-                &Request::Resume {
-                    migration: self.migration,
-                    epoch,
-                },
-                CallOptions::new(CONTROL_TIMEOUT).hedge_after(BLACKOUT_HEDGE),
-            )
-            .await;
+        let epoch = self.switch_over().await?;
         let blackout = blackout.elapsed();
         let total = started.elapsed();
         self.release_source_copy();
