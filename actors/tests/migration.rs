@@ -6,6 +6,8 @@ mod common;
 
 use common::*;
 use ferry_actors::migration::source::{MovePolicy, MoveRequest};
+use ferry_cluster::model::Settings;
+use ferry_cluster::Command;
 
 #[test]
 fn a_migration_completes_with_memory_state_and_every_acknowledged_append() {
@@ -153,8 +155,20 @@ fn progress_comes_at_least_four_times_a_second_during_round_0() {
 fn a_guest_dirtying_faster_than_a_round_converges_by_auto_converge() {
     run(async {
         let cluster = TestCluster::start("converge", 3).await.unwrap();
-        // 150 000 pages/s is 600 MB/s of dirtying over all of a 64 MiB guest:
-        // more than a round can send on this build, so only throttling helps.
+        // The bandwidth is capped so that the guest outruns the stream on any
+        // machine: 150 000 pages/s is 600 MB/s of dirtying over all of a
+        // 64 MiB guest, nine times the 64 MiB/s cap, so even a vCPU starved
+        // to a third of its rate dirties faster than a round sends and only
+        // throttling can make the remainder shrink.
+        cluster
+            .write(Command::UpdateSettings {
+                settings: Settings {
+                    bandwidth_cap_bytes_per_sec: Some(64 * MIB),
+                    ..Settings::default()
+                },
+            })
+            .await
+            .unwrap();
         let fast = ferry_vmm::Workload {
             dirty_pages_per_sec: Some(150_000),
             pattern: ferry_vmm::Pattern::Uniform,
@@ -168,9 +182,17 @@ fn a_guest_dirtying_faster_than_a_round_converges_by_auto_converge() {
         let mut request = MoveRequest::new("busy", 3);
         request.verify = true;
         // A tight blackout promise: the whole guest is dirty every round.
+        // Throttle steps start high so that the test takes seconds, not the
+        // twenty QEMU's gentle ramp would need at this bandwidth.
+        let defaults = ferry_actors::policy::convergence::ConvergenceConfig::default();
         let policy = ferry_actors::policy::convergence::ConvergenceConfig {
             downtime_limit: std::time::Duration::from_millis(50),
-            ..Default::default()
+            auto_converge: ferry_actors::policy::convergence::AutoConverge {
+                initial_share: 0.90,
+                increment: 0.03,
+                ..defaults.auto_converge
+            },
+            ..defaults
         };
         request.policy = MovePolicy::Explicit(policy.clone());
         let report = cluster.move_vm(request, 1).await.expect("converges");
