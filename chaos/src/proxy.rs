@@ -99,6 +99,8 @@ struct Shared {
     seed: u64,
     tasks: Mutex<Vec<AbortHandle>>,
     clients: Mutex<HashMap<SocketAddr, Arc<Link>>>,
+    /// Where datagrams toward the target go; [`LinkProxy::retarget`] moves it.
+    forward: Mutex<SocketAddr>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,14 +154,22 @@ impl LinkProxy {
             seed,
             tasks: Mutex::new(Vec::new()),
             clients: Mutex::new(HashMap::new()),
+            forward: Mutex::new(forward),
         });
-        shared.spawn(client_side(shared.clone(), socket, forward));
+        shared.spawn(client_side(shared.clone(), socket));
         Ok(LinkProxy { shared, local })
     }
 
     /// The address clients send to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Forwards to `forward` from now on, on existing links too: the target came
+    /// back on another port (a restarted node whose old one was still taken), and
+    /// its clients, who know only this proxy, need not learn of it.
+    pub fn retarget(&self, forward: SocketAddr) {
+        *lock(&self.shared.forward) = forward;
     }
 
     /// Blackholes the link in both directions until [`restore`](Self::restore).
@@ -309,6 +319,11 @@ async fn shaper(
             shared.counters.dropped_cut.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        let dest = if toward_target {
+            *lock(&shared.forward)
+        } else {
+            dest
+        };
         if out.send_to(&data, dest).await.is_ok() {
             let c = &shared.counters;
             c.forwarded_packets.fetch_add(1, Ordering::Relaxed);
@@ -319,7 +334,7 @@ async fn shaper(
 }
 
 /// Receives from clients on the listening socket and feeds each client's link.
-async fn client_side(shared: Arc<Shared>, socket: Arc<UdpSocket>, forward: SocketAddr) {
+async fn client_side(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else {
@@ -331,7 +346,7 @@ async fn client_side(shared: Arc<Shared>, socket: Arc<UdpSocket>, forward: Socke
         let existing = lock(&shared.clients).get(&from).cloned();
         let link = match existing {
             Some(l) => l,
-            None => match new_link(&shared, &socket, from, forward).await {
+            None => match new_link(&shared, &socket, from).await {
                 Some(l) => l,
                 None => continue,
             },
@@ -344,7 +359,6 @@ async fn new_link(
     shared: &Arc<Shared>,
     listen: &Arc<UdpSocket>,
     client: SocketAddr,
-    forward: SocketAddr,
 ) -> Option<Arc<Link>> {
     if lock(&shared.clients).len() >= MAX_CLIENTS {
         tracing::warn!(%client, "link proxy full, datagram dropped");
@@ -353,6 +367,9 @@ async fn new_link(
     let bind: SocketAddr = SocketAddr::new(listen.local_addr().ok()?.ip(), 0);
     let upstream = Arc::new(UdpSocket::bind(bind).await.ok()?);
     let n = lock(&shared.clients).len() as u64;
+    // Only a placeholder: the shaper toward the target reads `Shared::forward`
+    // per datagram, so a retarget reaches existing links.
+    let forward = *lock(&shared.forward);
     let link = Arc::new(Link {
         to_target: direction(shared, upstream.clone(), forward, 2 * n, true),
         to_client: direction(shared, listen.clone(), client, 2 * n + 1, false),
@@ -404,6 +421,28 @@ mod tests {
             Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
             _ => None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_retargeted_proxy_forwards_an_existing_clients_datagrams_to_the_new_target() {
+        let old = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (echo, _h) = echo_server().await;
+        let proxy = LinkProxy::start("127.0.0.1:0".parse().unwrap(), old.local_addr().unwrap(), 1)
+            .await
+            .unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let p = proxy.local_addr();
+        // The old target hears the first datagram and never answers.
+        assert_eq!(
+            roundtrip(&client, p, b"a", Duration::from_millis(100)).await,
+            None
+        );
+        let mut buf = [0u8; 16];
+        let (n, _) = old.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"a");
+        proxy.retarget(echo);
+        let long = Duration::from_secs(5);
+        assert_eq!(roundtrip(&client, p, b"b", long).await.unwrap(), b"b");
     }
 
     #[tokio::test]
