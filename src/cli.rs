@@ -268,8 +268,9 @@ Example: ferry node remove node-4")]
     /// current one expires).
     #[command(after_help = "\
 Writes <cluster dir>/<node>/node.pem anew (the old one is kept as
-node.pem.old), signed with the cluster CA's key (<cluster dir>/ca.key: run this
-where that file is). The daemon reads its certificate at start: restart it to
+node.pem.old), and the API's certificate (api.pem) where the node serves its API
+over HTTPS, both signed with the cluster CA's key (<cluster dir>/ca.key: run this
+where that file is). The daemon reads its certificates at start: restart it to
 use the new one (`ferry node stop --config …` moves its VMs away first, then
 `ferry node run --config …`). A daemon refuses to start on an expired
 certificate, and warns 30 days before.

@@ -214,19 +214,39 @@ pub fn renew_cert(
     let ca = load_ca(cluster_dir)?;
     let creds = ca.issue_with(config.node_id, Validity::starting_now(valid_for))?;
     let validity = creds.validity()?;
-    let fresh = config.credentials.with_extension("pem.new");
-    let _ = std::fs::remove_file(&fresh);
-    crate::config::write_secret(&fresh, &creds.to_pem())?;
-    if config.credentials.exists() {
-        std::fs::rename(
-            &config.credentials,
-            config.credentials.with_extension("pem.old"),
-        )
-        .with_context(|| format!("keeping {}", config.credentials.display()))?;
+    replace_secret(&config.credentials, true, |fresh| {
+        crate::config::write_secret(fresh, &creds.to_pem())
+    })?;
+    // The API's certificate expires like the node's: renewed with it, or the
+    // API would stop answering a year after `cluster init` however often the
+    // node's certificate was renewed.
+    if let Some(api_cert) = &config.api.cert {
+        replace_secret(api_cert, false, |fresh| {
+            crate::api_tls::write_api_cert(&ca, &config.name, config.api.listen, fresh)
+        })?;
     }
-    std::fs::rename(&fresh, &config.credentials)
-        .with_context(|| format!("writing {}", config.credentials.display()))?;
     Ok((creds, validity))
+}
+
+/// Replaces the secret at `path` with what `write` puts in a fresh file
+/// beside it, by a rename, so a crash leaves the old file or the new one,
+/// never half of one; with `keep_old` the old one stays as `<name>.old`.
+fn replace_secret(
+    path: &Path,
+    keep_old: bool,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut fresh = path.as_os_str().to_owned();
+    fresh.push(".new");
+    let fresh = PathBuf::from(fresh);
+    let _ = std::fs::remove_file(&fresh);
+    write(&fresh)?;
+    if keep_old && path.exists() {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".old");
+        std::fs::rename(path, &old).with_context(|| format!("keeping {}", path.display()))?;
+    }
+    std::fs::rename(&fresh, path).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -313,7 +333,8 @@ mod tests {
         assert!(!dir.join("node-6").exists());
         std::fs::rename(dir.join("ca.key.away"), dir.join("ca.key")).unwrap();
 
-        // Renewal: a new certificate, the old one kept.
+        // Renewal: a new certificate, the old one kept, and a new API one.
+        let api_before = std::fs::read_to_string(dir.join("node-2/api.pem")).unwrap();
         let (creds, validity) = renew_cert(
             &dir,
             &dir.join("node-2/node.toml"),
@@ -323,6 +344,9 @@ mod tests {
         assert_eq!(creds.node_id, 2);
         assert!(validity.not_after_s - validity.not_before_s > 7000);
         assert!(dir.join("node-2/node.pem.old").exists());
+        let api_after = std::fs::read_to_string(dir.join("node-2/api.pem")).unwrap();
+        assert_ne!(api_before, api_after, "the API certificate was renewed too");
+        assert!(api_after.contains("BEGIN CERTIFICATE") && api_after.contains("PRIVATE KEY"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
