@@ -75,7 +75,7 @@ const PROBE_STREAM_LIFETIME: Duration = Duration::from_secs(30);
 const CALL_SLACK: Duration = Duration::from_secs(5);
 /// Page-stream ids of probes carry this bit; a migration's stream id is its
 /// id in the store, which never comes near it.
-const PROBE_STREAM_BIT: u64 = 1 << 63;
+pub const PROBE_STREAM_BIT: u64 = 1 << 63;
 /// Probe streams opened by this process, for unique stream ids.
 static PROBES: AtomicU64 = AtomicU64::new(0);
 /// Measurements an estimate for a move may reuse instead of measuring again.
@@ -296,6 +296,10 @@ pub(crate) struct Book {
     moves: Mutex<HashMap<NodeId, MoveMeasured>>,
     /// The last measurements this node asked for, per VM.
     asked: Mutex<HashMap<String, (Instant, Measurements)>>,
+    /// The probe stream this node serves to each peer: one each, so a member
+    /// that asks for probe after probe holds one probe's scratch memory, not
+    /// one per request for [`PROBE_STREAM_LIFETIME`] each.
+    probes_served: Mutex<HashMap<NodeId, tokio::task::AbortHandle>>,
 }
 
 /// Records what a completed move from `node` measured, for the estimates of
@@ -507,10 +511,12 @@ struct MeasureRequest {
     opts: MeasureOptions,
 }
 
+/// What a source asks of [`BANDWIDTH_PROBE_SERVICE`]: to take stream
+/// `stream_id` (with [`PROBE_STREAM_BIT`] set) of up to `bytes` of pages.
 #[derive(Serialize, Deserialize)]
-struct ProbeRequest {
-    stream_id: u64,
-    bytes: u64,
+pub struct ProbeRequest {
+    pub stream_id: u64,
+    pub bytes: u64,
 }
 
 /// Sends guest pages to `target` over the migration networks (the first two
@@ -691,6 +697,14 @@ async fn serve_measure(node: Weak<NodeShared>, bytes: &[u8]) -> Result<Measureme
     measure_here(&node, &request.vm, request.target, &request.opts).await
 }
 
+/// Probe streams `node` serves now (at most one per peer).
+pub fn probes_served(node: &NodeShared) -> usize {
+    lock(&node.measured.probes_served)
+        .values()
+        .filter(|p| !p.is_finished())
+        .count()
+}
+
 /// Takes a probe's stream into scratch memory, kept until the stream ends
 /// (or [`PROBE_STREAM_LIFETIME`] passes), then thrown away.
 fn serve_probe(node: Weak<NodeShared>, from: NodeId, bytes: &[u8]) -> Result<Vec<u8>, String> {
@@ -713,10 +727,16 @@ fn serve_probe(node: Weak<NodeShared>, from: NodeId, bytes: &[u8]) -> Result<Vec
         .rpc
         .accept_page_stream(request.stream_id, from, Arc::new(sink))
         .map_err(|e| format!("probe stream: {e}"))?;
-    tokio::spawn(async move {
+    let serving = tokio::spawn(async move {
         // The receiver holds the scratch memory; both go when it does.
         let _ = tokio::time::timeout(PROBE_STREAM_LIFETIME, receiver.wait()).await;
         drop(receiver);
     });
+    // A peer's new probe ends its last one (and frees its scratch memory): an
+    // honest source runs one probe at a time.
+    let replaced = lock(&node.measured.probes_served).insert(from, serving.abort_handle());
+    if let Some(previous) = replaced {
+        previous.abort();
+    }
     Ok(Vec::new())
 }

@@ -219,6 +219,52 @@ fn a_migration_keeps_its_dirty_log_while_estimates_are_asked_for() {
     });
 }
 
+/// Hostile input (issue 15): a member that asks for probe after probe and
+/// never sends makes the target hold one probe's scratch memory, not one per
+/// request, and an honest estimate is probed as before.
+#[test]
+fn a_member_asking_for_probe_after_probe_holds_one() {
+    run(async {
+        let cluster = TestCluster::start("probe-flood", 2).await.unwrap();
+        start(&cluster, "db-1", 64 * MIB, Workload::idle(), 1).await;
+        let addrs = cluster.node(2).rpc.local_addrs();
+        for i in 0..200u64 {
+            let request = measure::ProbeRequest {
+                stream_id: measure::PROBE_STREAM_BIT | (1 << 40) | i,
+                bytes: 256 * MIB,
+            };
+            cluster
+                .node(1)
+                .rpc
+                .call(
+                    2,
+                    &addrs,
+                    measure::BANDWIDTH_PROBE_SERVICE,
+                    ferry_transport::encode(&request),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(measure::probes_served(&cluster.node(2).shared), 1);
+        let opts = MeasureOptions {
+            probe_time: Duration::from_millis(300),
+            ..MeasureOptions::default()
+        };
+        let honest = measure::measure(&cluster.node(1).shared, "db-1", Some(2), &opts)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                honest.bandwidth_basis,
+                BandwidthBasis::Probed { target: 2, .. }
+            ),
+            "{honest:?}"
+        );
+        assert!(measure::probes_served(&cluster.node(2).shared) <= 1);
+    });
+}
+
 #[test]
 fn the_bandwidth_is_probed_then_taken_from_the_last_move_and_capped() {
     run(async {
