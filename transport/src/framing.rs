@@ -1,12 +1,18 @@
 //! Reading and writing `protocol.rs` frames on quinn streams, and turning quinn's
 //! connection errors into [`RpcError`]s a caller can act on. The only async code that
-//! touches frame boundaries lives here.
+//! touches frame boundaries lives here, and so does the frame deadline
+//! ([`FrameDeadline`]) every stream from a peer is read under.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{ConnectionError, ReadError, ReadExactError, RecvStream, SendStream, WriteError};
 
 use crate::error::RpcError;
-use crate::limits::{Gauge, GrowthPlan, Held};
+use crate::limits::{Gauge, GrowthPlan, Held, Holdings};
 use crate::protocol::{parse_frame_header, CloseCode, ProtocolError, Tag, FRAME_HEADER_LEN};
 use crate::NodeId;
 
@@ -19,6 +25,8 @@ pub(crate) enum FrameError {
     Connection(ConnectionError),
     /// This stream was reset or stopped; the connection may be fine.
     Stream(String),
+    /// The frame did not arrive whole within this frame deadline.
+    Deadline(Duration),
 }
 
 impl From<ReadError> for FrameError {
@@ -49,6 +57,32 @@ impl FrameError {
             },
             FrameError::Connection(c) => connection_error(&c, peer),
             FrameError::Stream(s) => RpcError::Closed(s),
+            FrameError::Deadline(d) => RpcError::Timeout(d),
+        }
+    }
+}
+
+/// The time a frame from a peer has to arrive (`PeerLimits::frame_deadline`), and
+/// the node's gauges, which count the frames that missed it and the bytes partial
+/// frames hold. A stream that trickles gives back its buffer and task by then.
+#[derive(Clone)]
+pub(crate) struct FrameDeadline {
+    pub after: Duration,
+    pub holdings: Arc<Holdings>,
+}
+
+impl FrameDeadline {
+    /// Runs `read` for at most the deadline; `None` (counted in `frames_timed_out`)
+    /// when it did not finish in time. Dropping `read` releases what it held.
+    pub(crate) async fn run<T>(&self, read: impl Future<Output = T>) -> Option<T> {
+        match tokio::time::timeout(self.after, read).await {
+            Ok(t) => Some(t),
+            Err(_) => {
+                self.holdings
+                    .frames_timed_out
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
         }
     }
 }
@@ -79,13 +113,23 @@ pub(crate) async fn read_frame_counted(
 }
 
 async fn read_header(recv: &mut RecvStream, max: u32) -> Result<Option<(Tag, usize)>, FrameError> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    match recv.read_exact(&mut header).await {
+    finish_header(recv, [0; FRAME_HEADER_LEN], 0, max).await
+}
+
+/// Reads the rest of a frame header whose first `have` bytes are in `header`.
+async fn finish_header(
+    recv: &mut RecvStream,
+    mut header: [u8; FRAME_HEADER_LEN],
+    have: usize,
+    max: u32,
+) -> Result<Option<(Tag, usize)>, FrameError> {
+    match recv.read_exact(&mut header[have..]).await {
         Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(0)) if have == 0 => return Ok(None),
         Err(ReadExactError::FinishedEarly(n)) => {
             return Err(FrameError::Protocol(ProtocolError::Malformed(format!(
-                "stream ended inside a frame header ({n} bytes)"
+                "stream ended inside a frame header ({} bytes)",
+                have + n
             ))))
         }
         Err(ReadExactError::ReadError(e)) => return Err(e.into()),
@@ -133,17 +177,36 @@ async fn read_body(
 
 /// Like [`read_frame`], but reads the body into `buf` (reused across frames, so bulk
 /// streams do not allocate per frame) and returns the tag; the body is `buf[..]`.
-pub(crate) async fn read_frame_into(
+/// For a stream that may idle between frames (a page-stream path's data and control
+/// streams): waiting for a frame's first byte has no limit, but from that byte on
+/// the whole frame must arrive within `deadline`, or the read ends with
+/// [`FrameError::Deadline`]. The body's buffer counts in `partial_frames` while the
+/// body arrives.
+pub(crate) async fn read_frame_into_within(
     recv: &mut RecvStream,
     max: u32,
     buf: &mut Vec<u8>,
+    deadline: &FrameDeadline,
 ) -> Result<Option<Tag>, FrameError> {
-    let Some((tag, len)) = read_header(recv, max).await? else {
-        return Ok(None);
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    loop {
+        match recv.read(&mut header[..1]).await? {
+            None => return Ok(None),
+            Some(0) => continue,
+            Some(_) => break,
+        }
+    }
+    let frame = async {
+        let Some((tag, len)) = finish_header(recv, header, 1, max).await? else {
+            return Ok(None);
+        };
+        read_body(recv, buf, len, Some(&deadline.holdings.partial_frames)).await?;
+        Ok(Some(tag))
     };
-    // Grows to the largest frame seen (bounded by `max`), never shrinks.
-    read_body(recv, buf, len, None).await?;
-    Ok(Some(tag))
+    match deadline.run(frame).await {
+        Some(read) => read,
+        None => Err(FrameError::Deadline(deadline.after)),
+    }
 }
 
 /// Reads one frame that must be there and must have tag `want`.

@@ -29,8 +29,9 @@ pub const DEFAULT_MAX_HANDSHAKES: u32 = 64;
 /// 64 × `max_concurrent_requests`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: u32 = 64;
 
-/// Time a request or message stream has to deliver its whole frame (page streams
-/// have their own dead-path deadline). The largest frame (16 MiB) needs
+/// Time a request or message stream has to deliver its whole frame from the
+/// stream's opening, and a page-stream path's chunk or control frame from its first
+/// byte (those streams idle between frames). The largest frame (16 MiB) needs
 /// 13 Mbit/s to arrive in time: any cluster network is faster by far, and a stream
 /// that trickles slower only holds a slot.
 pub const DEFAULT_FRAME_DEADLINE: Duration = Duration::from_secs(10);
@@ -194,7 +195,10 @@ pub struct LimitStats {
     pub frames_timed_out: u64,
     /// Handlers that ran past `handler_deadline`.
     pub handlers_timed_out: u64,
-    /// Bytes allocated for request frames still arriving.
+    /// Request and one-way message handlers running (each is a task).
+    pub handlers_running: Level,
+    /// Bytes allocated for frames still arriving: requests, messages, and the
+    /// chunk and control frames of page-stream paths.
     pub partial_frame_bytes: Level,
 }
 
@@ -210,6 +214,7 @@ pub(crate) struct Holdings {
     pub request_streams: Gauge,
     pub frames_timed_out: AtomicU64,
     pub handlers_timed_out: AtomicU64,
+    pub handlers: Gauge,
     pub partial_frames: Gauge,
     per_peer: Mutex<HashMap<NodeId, u32>>,
 }
@@ -219,6 +224,7 @@ pub(crate) struct Holdings {
 pub(crate) enum Slot {
     Handshake,
     RequestStream,
+    Handler,
 }
 
 /// One unit of a gauge, held by a task until it drops it.
@@ -261,6 +267,7 @@ impl Holdings {
         match slot {
             Slot::Handshake => &self.handshakes,
             Slot::RequestStream => &self.request_streams,
+            Slot::Handler => &self.handlers,
         }
     }
 
@@ -303,6 +310,7 @@ impl Holdings {
             request_streams_open: level(&self.request_streams),
             frames_timed_out: count(&self.frames_timed_out),
             handlers_timed_out: count(&self.handlers_timed_out),
+            handlers_running: level(&self.handlers),
             partial_frame_bytes: level(&self.partial_frames),
         }
     }

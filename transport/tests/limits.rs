@@ -1,6 +1,7 @@
 //! What a stranger or a member can make a node hold is bounded (`ferry_transport::limits`):
 //! a handshake flood, streams opened and left idle, a frame that claims 16 MiB and
-//! trickles, and more connections than a node may hold. Each test reads the node's
+//! trickles (on a request stream or a page-stream path), handlers that never answer,
+//! and more connections than a node may hold. Each test reads the node's
 //! gauges (their peaks cover the whole attack, so no bound depends on when they are
 //! sampled) and has a well-behaved member call the node throughout.
 #![allow(clippy::unwrap_used)]
@@ -12,13 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{addr, start_node, wait_until};
+use common::{addr, pages, start_node, wait_until, CheckingSink};
 use ferry_transport::identity::{client_config, node_server_name};
 use ferry_transport::limits::FRAME_FIRST_ALLOCATION;
 use ferry_transport::protocol::{
     encode_hello, frame_header, CloseCode, Hello, Purpose, Tag, VERSION,
 };
-use ferry_transport::{handler_fn, ClusterCa, NetworkConfig, NodeCredentials, RpcNode};
+use ferry_transport::{handler_fn, ClusterCa, NetworkConfig, NodeCredentials, RpcError, RpcNode};
 use quinn::ConnectionError;
 
 const T: Duration = Duration::from_secs(20);
@@ -408,5 +409,209 @@ async fn connections_beyond_the_per_node_limit_are_refused_with_a_reason() {
     .await;
     open.push(hello(&hostile, target).await.unwrap());
     println!("connections: {:?}", server.limit_stats());
+    member.stop().await;
+}
+
+/// A member calls a service whose handler never answers 200 times at once: each
+/// call is answered with an error naming the handler deadline (the server's answer,
+/// well before the call's own timeout), every handler's task is given back, and
+/// another member's calls are answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_that_never_answer_are_given_up_at_the_deadline() {
+    const CALLS: u64 = 200;
+    let ca = ClusterCa::generate("limits-handlers").unwrap();
+    let mut cfg = NetworkConfig::default();
+    cfg.limits.handler_deadline = Duration::from_millis(300);
+    let deadline = cfg.limits.handler_deadline;
+    let per_conn = u64::from(cfg.max_concurrent_requests);
+    let (server, member) = server_and_member(cfg, &ca).await;
+    server.register(
+        "stuck",
+        handler_fn(|_, _| std::future::pending::<Result<Vec<u8>, String>>()),
+    );
+    let target = server.local_addrs()[0];
+    let hostile = start_node(&ca, 5, &[1], NetworkConfig::default()).await;
+
+    let calls_before = member.calls();
+    let started = std::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..CALLS {
+        let hostile = hostile.clone();
+        calls.spawn(async move {
+            let payload = i.to_le_bytes().to_vec();
+            hostile.call(2, &[target], "stuck", payload, T).await
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        match r.unwrap() {
+            Err(RpcError::Remote(why)) => assert!(
+                why.contains("stuck handler") && why.contains(&format!("deadline of {deadline:?}")),
+                "{why}"
+            ),
+            other => panic!("a stuck call ended with {other:?}, not the handler deadline"),
+        }
+    }
+    let took = started.elapsed();
+    let calls_during = member.calls() - calls_before;
+    member.answered(3).await;
+    member.stop().await;
+    // With no call in flight, nothing a peer started may still run.
+    wait_until(T, "every handler's task given back", || {
+        let s = server.limit_stats();
+        s.handlers_running.now == 0 && s.request_streams_open.now == 0
+    })
+    .await;
+    let stats = server.limit_stats();
+    println!(
+        "stuck handlers: {CALLS} calls answered in {took:?}, {calls_during} member calls \
+         meanwhile; {stats:?}"
+    );
+    // Each request ran its handler once, and each was given up.
+    assert_eq!(stats.handlers_timed_out, CALLS, "{stats:?}");
+    assert!(stats.handlers_running.peak > 1, "{stats:?}");
+    // A handler runs only while its request stream waits for it: no more at once
+    // than the connections' stream credit allows.
+    assert!(
+        stats.handlers_running.peak <= per_conn * stats.connections_open.peak,
+        "{stats:?}"
+    );
+    assert!(calls_during > 0, "no member call answered meanwhile");
+}
+
+/// A page-stream path of node 5, with its hello answered; returns the connection
+/// and its control stream.
+async fn page_path(
+    creds: &NodeCredentials,
+    server: SocketAddr,
+    stream_id: u64,
+    path: u32,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let conn = raw_connect(creds, server).await.unwrap();
+    let (mut control, mut answers) = conn.open_bi().await.unwrap();
+    let body = encode_hello(&Hello {
+        version: VERSION,
+        min_version: None,
+        node_id: creds.node_id,
+        purpose: Purpose::PageStream { stream_id, path },
+    });
+    control.write_all(&body).await.unwrap();
+    let mut ok = [0u8; 5];
+    answers.read_exact(&mut ok).await.unwrap();
+    assert_eq!(ok[4], Tag::HelloOk as u8);
+    (conn, control, answers)
+}
+
+/// Waits for `conn` to be closed by the node as a dead path; returns the reason.
+async fn closed_as_dead(conn: &quinn::Connection) -> String {
+    let e = tokio::time::timeout(T, conn.closed()).await.unwrap();
+    let ConnectionError::ApplicationClosed(c) = e else {
+        panic!("path ended without a reason: {e}");
+    };
+    let reason = String::from_utf8_lossy(&c.reason).into_owned();
+    assert_eq!(
+        CloseCode::from_u64(c.error_code.into_inner()),
+        Some(CloseCode::PathDead),
+        "{reason}"
+    );
+    reason
+}
+
+/// The source of a page stream (only it may open the stream's paths) claims a
+/// 16 MiB chunk on one path and trickles it a byte every 20 ms, and on another path
+/// sends one byte of a control frame and no more. The node closes both paths at the
+/// frame deadline with a reason naming it, holds no more than the first allocation
+/// for the trickled chunk, and meanwhile serves another node's page stream and a
+/// member's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_page_stream_frame_loses_its_path_at_the_deadline() {
+    let ca = ClusterCa::generate("limits-page-trickle").unwrap();
+    let mut cfg = NetworkConfig::default();
+    cfg.limits.frame_deadline = Duration::from_millis(1500);
+    let deadline = cfg.limits.frame_deadline;
+    let claimed = cfg.max_frame_bytes as usize - 16;
+    let (server, member) = server_and_member(cfg, &ca).await;
+    let target = server.local_addrs()[0];
+    let hostile_rx = server
+        .accept_page_stream(5, 5, CheckingSink::new(16))
+        .unwrap();
+    let hostile = ca.issue(5).unwrap();
+
+    let (chunk_path, _control0, _answers0) = page_path(&hostile, target, 5, 0).await;
+    let trickle = {
+        let conn = chunk_path.clone();
+        tokio::spawn(async move {
+            let mut data = conn.open_uni().await.unwrap();
+            data.write_all(&frame_header(Tag::Chunk, claimed))
+                .await
+                .unwrap();
+            let started = std::time::Instant::now();
+            let mut sent = 0usize;
+            // Until the node closes the path (the test's deadline is the bound).
+            while data.write_all(&[0]).await.is_ok() {
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (sent, started.elapsed())
+        })
+    };
+    let (control_path, mut control1, _answers1) = page_path(&hostile, target, 5, 1).await;
+    control1.write_all(&[0]).await.unwrap();
+    let control_started = std::time::Instant::now();
+    wait_until(T, "the trickled chunk's buffer allocated", || {
+        server.limit_stats().partial_frame_bytes.now > 0
+    })
+    .await;
+
+    // Meanwhile node 4 streams 16 MiB to the same node, in chunks no bigger than a
+    // first allocation (so the bound below counts buffers, not chunk sizes).
+    let mut honest_cfg = NetworkConfig::default();
+    honest_cfg.page_stream.chunk_pages = 8;
+    let honest_conns = u64::from(honest_cfg.page_stream.connections_per_network);
+    let honest = start_node(&ca, 4, &[1], honest_cfg).await;
+    let sink = CheckingSink::new(4096);
+    let honest_rx = server.accept_page_stream(6, 4, sink.clone()).unwrap();
+    let tx = honest.open_page_stream(2, &[target], 6).await.unwrap();
+    tx.send(0, 0, &pages(0, 4096, 0)).await.unwrap();
+    tx.finish().await.unwrap();
+    honest_rx.wait().await.unwrap();
+    sink.assert_all(0..4096, 0);
+
+    let reason = closed_as_dead(&chunk_path).await;
+    assert!(
+        reason.contains("chunk frame from node 5")
+            && reason.contains(&format!("frame deadline of {deadline:?}")),
+        "{reason}"
+    );
+    let (sent, trickled) = tokio::time::timeout(T, trickle).await.unwrap().unwrap();
+    assert!(trickled >= deadline, "closed after {trickled:?}");
+    let reason = closed_as_dead(&control_path).await;
+    assert!(
+        reason.contains("control frame from node 5")
+            && reason.contains(&format!("frame deadline of {deadline:?}")),
+        "{reason}"
+    );
+    assert!(control_started.elapsed() >= deadline);
+    wait_until(T, "the hostile stream's paths gone", || {
+        hostile_rx.stats().paths_up == 0
+    })
+    .await;
+    member.answered(3).await;
+    wait_until(T, "partial frames released", || {
+        server.limit_stats().partial_frame_bytes.now == 0
+    })
+    .await;
+    let stats = server.limit_stats();
+    println!(
+        "page-stream trickle: claimed {claimed} bytes, sent {sent} in {trickled:?}; {stats:?}"
+    );
+    assert_eq!(stats.frames_timed_out, 2, "{stats:?}");
+    // The trickled chunk's first allocation; a chunk and a control frame on each
+    // honest connection; a member's request.
+    let bound = (2 + 2 * honest_conns) * FRAME_FIRST_ALLOCATION as u64;
+    assert!(
+        stats.partial_frame_bytes.peak <= bound,
+        "{} bytes held for partial frames, at most {bound} expected",
+        stats.partial_frame_bytes.peak
+    );
     member.stop().await;
 }

@@ -17,7 +17,7 @@ use rustls::pki_types::CertificateDer;
 
 use super::replies::Arrival;
 use super::{lock, RpcHandler, RpcNode};
-use crate::framing::{expect_frame, read_frame_counted, write_bytes, FrameError};
+use crate::framing::{expect_frame, read_frame_counted, write_bytes, FrameDeadline, FrameError};
 use crate::identity::verify_cert_names_node;
 use crate::limits::{handshake_decision, HandshakeDecision, Holdings, OwnedSlot, Slot};
 use crate::protocol::{
@@ -25,7 +25,7 @@ use crate::protocol::{
     HelloOk, ProtocolError, Purpose, RequestFrame, ResponseBody, Tag, Versions, FRAME_HEADER_LEN,
     MAGIC, MAX_CONTROL_FRAME,
 };
-use crate::stream::receiver::{serve_path, PathHello};
+use crate::stream::receiver::{serve_path, PathHello, PathLimits};
 use crate::NodeId;
 
 pub(super) async fn accept_loop(node: Weak<RpcNode>, endpoint: quinn::Endpoint) {
@@ -284,7 +284,13 @@ async fn serve_connection(node: Weak<RpcNode>, incoming: quinn::Incoming, handsh
                     path,
                     wire_version: version,
                 },
-                cfg.max_frame_bytes,
+                PathLimits {
+                    max_frame: cfg.max_frame_bytes,
+                    deadline: FrameDeadline {
+                        after: cfg.limits.frame_deadline,
+                        holdings,
+                    },
+                },
                 on_violation,
             )
             .await;
@@ -336,18 +342,23 @@ async fn read_request(
     } else {
         "message"
     };
-    let (deadline, holdings) = {
+    let deadline = {
         let n = node.upgrade()?;
-        (n.cfg.limits.frame_deadline, n.holdings.clone())
+        FrameDeadline {
+            after: n.cfg.limits.frame_deadline,
+            holdings: n.holdings.clone(),
+        }
     };
-    let read = read_frame_counted(recv, max_frame, Some(&holdings.partial_frames));
-    let Ok(read) = tokio::time::timeout(deadline, read).await else {
+    // A request stream exists only to carry its frame: the deadline runs from the
+    // stream's opening.
+    let read = read_frame_counted(recv, max_frame, Some(&deadline.holdings.partial_frames));
+    let Some(read) = deadline.run(read).await else {
         // Idle or trickling: the stream gives its slot back, the connection lives.
-        holdings.frames_timed_out.fetch_add(1, Ordering::Relaxed);
         let _ = recv.stop(CloseCode::Cancelled.to_varint());
         tracing::debug!(
             peer,
-            "{what} frame not received within {deadline:?}: stream stopped"
+            "{what} frame not received within {:?}: stream stopped",
+            deadline.after
         );
         return None;
     };
@@ -503,6 +514,8 @@ async fn run_handler(
     payload: Vec<u8>,
     deadline: std::time::Duration,
 ) -> Result<Vec<u8>, String> {
+    // Counted while it runs, so the node's gauges show handlers a peer holds.
+    let _running = node.upgrade().map(|n| n.holdings.hold(Slot::Handler));
     match tokio::time::timeout(deadline, h.handle(peer, payload)).await {
         Ok(r) => r,
         Err(_) => {

@@ -3,11 +3,16 @@
 //! [`PageVersions`] to the [`PageSink`], and a control task that answers pings and
 //! sends acknowledgements. Acknowledgements go out only after the sink has applied a
 //! chunk, so the sender's barrier means "applied", not "received".
+//!
+//! A path's streams may idle between frames (a sender with nothing to send), but a
+//! frame, once its first byte arrived, must be whole within the node's frame deadline:
+//! a sender that trickles one loses that path, closed as dead with a reason naming the
+//! deadline, and the buffer and task it held.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch, Notify};
@@ -18,7 +23,7 @@ use super::versions::{round_of, version, Admitted, PageVersions};
 use super::PageSink;
 use crate::config::PageStreamConfig;
 use crate::error::PageStreamError;
-use crate::framing::{read_frame, read_frame_into, write_bytes, FrameError};
+use crate::framing::{read_frame_into_within, write_bytes, FrameDeadline, FrameError};
 use crate::protocol::{
     check_chunk_version, decode_chunk, decode_control, encode_control, CloseCode, Control,
     ProtocolError, Tag, MAX_CONTROL_FRAME, PAGE_SIZE,
@@ -345,6 +350,13 @@ pub(crate) struct PathHello {
     pub wire_version: u16,
 }
 
+/// What one path's sender may make this node hold: its largest chunk frame, and the
+/// time a frame has once its first byte arrived.
+pub(crate) struct PathLimits {
+    pub max_frame: u32,
+    pub deadline: FrameDeadline,
+}
+
 /// Serves one path of a registered stream after its hello was answered.
 pub(crate) async fn serve_path(
     shared: Arc<ReceiverShared>,
@@ -352,7 +364,7 @@ pub(crate) async fn serve_path(
     ctrl_send: SendStream,
     ctrl_recv: RecvStream,
     hello: PathHello,
-    max_frame: u32,
+    limits: PathLimits,
     on_violation: impl Fn(&Connection, &ProtocolError) + Send + Sync + 'static,
 ) {
     let id = conn.stable_id();
@@ -383,6 +395,7 @@ pub(crate) async fn serve_path(
         ctrl_recv,
         out_tx.clone(),
         conn.clone(),
+        limits.deadline.clone(),
         on_violation.clone(),
     ));
     let held = shared.hold.clone().map(|taken| {
@@ -405,7 +418,7 @@ pub(crate) async fn serve_path(
         out_tx,
         held,
         wire_version,
-        max_frame,
+        limits,
         on_violation,
     ));
     tokio::select! {
@@ -463,22 +476,47 @@ async fn control_writer(mut send: SendStream, mut outbox: mpsc::Receiver<Out>) {
     }
 }
 
+/// Closes a path whose sender did not deliver a frame within the frame deadline.
+/// As a dead path (not a protocol violation): a sender on a link that slow sends
+/// again on its other paths, or on this one once it reconnects.
+fn frame_too_slow(shared: &ReceiverShared, conn: &Connection, what: &str, after: Duration) {
+    let reason = format!(
+        "a {what} frame from node {} was not whole within the frame deadline of \
+         {after:?} after its first byte",
+        shared.peer
+    );
+    tracing::warn!(
+        stream = shared.stream_id,
+        peer = shared.peer,
+        "{reason}: path closed"
+    );
+    conn.close(CloseCode::PathDead.to_varint(), reason.as_bytes());
+}
+
 async fn control_reader(
     shared: Arc<ReceiverShared>,
     mut recv: RecvStream,
     out: mpsc::Sender<Out>,
     conn: Connection,
+    deadline: FrameDeadline,
     on_violation: Arc<impl Fn(&Connection, &ProtocolError)>,
 ) {
+    let mut body = Vec::new();
     loop {
-        let msg = match read_frame(&mut recv, MAX_CONTROL_FRAME).await {
-            Ok(Some((Tag::Control, body))) => decode_control(&body),
-            Ok(Some((tag, _))) => Err(ProtocolError::Unexpected {
+        let msg = match read_frame_into_within(&mut recv, MAX_CONTROL_FRAME, &mut body, &deadline)
+            .await
+        {
+            Ok(Some(Tag::Control)) => decode_control(&body),
+            Ok(Some(tag)) => Err(ProtocolError::Unexpected {
                 got: tag,
                 expected: "control frame",
             }),
             Ok(None) => return,
             Err(FrameError::Protocol(p)) => Err(p),
+            Err(FrameError::Deadline(after)) => {
+                frame_too_slow(&shared, &conn, "control", after);
+                return;
+            }
             Err(_) => return,
         };
         let msg = match msg {
@@ -528,43 +566,51 @@ async fn chunk_reader(
     out: mpsc::Sender<Out>,
     held: Option<mpsc::Sender<(u64, u64)>>,
     wire_version: u16,
-    max_frame: u32,
+    limits: PathLimits,
     on_violation: Arc<impl Fn(&Connection, &ProtocolError)>,
 ) {
     let Ok(mut recv) = conn.accept_uni().await else {
         return;
     };
+    // Grows to the largest chunk seen (bounded by `max_frame`), never shrinks.
     let mut body = Vec::new();
     loop {
-        let chunk = match read_frame_into(&mut recv, max_frame, &mut body).await {
-            // A path of a version before listed chunks refuses them, as a build of
-            // that version would (it does not know the flag).
-            Ok(Some(Tag::Chunk)) => match decode_chunk(&body)
-                .and_then(|c| check_chunk_version(&c.header, wire_version).map(|()| c))
+        let chunk =
+            match read_frame_into_within(&mut recv, limits.max_frame, &mut body, &limits.deadline)
+                .await
             {
-                Ok(c) => c,
-                Err(p) => {
+                // A path of a version before listed chunks refuses them, as a build of
+                // that version would (it does not know the flag).
+                Ok(Some(Tag::Chunk)) => match decode_chunk(&body)
+                    .and_then(|c| check_chunk_version(&c.header, wire_version).map(|()| c))
+                {
+                    Ok(c) => c,
+                    Err(p) => {
+                        on_violation(&conn, &p);
+                        return;
+                    }
+                },
+                Ok(Some(tag)) => {
+                    on_violation(
+                        &conn,
+                        &ProtocolError::Unexpected {
+                            got: tag,
+                            expected: "chunk",
+                        },
+                    );
+                    return;
+                }
+                Ok(None) => return,
+                Err(FrameError::Protocol(p)) => {
                     on_violation(&conn, &p);
                     return;
                 }
-            },
-            Ok(Some(tag)) => {
-                on_violation(
-                    &conn,
-                    &ProtocolError::Unexpected {
-                        got: tag,
-                        expected: "chunk",
-                    },
-                );
-                return;
-            }
-            Ok(None) => return,
-            Err(FrameError::Protocol(p)) => {
-                on_violation(&conn, &p);
-                return;
-            }
-            Err(_) => return,
-        };
+                Err(FrameError::Deadline(after)) => {
+                    frame_too_slow(&shared, &conn, "chunk", after);
+                    return;
+                }
+                Err(_) => return,
+            };
         if shared.is_over() {
             return;
         }

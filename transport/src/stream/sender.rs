@@ -684,6 +684,7 @@ fn frame_end(e: FrameError, peer: NodeId, conn: &Connection) -> PathEnd {
         }
         FrameError::Connection(c) => classify(&c, peer),
         FrameError::Stream(s) => PathEnd::Dead(s),
+        FrameError::Deadline(d) => PathEnd::Dead(format!("frame not whole within {d:?}")),
     }
 }
 
