@@ -105,10 +105,14 @@ struct Pair {
     next_stream: u64,
 }
 
-async fn pair(ca: &ClusterCa, mtu: u16, tag: u8) -> Pair {
+/// Two nodes whose datagrams start at `mtu` bytes and grow by discovery up to
+/// `ceiling` (`None`: the default ceiling).
+async fn pair(ca: &ClusterCa, mtu: u16, ceiling: Option<u16>, tag: u8) -> Pair {
+    let defaults = NetworkConfig::default();
     let mut cfg = NetworkConfig {
         mtu,
-        ..NetworkConfig::default()
+        mtu_ceiling: ceiling.unwrap_or(defaults.mtu_ceiling),
+        ..defaults
     };
     // `--byte-budget-mib N`: the byte stream's in-flight budget, to tune it.
     let args: Vec<String> = std::env::args().collect();
@@ -238,19 +242,33 @@ async fn main() {
 
     let mut results = Vec::new();
     let mut bytes_two_jumbo = 0.0;
-    let mtus: &[(u8, u16)] = if limited_only {
+    // Each MTU fixed (the ceiling at the MTU), then the default settings: the
+    // default MTU, discovery up to the default ceiling (on loopback it finds
+    // the ceiling).
+    let defaults = NetworkConfig::default();
+    let mtus: &[(u8, u16, Option<u16>)] = if limited_only {
         &[]
     } else {
-        &[(1, DEFAULT_MTU), (2, JUMBO_MTU)]
+        &[
+            (1, DEFAULT_MTU, Some(DEFAULT_MTU)),
+            (2, JUMBO_MTU, Some(JUMBO_MTU)),
+            (4, defaults.mtu, None),
+        ]
     };
-    for &(tag, mtu) in mtus {
-        let mut p = pair(&ca, mtu, tag).await;
+    for &(tag, mtu, ceiling) in mtus {
+        let mut p = pair(&ca, mtu, ceiling, tag).await;
         let targets = p.dst.local_addrs();
-        println!("page stream, MTU {mtu}:");
+        match ceiling {
+            Some(_) => println!("page stream, MTU {mtu}:"),
+            None => println!(
+                "page stream, default settings (MTU {mtu}, discovery up to {}):",
+                defaults.mtu_ceiling
+            ),
+        }
         let one = stream(&mut p, &targets[..1], direct_bytes).await;
         let two = stream(&mut p, &targets, direct_bytes).await;
         results.push((mtu, one, two));
-        if mtu == JUMBO_MTU {
+        if mtu == JUMBO_MTU && ceiling.is_some() {
             println!("byte stream (Unix socket to Unix socket), MTU {mtu}:");
             bytes_two_jumbo = byte_stream(&mut p, &targets, direct_bytes).await;
         }
@@ -260,7 +278,7 @@ async fn main() {
     // `--mtu-sweep`: one path at several MTUs, to choose the defaults.
     if std::env::args().any(|a| a == "--mtu-sweep") {
         for (i, mtu) in [1452u16, 4000, 6000, 7000, 8952].into_iter().enumerate() {
-            let mut p = pair(&ca, mtu, 10 + i as u8).await;
+            let mut p = pair(&ca, mtu, Some(mtu), 10 + i as u8).await;
             let targets = p.dst.local_addrs();
             println!("MTU {mtu}:");
             stream(&mut p, &targets[..1], direct_bytes).await;
@@ -271,11 +289,12 @@ async fn main() {
 
     let (_, one_default, two_default) = results.first().copied().unwrap_or_default();
     let (_, one_jumbo, two_jumbo) = results.get(1).copied().unwrap_or_default();
+    let (_, one_settings, two_settings) = results.get(2).copied().unwrap_or_default();
 
     // Rate-limited links: one proxy per network, each limited to `rate`.
     let rate_mib = 40u64;
     let limited_bytes: u64 = if quick { 48 << 20 } else { 160 << 20 };
-    let mut p = pair(&ca, JUMBO_MTU, 3).await;
+    let mut p = pair(&ca, JUMBO_MTU, Some(JUMBO_MTU), 3).await;
     let mut links = Vec::new();
     for (i, a) in p.dst.local_addrs().into_iter().enumerate() {
         let l = LinkProxy::start(
@@ -310,6 +329,12 @@ async fn main() {
         two_default / tcp
     );
     println!(
+        "default settings (MTU {DEFAULT_MTU} discovering up to {}) / TCP: {:.2} one path, {:.2} two paths",
+        defaults.mtu_ceiling,
+        one_settings / tcp,
+        two_settings / tcp
+    );
+    println!(
         "byte stream, two paths / TCP: {:.2} (jumbo)",
         bytes_two_jumbo / tcp
     );
@@ -324,10 +349,12 @@ async fn main() {
     println!(
         "tcp_mibps={tcp:.0} one_path_mibps={one_jumbo:.0} two_paths_mibps={two_jumbo:.0} \
          one_path_default_mtu_mibps={one_default:.0} two_paths_default_mtu_mibps={two_default:.0} \
+         one_path_default_settings_mibps={one_settings:.0} default_settings_vs_tcp={:.2} \
          one_path_vs_tcp={:.2} two_paths_vs_tcp={:.2} limited_link_mibps={rate_mib} \
          limited_one_path_mibps={one_limited:.1} limited_two_paths_mibps={two_limited:.1} \
          limited_two_vs_one={limited_ratio:.2} byte_stream_two_paths_mibps={bytes_two_jumbo:.0} \
          byte_stream_vs_tcp={:.2}",
+        one_settings / tcp,
         one_jumbo / tcp,
         two_jumbo / tcp,
         bytes_two_jumbo / tcp

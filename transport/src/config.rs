@@ -97,9 +97,17 @@ impl Default for PageStreamConfig {
 /// Settings of one node's transport.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NetworkConfig {
-    /// Initial and largest UDP payload on every network without a [`SubnetMtu`] entry.
-    /// If a larger datagram is lost repeatedly, quinn falls back to 1200.
+    /// Initial UDP payload on every network without a [`SubnetMtu`] entry. Each
+    /// connection then probes upward to [`mtu_ceiling`](Self::mtu_ceiling); if a
+    /// larger datagram is lost repeatedly, quinn falls back to 1200.
     pub mtu: u16,
+    /// Largest UDP payload a connection's MTU discovery probes for (RFC 8899),
+    /// on every network: a jumbo-frame network (or loopback) is used as one
+    /// without an entry in [`network_mtu`](Self::network_mtu). Probes the path
+    /// cannot carry are lost or refused locally and cost only themselves. At or
+    /// below a network's MTU, that MTU is also its largest.
+    #[serde(default = "default_mtu_ceiling")]
+    pub mtu_ceiling: u16,
     /// Per-network MTUs (migration networks often run jumbo frames, see [`JUMBO_MTU`]).
     pub network_mtu: Vec<SubnetMtu>,
     /// Requested SO_SNDBUF / SO_RCVBUF. The kernel caps it at `net.core.[rw]mem_max`
@@ -141,10 +149,15 @@ pub struct NetworkConfig {
     pub hello_without_range: bool,
 }
 
+fn default_mtu_ceiling() -> u16 {
+    JUMBO_MTU
+}
+
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             mtu: DEFAULT_MTU,
+            mtu_ceiling: default_mtu_ceiling(),
             network_mtu: Vec::new(),
             socket_buffer_bytes: 8 << 20,
             idle_timeout: Duration::from_millis(1500),
@@ -186,7 +199,12 @@ impl NetworkConfig {
         }
     }
 
-    /// The MTU used by the endpoint bound to `ip`.
+    /// The largest UDP payload MTU discovery probes for on the network of `ip`.
+    pub fn mtu_ceiling_for(&self, ip: IpAddr) -> u16 {
+        self.mtu_ceiling.max(self.mtu_for(ip))
+    }
+
+    /// The MTU the endpoint bound to `ip` starts from.
     pub fn mtu_for(&self, ip: IpAddr) -> u16 {
         let mut best: Option<(u8, u16)> = None;
         for rule in &self.network_mtu {

@@ -28,25 +28,23 @@ pub(crate) struct LocalEndpoint {
 /// a larger batch (EMSGSIZE) and quinn then stops using GSO altogether.
 const GSO_MAX_BYTES: usize = 65_000;
 
-/// A UDP socket that tells quinn to batch no more datagrams per send than fit in
-/// [`GSO_MAX_BYTES`] at the network's MTU. quinn batches up to 10 whatever the size,
-/// which at MTUs above ~6400 exceeds what one send may carry; capping the batch keeps
-/// segmentation offload, and with it the gain of a larger MTU, at every MTU.
+/// A UDP socket that hands the kernel no segmentation-offload batch larger than
+/// [`GSO_MAX_BYTES`]. quinn batches up to 10 datagrams whatever their size, which
+/// at MTUs above ~6400 exceeds what one send may carry: the kernel refuses it and
+/// quinn turns offload off for good. A larger batch is sent as several; the batch
+/// size cannot be fixed up front, since a connection's MTU grows by discovery.
 #[derive(Debug)]
 struct SegmentCapped {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
-    max_segments: usize,
 }
 
-impl SegmentCapped {
-    fn new(inner: Arc<dyn quinn::AsyncUdpSocket>, mtu: u16) -> Self {
-        let fit = (GSO_MAX_BYTES / usize::from(mtu.max(MIN_MTU))).max(1);
-        let max_segments = inner.max_transmit_segments().min(fit);
-        SegmentCapped {
-            inner,
-            max_segments,
-        }
-    }
+/// The parts of a batch of `len` bytes in `segment`-byte datagrams that each
+/// fit in [`GSO_MAX_BYTES`]: `(start, end)` byte ranges, whole datagrams each.
+fn gso_parts(len: usize, segment: usize) -> impl Iterator<Item = (usize, usize)> {
+    let per_part = (GSO_MAX_BYTES / segment.max(1)).max(1) * segment.max(1);
+    (0..len)
+        .step_by(per_part)
+        .map(move |start| (start, (start + per_part).min(len)))
 }
 
 impl quinn::AsyncUdpSocket for SegmentCapped {
@@ -55,7 +53,29 @@ impl quinn::AsyncUdpSocket for SegmentCapped {
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.inner.try_send(transmit)
+        let segment = match transmit.segment_size {
+            Some(segment) if transmit.contents.len() > GSO_MAX_BYTES => segment,
+            _ => return self.inner.try_send(transmit),
+        };
+        for (i, (start, end)) in gso_parts(transmit.contents.len(), segment).enumerate() {
+            let part = quinn::udp::Transmit {
+                contents: &transmit.contents[start..end],
+                segment_size: (end - start > segment).then_some(segment),
+                ..*transmit
+            };
+            match self.inner.try_send(&part) {
+                Ok(()) => {}
+                // Nothing sent yet: quinn waits for the socket and tries again.
+                Err(e) if i == 0 => return Err(e),
+                // Part of the batch is out: the rest counts as lost on the way
+                // (QUIC resends it) rather than sending the first part twice.
+                Err(e) => {
+                    tracing::debug!(error = %e, "rest of a segmentation-offload batch dropped");
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn poll_recv(
@@ -72,7 +92,7 @@ impl quinn::AsyncUdpSocket for SegmentCapped {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.max_segments
+        self.inner.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
@@ -105,10 +125,12 @@ fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSoc
     Ok(socket.into())
 }
 
-/// QUIC settings for bulk transfer on a network with the given MTU.
+/// QUIC settings for bulk transfer on a network whose datagrams start at `mtu`
+/// bytes and may grow by discovery up to `ceiling`.
 pub(crate) fn transport_config(
     cfg: &NetworkConfig,
     mtu: u16,
+    ceiling: u16,
     idle: Duration,
     keepalive: Duration,
 ) -> TransportConfig {
@@ -116,10 +138,13 @@ pub(crate) fn transport_config(
     let mtu = mtu.max(MIN_MTU);
     t.initial_mtu(mtu);
     t.min_mtu(MIN_MTU);
-    // Probe no higher than the operator said the network carries; quinn's black-hole
-    // detection still falls back to MIN_MTU if `mtu` turns out to be too large.
+    // Each connection probes upward from `mtu` (RFC 8899: padded probes, a lost
+    // one costs nothing but itself; one the local interface cannot carry fails
+    // at once with EMSGSIZE), so a jumbo-frame network is used as one without
+    // being configured as one. Quinn's black-hole detection falls back to
+    // MIN_MTU if a size that worked stops working.
     let mut disc = MtuDiscoveryConfig::default();
-    disc.upper_bound(mtu);
+    disc.upper_bound(ceiling.max(mtu));
     t.mtu_discovery_config(Some(disc));
     t.max_idle_timeout(IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some(keepalive));
@@ -146,28 +171,30 @@ pub(crate) fn bind(
     tls: &TlsConfigs,
 ) -> Result<LocalEndpoint, TransportError> {
     let mtu = cfg.mtu_for(addr.ip());
+    let ceiling = cfg.mtu_ceiling_for(addr.ip());
     let socket = bind_udp(addr, cfg.socket_buffer_bytes)
         .map_err(|source| TransportError::Bind { addr, source })?;
     let mut server = quinn::ServerConfig::with_crypto(tls.server.clone());
     server.transport_config(Arc::new(transport_config(
         cfg,
         mtu,
+        ceiling,
         cfg.idle_timeout,
         cfg.keepalive_interval,
     )));
     // Quinn accepts (and tells peers it accepts) only 1472-byte datagrams by default,
-    // which would silently cap every larger MTU: accept what this network carries.
+    // which would silently cap every larger MTU: accept what discovery may reach.
     let mut endpoint_config = quinn::EndpointConfig::default();
     endpoint_config
-        .max_udp_payload_size(mtu.max(MIN_MTU))
-        .map_err(|e| TransportError::Config(format!("MTU {mtu}: {e}")))?;
+        .max_udp_payload_size(ceiling)
+        .map_err(|e| TransportError::Config(format!("MTU {ceiling}: {e}")))?;
     let runtime = Arc::new(quinn::TokioRuntime);
     let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)
         .map_err(|source| TransportError::Bind { addr, source })?;
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         Some(server),
-        Arc::new(SegmentCapped::new(socket, mtu)),
+        Arc::new(SegmentCapped { inner: socket }),
         runtime,
     )
     .map_err(|source| TransportError::Bind { addr, source })?;
@@ -179,12 +206,13 @@ pub(crate) fn bind(
     rpc_client.transport_config(Arc::new(transport_config(
         cfg,
         mtu,
+        ceiling,
         cfg.idle_timeout,
         cfg.keepalive_interval,
     )));
     let ps = &cfg.page_stream;
     let mut stream_transport =
-        transport_config(cfg, mtu, ps.path_dead_after, ps.heartbeat_interval);
+        transport_config(cfg, mtu, ceiling, ps.path_dead_after, ps.heartbeat_interval);
     // Bulk one-way data: ask the receiver to acknowledge every 8th packet instead of
     // every 2nd, which saves both sides a good share of per-packet work.
     let mut ack = AckFrequencyConfig::default();
@@ -198,4 +226,23 @@ pub(crate) fn bind(
         rpc_client,
         stream_client,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_split_into_whole_datagrams_that_fit_one_send() {
+        // Ten jumbo datagrams (89 520 bytes) go as 7 + 3.
+        let parts: Vec<_> = gso_parts(10 * 8952, 8952).collect();
+        assert_eq!(parts, vec![(0, 7 * 8952), (7 * 8952, 10 * 8952)]);
+        // A short last datagram stays in the last part.
+        let parts: Vec<_> = gso_parts(9 * 8952 + 100, 8952).collect();
+        assert_eq!(parts, vec![(0, 7 * 8952), (7 * 8952, 9 * 8952 + 100)]);
+        for (start, end) in gso_parts(10 * 1452, 1452) {
+            assert!(end - start <= GSO_MAX_BYTES);
+        }
+        assert_eq!(gso_parts(10 * 1452, 1452).count(), 1);
+    }
 }

@@ -430,6 +430,7 @@ pub fn client_config(
     client.transport_config(Arc::new(crate::endpoint::transport_config(
         cfg,
         cfg.mtu,
+        cfg.mtu_ceiling.max(cfg.mtu),
         cfg.idle_timeout,
         cfg.keepalive_interval,
     )));

@@ -113,6 +113,54 @@ async fn one_gib_over_two_paths_arrives_intact() {
     }
 }
 
+/// The default settings start at the 1500-byte-Ethernet MTU and discover what
+/// the path carries: on loopback, the jumbo ceiling. A ceiling at the MTU keeps
+/// datagrams at the MTU. Both streams arrive intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_settings_discover_a_larger_mtu_and_a_ceiling_holds() {
+    const PAGES: u64 = 16 * 1024;
+    let defaults = NetworkConfig::default();
+    assert!(defaults.mtu < defaults.mtu_ceiling);
+    let fixed = NetworkConfig {
+        mtu_ceiling: defaults.mtu,
+        ..NetworkConfig::default()
+    };
+    for (cfg, want) in [
+        (defaults.clone(), defaults.mtu_ceiling),
+        (fixed, defaults.mtu),
+    ] {
+        let (src, dst) = pair(cfg).await;
+        let sink = CheckingSink::new(PAGES);
+        let rx = dst.accept_page_stream(3, 1, sink.clone()).unwrap();
+        let tx = src
+            .open_page_stream(2, &dst.local_addrs()[..1], 3)
+            .await
+            .unwrap();
+        send_range(&tx, 0, 0, PAGES).await;
+        tx.barrier(0).await.unwrap();
+        // Discovery runs alongside the data: wait for its result, not a time.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mtu = loop {
+            let mtu = tx.stats().paths[0].mtu;
+            if mtu == Some(want) || Instant::now() > deadline {
+                break mtu;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(mtu, Some(want));
+        let last = tx.finish().await.unwrap();
+        rx.wait().await.unwrap();
+        for p in 0..PAGES {
+            assert_eq!(sink.round_of(p), 1, "page {p}");
+        }
+        sink.assert_clean();
+        // Never above the ceiling, even after the whole stream.
+        assert!(last.paths[0].mtu.is_none_or(|m| m <= want), "{last:?}");
+        src.shutdown().await;
+        dst.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scattered_pages_travel_in_full_listed_chunks() {
     const PAGES: u64 = 64 * 1024;

@@ -42,6 +42,9 @@ pub struct PathStats {
     pub times_up: u64,
     pub times_down: u64,
     pub last_error: Option<String>,
+    /// The path's datagram size now (UDP payload), as MTU discovery left it;
+    /// `None` while the path has no connection.
+    pub mtu: Option<u16>,
 }
 
 /// A snapshot of a sender.
@@ -524,6 +527,7 @@ impl PageStreamSender {
                         times_up: c.times_up,
                         times_down: c.times_down,
                         last_error: p.last_error.clone(),
+                        mtu: p.conn.as_ref().map(|c| c.stats().path.current_mtu),
                     }
                 })
                 .collect(),
