@@ -37,7 +37,7 @@
 //! 17: the estimate within ±30 % of the actual total.
 //!
 //! It ends with the issues' acceptance checks, each OK or FAIL with its
-//! numbers, and a `summary: key=value ...` line.
+//! numbers, and a last line of `key=value` pairs only (the summary).
 //!
 //! `cargo run --release --example migration_bench`
 //! (`FERRY_BENCH_REPS=N` for N repetitions of each 1 GiB row,
@@ -309,6 +309,9 @@ struct Sample {
     setup: Duration,
     /// Round 0's rate, bytes/s.
     round_0_rate: f64,
+    /// The dirty rounds' rate (rounds after round 0 together, before the
+    /// blackout), bytes/s; `None` with no dirty round.
+    dirty_rate: Option<f64>,
     /// What the estimate taken just before the move predicted, and from what.
     estimate: Estimate,
     measured: Measurements,
@@ -380,6 +383,12 @@ fn sample_of(
             .saturating_sub(report.blackout)
             .saturating_sub(report.rounds.iter().map(|r| r.elapsed).sum()),
         round_0_rate: report.rounds[0].bytes as f64 / report.rounds[0].elapsed.as_secs_f64(),
+        dirty_rate: {
+            let dirty = &report.rounds[1..];
+            let bytes: u64 = dirty.iter().map(|r| r.bytes).sum();
+            let secs: f64 = dirty.iter().map(|r| r.elapsed.as_secs_f64()).sum();
+            (bytes > 0 && secs > 0.0).then(|| bytes as f64 / secs)
+        },
     }
 }
 
@@ -425,6 +434,8 @@ struct RowStats {
     progress_min: f64,
     setup_p50_ms: f64,
     round_0_mib_s_p50: f64,
+    /// The dirty rounds' rate p50 over the repetitions that had any.
+    dirty_mib_s_p50: Option<f64>,
     /// Estimated total p50, and estimate / actual per repetition.
     estimate_p50_ms: f64,
     estimate_ratios: Vec<f64>,
@@ -469,6 +480,14 @@ impl RowStats {
                 .iter()
                 .map(|s| s.round_0_rate / MIB as f64)
                 .collect()),
+            dirty_mib_s_p50: {
+                let rates: Vec<f64> = samples
+                    .iter()
+                    .filter_map(|s| s.dirty_rate)
+                    .map(|r| r / MIB as f64)
+                    .collect();
+                (!rates.is_empty()).then(|| p50(rates))
+            },
             estimate_p50_ms: p50(samples
                 .iter()
                 .map(|s| s.estimate.total.as_secs_f64() * 1e3)
@@ -522,6 +541,9 @@ impl RowStats {
             self.progress_p50,
             self.progress_min
         );
+        if let Some(rate) = self.dirty_mib_s_p50 {
+            println!("    dirty rounds at {rate:.0} MiB/s (p50)");
+        }
     }
 
     fn summary(&self) -> String {
@@ -706,8 +728,48 @@ fn checks(rows: &[RowStats], tcp: f64) -> Vec<Check> {
             ),
         });
     }
+    checks.extend(scattered_check(rows));
     checks.extend(rows.iter().map(estimate_check));
     checks
+}
+
+/// The 1 GiB row at 128 MiB/s of scattered writes and its sequential twin.
+fn scattered_and_contiguous(rows: &[RowStats]) -> Option<(&RowStats, &RowStats)> {
+    let at_128 = |pattern: Pattern| {
+        rows.iter()
+            .find(|r| r.memory_mib == 1024 && r.rate_mib == 128 && r.pattern == pattern && !r.kvm)
+    };
+    Some((at_128(Pattern::Uniform)?, at_128(Pattern::Sequential)?))
+}
+
+/// Issue 14: a dirty round of uniformly scattered pages moves at half the
+/// rate of a contiguous one or better.
+fn scattered_check(rows: &[RowStats]) -> Option<Check> {
+    let (scattered, contiguous) = scattered_and_contiguous(rows)?;
+    let (s, c) = (scattered.dirty_mib_s_p50?, contiguous.dirty_mib_s_p50?);
+    Some(Check {
+        ok: s >= 0.5 * c,
+        text: format!(
+            "dirty rounds of scattered pages >= 0.5 x the rate of contiguous ones: {s:.0} MiB/s vs {c:.0} MiB/s = {:.2}",
+            s / c
+        ),
+    })
+}
+
+/// Blackout p50 (of the rows' p50s) and max over the 1 GiB simulated rows, all
+/// at the default settings.
+fn blackouts(rows: &[RowStats]) -> (f64, f64) {
+    let gib: Vec<&RowStats> = rows
+        .iter()
+        .filter(|r| r.memory_mib == 1024 && !r.kvm)
+        .collect();
+    if gib.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    (
+        p50(gib.iter().map(|r| r.blackout_p50_ms).collect()),
+        gib.iter().map(|r| r.blackout_max_ms).fold(0.0, f64::max),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -809,12 +871,27 @@ fn main() {
         check.print();
     }
 
+    let (blackout_p50, blackout_max) = blackouts(&rows);
     let mut summary = format!(
-        "summary: tcp_mib_s={:.0} tls_mib_s={:.0} tls_suite={suite} stream_mib_s={:.0}",
+        "tcp_mib_s={:.0} tls_mib_s={:.0} tls_suite={suite} stream_mib_s={:.0} \
+         stream_vs_tcp={:.2} tls_vs_tcp={:.2} blackout_p50_ms={blackout_p50:.1} \
+         blackout_max_ms={blackout_max:.1}",
         mib(tcp),
         mib(tls),
-        mib(stream)
+        mib(stream),
+        stream / tcp,
+        tls / tcp
     );
+    if let Some((s, c)) = scattered_and_contiguous(&rows) {
+        if let (Some(s), Some(c)) = (s.dirty_mib_s_p50, c.dirty_mib_s_p50) {
+            write!(
+                summary,
+                " dirty_mib_s_scattered={s:.0} dirty_mib_s_contiguous={c:.0} scattered_vs_contiguous={:.2}",
+                s / c
+            )
+            .unwrap();
+        }
+    }
     for row in rows.iter().chain(kvm.as_ref().ok()) {
         summary.push_str(&row.summary());
     }
