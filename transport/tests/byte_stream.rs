@@ -1,5 +1,6 @@
 //! The byte stream (a QEMU migration stream's carrier) through the public API: 64 MiB
-//! in odd-sized pieces over two networks, one network cut mid-stream, both cut, a
+//! in odd-sized pieces over two networks, one network cut mid-stream, a hedged
+//! switchover past a silently dead network, both cut, a
 //! slow consumer, cancels from either side, and the Unix-socket pumps (a burst
 //! followed by silence, a dead output), each checked byte for byte against the
 //! sequence written.
@@ -252,6 +253,60 @@ async fn a_network_cut_mid_stream_loses_nothing() {
     );
     assert!(sent.chunks_resent > 0, "what the cut path lost went again");
     assert!(sent.page.paths[1].bytes_acked > sent.page.paths[0].bytes_acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_switchover_does_not_wait_for_a_silently_dead_network() {
+    const BEFORE: u64 = 8 * MIB;
+    const TOTAL: u64 = 9 * MIB;
+    let (src, dst) = pair(NetworkConfig::loopback()).await;
+    let links = proxies(&dst).await;
+    let targets: Vec<_> = links.iter().map(|l| l.local_addr()).collect();
+    let mut rx = dst.accept_byte_stream(4, 1).unwrap();
+    let mut tx = src.open_byte_stream(2, &targets, 4).await.unwrap();
+    wait_until(LONG, "both paths up", || {
+        tx.stats().page.paths.iter().all(|p| p.alive)
+    })
+    .await;
+    let reader = tokio::spawn(async move {
+        let n = consume(&mut rx, 9).await;
+        (n, rx.finished().await)
+    });
+    let mut p = Pattern::new(9);
+    tx.write(&p.next(BEFORE as usize)).await.unwrap();
+    tx.flush().await.unwrap();
+    wait_until(LONG, "network 1's link carried pages", || {
+        links[0].stats().forwarded_bytes > MIB
+    })
+    .await;
+    // The switchover: network 1 has just died, silently; the engine, holding only
+    // a canceller (a pump owns the sender), turns hedging on for the last state.
+    links[0].cut();
+    let cut_at = Instant::now();
+    tx.canceller().hedge(true);
+    tx.write(&p.next((TOTAL - BEFORE) as usize)).await.unwrap();
+    let sent = tx.finish().await.unwrap();
+    let switchover = cut_at.elapsed();
+    let (read, done) = reader.await.unwrap();
+    assert_eq!(read.unwrap(), TOTAL);
+    assert_eq!(done.unwrap().bytes_delivered, TOTAL);
+    assert_eq!(sent.bytes, TOTAL);
+    let dead_after = src.config().page_stream.path_dead_after;
+    println!(
+        "hedged switchover with network 1 silently dead: finished {switchover:?} after the \
+         cut (dead-path deadline {dead_after:?}); paths (sent, hedged, resent): {:?}",
+        sent.page
+            .paths
+            .iter()
+            .map(|p| (p.chunks_sent, p.chunks_hedged, p.chunks_resent))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        sent.page.paths[1].chunks_hedged > 0,
+        "{:?}",
+        sent.page.paths
+    );
+    assert!(switchover < dead_after, "{switchover:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! The multipath page stream through the public API: a GiB over two paths, a path cut
-//! half-way, both paths cut, a cut path rejoining, and the stream's control flow
+//! half-way, both paths cut, a cut path rejoining, hedging through a blackout whose
+//! path died silently, and the stream's control flow
 //! (barrier, zero pages, cancel, sink failure, unknown stream).
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +14,8 @@ use bytes::Bytes;
 use common::{addr, pages, send_scattered, start_node, wait_until, CheckingSink, ZERO};
 use ferry_chaos::proxy::LinkProxy;
 use ferry_transport::{
-    ClusterCa, NetworkConfig, PageStreamError, PageStreamSender, RpcError, RpcNode, PAGE_SIZE,
+    ClusterCa, NetworkConfig, PageStreamConfig, PageStreamError, PageStreamSender, RpcError,
+    RpcNode, PAGE_SIZE,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -455,6 +457,99 @@ async fn a_cut_path_rejoins_when_restored() {
     assert!(stats.paths[0].times_up >= 2, "{:?}", stats.paths[0]);
     assert!(rx.stats().path_connections >= 3);
     sink.assert_all(0..PAGES, last_round);
+}
+
+/// What a blackout with a silently dead path cost (see the test below).
+struct Blackout {
+    /// From the cut to the last batch's barrier completing.
+    barrier: Duration,
+    /// Chunks the dead path took from the queue after the cut (lost with it; its
+    /// copies of the survivor's chunks are not counted).
+    lost_on_dead_path: u64,
+    hedged_on_survivor: u64,
+    cfg: PageStreamConfig,
+}
+
+/// A migration's last round over two paths, the first of which has just died
+/// silently (its proxy blackholes everything; nothing has noticed yet): the guest's
+/// memory goes as round 0, then path 0 is cut, hedging is set to `hedge`, and the
+/// blackout's dirty pages go as round 1 and are waited for with a barrier.
+async fn blackout_with_a_silent_path(hedge: bool) -> Blackout {
+    const PAGES: u64 = 4096;
+    const DIRTY: u64 = 1024;
+    let mut cfg = NetworkConfig::loopback();
+    cfg.page_stream.connections_per_network = 1;
+    // Windows of four chunks: however quickly path 1 gets its acknowledgements, it
+    // cannot take the whole last round before path 0 takes its share.
+    cfg.page_stream.path_window_bytes = 4 * cfg.page_stream.chunk_pages as usize * PAGE_SIZE;
+    let (src, dst) = pair(cfg).await;
+    let links = proxies(&dst).await;
+    let sink = CheckingSink::new(PAGES);
+    let rx = dst.accept_page_stream(12, 1, sink.clone()).unwrap();
+    let targets: Vec<_> = links.iter().map(|l| l.local_addr()).collect();
+    let tx = src.open_page_stream(2, &targets, 12).await.unwrap();
+    wait_until(LONG, "both paths up", || {
+        tx.stats().paths.iter().all(|p| p.alive)
+    })
+    .await;
+    send_range(&tx, 0, 0, PAGES).await;
+    tx.barrier(0).await.unwrap();
+    let sent_on_0 = tx.stats().paths[0].chunks_sent;
+
+    links[0].cut();
+    let cut_at = Instant::now();
+    tx.hedge(hedge);
+    send_range(&tx, 1, 0, DIRTY).await;
+    tx.barrier(1).await.unwrap();
+    let barrier = cut_at.elapsed();
+
+    let stats = tx.finish().await.unwrap();
+    rx.wait().await.unwrap();
+    sink.assert_all(0..DIRTY, 1);
+    sink.assert_all(DIRTY..PAGES, 0);
+    let out = Blackout {
+        barrier,
+        lost_on_dead_path: stats.paths[0].chunks_sent - stats.paths[0].chunks_hedged - sent_on_0,
+        hedged_on_survivor: stats.paths[1].chunks_hedged,
+        cfg: src.config().page_stream.clone(),
+    };
+    println!(
+        "blackout with path 0 silently dead, hedging {hedge}: barrier after {barrier:?}; \
+         chunks lost on path 0 {}, hedged on path 1 {}, resent on path 1 {}",
+        out.lost_on_dead_path, out.hedged_on_survivor, stats.paths[1].chunks_resent
+    );
+    src.shutdown().await;
+    dst.shutdown().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedging_keeps_a_silently_dead_path_out_of_the_blackout() {
+    // Without hedging, the chunks the dead path took wait for it to be declared
+    // dead: the barrier takes the dead-path deadline (less at most one heartbeat,
+    // the path's last sign of life may precede the cut by that much).
+    let plain = blackout_with_a_silent_path(false).await;
+    assert!(
+        plain.lost_on_dead_path > 0,
+        "path 0 took none of the last round"
+    );
+    let deadline = plain.cfg.path_dead_after - plain.cfg.heartbeat_interval;
+    assert!(plain.barrier >= deadline, "{:?}", plain.barrier);
+    assert_eq!(plain.hedged_on_survivor, 0);
+
+    // With hedging, path 1 carries a copy of each of them at once.
+    let hedged = blackout_with_a_silent_path(true).await;
+    assert!(
+        hedged.lost_on_dead_path > 0,
+        "path 0 took none of the last round"
+    );
+    assert!(hedged.hedged_on_survivor >= hedged.lost_on_dead_path);
+    assert!(
+        hedged.barrier < Duration::from_millis(150),
+        "{:?} (without hedging {:?})",
+        hedged.barrier,
+        plain.barrier
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

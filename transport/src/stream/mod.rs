@@ -11,7 +11,7 @@
 //! handling the "prepare" RPC of a migration), then the source calls `open_page_stream`.
 //!
 //! The decisions live in I/O-free modules: [`scheduler`] (which chunk on which path,
-//! what to resend, budget, barriers), [`pacer`] (the bandwidth cap) and [`versions`]
+//! what to resend, what to copy while hedging, budget, barriers), [`pacer`] (the bandwidth cap) and [`versions`]
 //! (which copy of a page wins). The
 //! async code in `sender.rs` and `receiver.rs` only moves bytes and time.
 //!

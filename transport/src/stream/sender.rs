@@ -2,7 +2,8 @@
 //! writer, a control writer sending pings, and a control reader taking acks), plus a
 //! watchdog that drops silent paths and fails the stream when no path has been up for
 //! `fail_after`. All decisions are made by the [`Scheduler`] under one lock; the tasks
-//! wait on a `Notify` that fires whenever its state changes.
+//! wait on a `Notify` that fires whenever its state changes (while hedging, also
+//! whenever a path takes a chunk, which the others may then copy).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -14,7 +15,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 use super::pacer::Pacer;
-use super::scheduler::{Chunk, PathId, Scheduler};
+use super::scheduler::{Chunk, PathId, Scheduler, MAX_PATHS};
 use crate::config::PageStreamConfig;
 use crate::error::{PageStreamError, RpcError};
 use crate::framing::{read_frame, write_bytes, write_chunks, FrameError};
@@ -38,6 +39,9 @@ pub struct PathStats {
     pub chunks_acked: u64,
     /// Chunks this path carried after another path lost them.
     pub chunks_resent: u64,
+    /// Copies this path carried of chunks in flight on another (while hedging,
+    /// see [`PageStreamSender::hedge`]).
+    pub chunks_hedged: u64,
     pub inflight_bytes: usize,
     pub times_up: u64,
     pub times_down: u64,
@@ -240,6 +244,12 @@ impl RpcNode {
             .iter()
             .flat_map(|r| std::iter::repeat_n(*r, cfg.connections_per_network.max(1) as usize))
             .collect();
+        if paths.len() > MAX_PATHS {
+            return Err(PageStreamError::InvalidInput(format!(
+                "{} paths (networks times connections per network), at most {MAX_PATHS}",
+                paths.len()
+            )));
+        }
         let paths = &paths[..];
         let shared = Arc::new(Shared {
             stream_id,
@@ -457,6 +467,21 @@ impl PageStreamSender {
         lock(&self.shared.state).pacer.set_rate(bytes_per_sec);
     }
 
+    /// Hedging on (`true`) or off. On, every path with nothing new to send carries
+    /// a copy of each chunk still unacknowledged on the others, so that every
+    /// unacknowledged chunk is on every live path: a path that dies silently then
+    /// costs a [`barrier`](Self::barrier) nothing, where without hedging its chunks
+    /// wait for it to be declared dead (`path_dead_after`) before they go again.
+    /// Meant for a migration's blackout (guest paused, last dirty pages, barrier):
+    /// it trades bandwidth (up to one copy per path; copies are not charged to the
+    /// rate limit) for a blackout that does not depend on detecting a dead path.
+    /// The receiver applies one copy and ignores the others. Takes effect at once:
+    /// idle paths start copying now. Off, no new copies go; copies in flight stay.
+    pub fn hedge(&self, on: bool) {
+        lock(&self.shared.state).sched.set_hedging(on);
+        self.shared.changed.notify_waiters();
+    }
+
     async fn push(&self, chunk: Chunk) -> Result<(), PageStreamError> {
         let cost = chunk.cost();
         let at = lock(&self.shared.state).pacer.admit(Instant::now(), cost);
@@ -523,6 +548,7 @@ impl PageStreamSender {
                         chunks_sent: c.sent_chunks,
                         chunks_acked: c.acked_chunks,
                         chunks_resent: c.resent_chunks,
+                        chunks_hedged: c.hedged_chunks,
                         inflight_bytes: c.inflight_bytes,
                         times_up: c.times_up,
                         times_down: c.times_down,
@@ -882,12 +908,17 @@ async fn chunk_writer(
                 if st.outcome.is_some() || !st.sched.is_up(path) {
                     return Some(None);
                 }
-                st.sched.next_for(path).map(Some)
+                let hedging = st.sched.hedging();
+                st.sched.next_for(path).map(|c| Some((c, hedging)))
             })
             .await;
-        let Some((seq, chunk)) = next else {
+        let Some(((seq, chunk), hedging)) = next else {
             return PathEnd::Dead("path no longer scheduled".into());
         };
+        if hedging {
+            // A chunk just went on this path: the idle ones copy it.
+            shared.changed.notify_waiters();
+        }
         let header = ChunkHeader {
             seq,
             round: chunk.round,
@@ -966,8 +997,9 @@ async fn control_reader(
             st.sched.heard(path, now);
             match msg {
                 Control::Ack { seqs } => {
+                    // The receiver acknowledges a copy on the path it came on.
                     for s in seqs {
-                        st.sched.on_ack(s, now);
+                        st.sched.on_ack_on(s, path, now);
                     }
                 }
                 Control::FinishAck => st.finish_acked = true,

@@ -38,8 +38,9 @@ pub struct ByteSenderStats {
     pub page: SenderStats,
 }
 
-/// Cancels a byte stream from another task (the stream's owner may be blocked in
-/// `write` or a pump). Does nothing once the stream is finished.
+/// Cancels a byte stream, or turns its hedging on, from another task (the stream's
+/// owner may be blocked in `write` or a pump). Does nothing once the stream is
+/// finished.
 #[derive(Clone)]
 pub struct ByteStreamCanceller {
     inner: Weak<PageStreamSender>,
@@ -51,6 +52,14 @@ impl ByteStreamCanceller {
     pub fn cancel(&self, reason: &str) {
         if let Some(s) = self.inner.upgrade() {
             s.cancel(reason);
+        }
+    }
+
+    /// [`ByteStreamSender::hedge`] while a pump owns the sender: the switchover
+    /// (the guest paused, its last state on the way) starts while the pump runs.
+    pub fn hedge(&self, on: bool) {
+        if let Some(s) = self.inner.upgrade() {
+            s.hedge(on);
         }
     }
 }
@@ -113,6 +122,14 @@ impl ByteStreamSender {
             self.inner.send_bytes(ROUND, first, pages).await?;
         }
         Ok(())
+    }
+
+    /// Hedging on or off for the page stream underneath
+    /// ([`PageStreamSender::hedge`]): every unacknowledged chunk goes on every live
+    /// path, so a path that dies silently during the switchover costs nothing. The
+    /// target's reader takes one copy of each page and ignores the others.
+    pub fn hedge(&self, on: bool) {
+        self.inner.hedge(on);
     }
 
     /// Sets the bandwidth cap of the stream, all paths together (`None`: none).

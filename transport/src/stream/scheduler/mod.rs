@@ -13,6 +13,14 @@
 //! and a dying path takes little with it. Chunks of a dead path go back to the queue
 //! and, being the lowest-numbered, are the next ones the surviving paths take. Time
 //! enters only as `Instant`s passed in by the caller.
+//!
+//! Hedging ([`set_hedging`](Scheduler::set_hedging), for a migration's blackout): a
+//! live path with nothing it may take from the queue takes a copy of the lowest
+//! unacknowledged chunk in flight on other paths but not on it, so every unacknowledged
+//! chunk ends up on every live path and a path that died silently costs nothing: its
+//! chunks are already on the survivors before anyone declares it dead. A chunk then
+//! sits on several paths at once ([`PathSet`]); it goes back to the queue only when the
+//! last path holding it dies, and its acknowledgement releases every copy.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -50,17 +58,55 @@ impl Chunk {
     }
 }
 
+/// Most paths one scheduler drives: a chunk's holders are a bitmask ([`PathSet`]).
+/// Paths numbered from here on never come up (`path_up` ignores them); the sender
+/// refuses a stream with more (networks times connections per network: a handful).
+pub const MAX_PATHS: usize = 64;
+
+/// The paths holding a copy of a chunk in flight, one bit per [`PathId`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PathSet(u64);
+
+impl PathSet {
+    fn one(path: PathId) -> PathSet {
+        PathSet(1 << path)
+    }
+
+    fn has(self, path: PathId) -> bool {
+        path < MAX_PATHS && self.0 & (1 << path) != 0
+    }
+
+    fn with(self, path: PathId) -> PathSet {
+        PathSet(self.0 | 1 << path)
+    }
+
+    fn without(self, path: PathId) -> PathSet {
+        PathSet(self.0 & !(1 << path))
+    }
+
+    fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn iter(self) -> impl Iterator<Item = PathId> {
+        (0..MAX_PATHS).filter(move |p| self.has(*p))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Where {
     Queued,
-    InFlight(PathId),
+    /// On the wire on every path of the set (never empty: the last holder's death
+    /// requeues the chunk). Several paths only while hedging.
+    InFlight(PathSet),
 }
 
 #[derive(Debug)]
 struct Entry {
     chunk: Chunk,
     at: Where,
-    /// Path that last carried it: acknowledged bytes are credited to it.
+    /// Path that last carried it: acknowledged bytes are credited to it when the
+    /// acknowledgement's path is not known.
     last_path: Option<PathId>,
 }
 
@@ -73,8 +119,12 @@ pub struct PathCounters {
     pub acked_bytes: u64,
     pub sent_chunks: u64,
     pub acked_chunks: u64,
-    /// Chunks sent on this path that had already been sent on another.
+    /// Chunks sent on this path that had already been sent on another (whose path
+    /// died: a resend from the queue).
     pub resent_chunks: u64,
+    /// Copies sent on this path of chunks still in flight on another (hedging).
+    /// Counted in `sent_chunks` too.
+    pub hedged_chunks: u64,
     pub times_up: u64,
     pub times_down: u64,
     /// Estimated delivery rate (acknowledged bytes per second); 0 until measured.
@@ -97,16 +147,22 @@ pub struct Scheduler {
     next_seq: u64,
     entries: BTreeMap<u64, Entry>,
     queue: BTreeSet<u64>,
+    /// Chunks in flight (the entries not queued): where hedged copies come from.
+    inflight: BTreeSet<u64>,
+    /// Per path: every chunk in flight below this is on that path already.
+    hedge_from: Vec<u64>,
     unacked_bytes: usize,
     unacked_by_round: BTreeMap<u32, usize>,
     paths: Vec<PathCounters>,
     pushed_bytes: u64,
     acked_bytes: u64,
+    hedging: bool,
 }
 
 impl Scheduler {
     /// `budget`: bytes queued or in flight before [`has_room`](Self::has_room) says no.
-    /// `path_window`: cap on one path's unacknowledged bytes.
+    /// `path_window`: cap on one path's unacknowledged bytes. Paths from
+    /// [`MAX_PATHS`] on are ignored (they never come up).
     pub fn new(paths: usize, budget: usize, path_window: usize) -> Scheduler {
         Scheduler {
             budget,
@@ -116,11 +172,14 @@ impl Scheduler {
             next_seq: 1,
             entries: BTreeMap::new(),
             queue: BTreeSet::new(),
+            inflight: BTreeSet::new(),
+            hedge_from: vec![0; paths.min(MAX_PATHS)],
             unacked_bytes: 0,
             unacked_by_round: BTreeMap::new(),
-            paths: vec![PathCounters::default(); paths],
+            paths: vec![PathCounters::default(); paths.min(MAX_PATHS)],
             pushed_bytes: 0,
             acked_bytes: 0,
+            hedging: false,
         }
     }
 
@@ -172,30 +231,97 @@ impl Scheduler {
         }
     }
 
+    /// Turns hedging on or off (see the module docs). Off, nothing new is copied;
+    /// copies already in flight stay until acknowledged or their path dies.
+    pub fn set_hedging(&mut self, on: bool) {
+        self.hedging = on;
+    }
+
+    pub fn hedging(&self) -> bool {
+        self.hedging
+    }
+
     /// The next chunk `path` should send, if it is up and has room in its window
-    /// — or, window or not, a chunk a dead path lost.
+    /// — or, window or not, a chunk a dead path lost — or, while hedging and with
+    /// nothing it may take from the queue, a copy of the lowest chunk in flight on
+    /// other paths only.
     ///
     /// Resends go ahead of the window: the budget already counts them, so the
     /// receiver never holds more than it allows; and a receiver that acknowledges
     /// only what its reader has taken (a byte stream, which delivers in order)
     /// leaves the surviving path's window full of chunks waiting for exactly the
-    /// ones the dead path lost. Held to the window, they would never go.
+    /// ones the dead path lost. Held to the window, they would never go. Hedged
+    /// copies go ahead of the window for the same reason (they may be the copies the
+    /// reader waits for); they are bounded by the budget instead: a path holds at
+    /// most one copy of each unacknowledged chunk, and those together are within it.
     pub fn next_for(&mut self, path: PathId) -> Option<(u64, Chunk)> {
         let window = self.window(path);
         let p = self.paths.get(path)?;
         if !p.up {
             return None;
         }
-        let seq = *self.queue.first()?;
-        let resend = self.entries.get(&seq)?.last_path.is_some();
-        if !resend && p.inflight_bytes > 0 && p.inflight_bytes >= window {
+        if let Some(&seq) = self.queue.first() {
+            let resend = self.entries.get(&seq)?.last_path.is_some();
+            if resend || p.inflight_bytes == 0 || p.inflight_bytes < window {
+                self.queue.pop_first();
+                return self.send_on(seq, path);
+            }
+        }
+        if !self.hedging {
             return None;
         }
-        self.queue.pop_first();
+        let held = p.inflight_bytes;
+        let seq = self.hedge_candidate(path)?;
+        let cost = self.entries.get(&seq)?.chunk.cost();
+        if held > 0 && held + cost > self.budget {
+            return None;
+        }
+        self.hedge_from[path] = seq + 1;
+        self.send_on(seq, path)
+    }
+
+    /// The lowest chunk in flight on other paths but not on `path`. Starts from
+    /// `hedge_from[path]`, below which every chunk in flight is on `path` already,
+    /// and moves it past what it skips: a path that holds everything costs nothing
+    /// to ask again, however many small chunks are in flight.
+    fn hedge_candidate(&mut self, path: PathId) -> Option<u64> {
+        let mut next_from = self.hedge_from[path];
+        let mut found = None;
+        for &seq in self.inflight.range(self.hedge_from[path]..) {
+            match self.entries.get(&seq).map(|e| e.at) {
+                Some(Where::InFlight(holders)) if !holders.has(path) => {
+                    found = Some(seq);
+                    break;
+                }
+                _ => next_from = seq + 1,
+            }
+        }
+        self.hedge_from[path] = next_from;
+        found
+    }
+
+    /// Puts `seq` (just taken off the queue, or in flight elsewhere: a hedged copy)
+    /// on `path`.
+    fn send_on(&mut self, seq: u64, path: PathId) -> Option<(u64, Chunk)> {
         let e = self.entries.get_mut(&seq)?;
         let cost = e.chunk.cost();
-        let resent = e.last_path.is_some();
-        e.at = Where::InFlight(path);
+        let (holders, hedged) = match e.at {
+            Where::Queued => (PathSet::one(path), false),
+            Where::InFlight(h) => (h.with(path), true),
+        };
+        let resent = !hedged && e.last_path.is_some();
+        if !hedged {
+            self.inflight.insert(seq);
+            // A chunk newly in flight is a candidate for every other path's copy.
+            // (Taking the queue first, a path never scans past a queued chunk, so
+            // this only guards that order.)
+            for (other, from) in self.hedge_from.iter_mut().enumerate() {
+                if other != path {
+                    *from = (*from).min(seq);
+                }
+            }
+        }
+        e.at = Where::InFlight(holders);
         e.last_path = Some(path);
         let p = &mut self.paths[path];
         p.inflight_bytes += cost;
@@ -204,12 +330,27 @@ impl Scheduler {
         if resent {
             p.resent_chunks += 1;
         }
+        if hedged {
+            p.hedged_chunks += 1;
+        }
         Some((seq, e.chunk.clone()))
     }
 
-    /// Records that the receiver applied chunk `seq`. Returns false for unknown or
-    /// already acknowledged chunks (duplicates after a resend).
+    /// Records that the receiver applied chunk `seq`, crediting the path that
+    /// carried it last. Returns false for unknown or already acknowledged chunks
+    /// (duplicates after a resend or a hedge).
     pub fn on_ack(&mut self, seq: u64, now: Instant) -> bool {
+        self.ack(seq, None, now)
+    }
+
+    /// [`on_ack`](Self::on_ack) for an acknowledgement that came on `path`: the
+    /// receiver acknowledges a copy on the path it came on, so that path delivered it
+    /// (with hedged copies, not necessarily the one that carried it last).
+    pub fn on_ack_on(&mut self, seq: u64, path: PathId, now: Instant) -> bool {
+        self.ack(seq, Some(path), now)
+    }
+
+    fn ack(&mut self, seq: u64, on: Option<PathId>, now: Instant) -> bool {
         let Some(e) = self.entries.remove(&seq) else {
             return false;
         };
@@ -218,9 +359,15 @@ impl Scheduler {
             Where::Queued => {
                 self.queue.remove(&seq);
             }
-            Where::InFlight(p) => self.paths[p].inflight_bytes -= cost,
+            Where::InFlight(holders) => {
+                self.inflight.remove(&seq);
+                for p in holders.iter() {
+                    self.paths[p].inflight_bytes -= cost;
+                }
+            }
         }
-        if let Some(p) = e.last_path {
+        let credit = on.filter(|p| *p < self.paths.len()).or(e.last_path);
+        if let Some(p) = credit {
             let p = &mut self.paths[p];
             p.acked_bytes += cost as u64;
             p.acked_chunks += 1;
@@ -249,7 +396,8 @@ impl Scheduler {
         true
     }
 
-    /// `path` completed its hello and may carry chunks.
+    /// `path` completed its hello and may carry chunks. Ignored for paths from
+    /// [`MAX_PATHS`] on.
     pub fn path_up(&mut self, path: PathId, now: Instant) {
         if let Some(p) = self.paths.get_mut(path) {
             if !p.up {
@@ -264,8 +412,8 @@ impl Scheduler {
         }
     }
 
-    /// `path` is dead: everything in flight on it goes back to the queue. Returns the
-    /// number of chunks requeued.
+    /// `path` is dead: its copies are gone, and every chunk no other path holds goes
+    /// back to the queue. Returns the number of chunks requeued.
     pub fn path_down(&mut self, path: PathId) -> usize {
         let Some(p) = self.paths.get_mut(path) else {
             return 0;
@@ -275,12 +423,23 @@ impl Scheduler {
             p.times_down += 1;
         }
         p.inflight_bytes = 0;
+        // Its copies are gone: every chunk in flight is a candidate again.
+        self.hedge_from[path] = 0;
         let mut requeued = 0;
         for (seq, e) in self.entries.iter_mut() {
-            if e.at == Where::InFlight(path) {
-                e.at = Where::Queued;
-                self.queue.insert(*seq);
-                requeued += 1;
+            if let Where::InFlight(holders) = e.at {
+                if !holders.has(path) {
+                    continue;
+                }
+                let rest = holders.without(path);
+                if rest.is_empty() {
+                    e.at = Where::Queued;
+                    self.inflight.remove(seq);
+                    self.queue.insert(*seq);
+                    requeued += 1;
+                } else {
+                    e.at = Where::InFlight(rest);
+                }
             }
         }
         requeued
@@ -352,209 +511,4 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chunk(round: u32, first: u64) -> Chunk {
-        Chunk {
-            round,
-            first,
-            count: 1,
-            offsets: None,
-            data: Some(Bytes::from(vec![0u8; PAGE_SIZE])),
-        }
-    }
-
-    const COST: usize = PAGE_SIZE + crate::protocol::CHUNK_HEADER_LEN;
-
-    #[test]
-    fn budget_bounds_what_is_queued() {
-        let mut s = Scheduler::new(1, 3 * COST, usize::MAX);
-        for i in 0..3 {
-            assert!(s.has_room(COST));
-            s.push(chunk(0, i));
-        }
-        assert!(!s.has_room(COST));
-        s.on_ack(1, Instant::now());
-        assert!(s.has_room(COST));
-        // A chunk larger than the whole budget still goes when the stream is empty.
-        let s = Scheduler::new(1, 10, usize::MAX);
-        assert!(s.has_room(COST));
-    }
-
-    #[test]
-    fn a_dead_paths_chunks_go_first_on_the_survivor() {
-        let t = Instant::now();
-        let mut s = Scheduler::new(2, 100 * COST, usize::MAX);
-        s.path_up(0, t);
-        s.path_up(1, t);
-        for i in 0..6 {
-            s.push(chunk(0, i));
-        }
-        let a = s.next_for(0).unwrap().0;
-        let b = s.next_for(1).unwrap().0;
-        let c = s.next_for(0).unwrap().0;
-        assert_eq!((a, b, c), (1, 2, 3));
-        assert_eq!(s.path_down(0), 2);
-        assert!(s.next_for(0).is_none());
-        // Requeued 1 and 3 come before the never-sent 4.
-        let order: Vec<u64> = std::iter::from_fn(|| s.next_for(1).map(|x| x.0)).collect();
-        assert_eq!(order, vec![1, 3, 4, 5, 6]);
-        assert_eq!(s.path(1).unwrap().resent_chunks, 2);
-        for seq in 1..=6 {
-            assert!(s.on_ack(seq, t));
-        }
-        assert!(!s.on_ack(3, t), "duplicate ack");
-        assert!(s.is_drained());
-        assert_eq!(s.path(1).unwrap().inflight_bytes, 0);
-    }
-
-    #[test]
-    fn a_dead_paths_chunks_go_past_a_full_window_on_the_survivor() {
-        let t = Instant::now();
-        // Windows of two chunks: the survivor's is full of chunks its receiver
-        // holds (a byte stream waiting for the dead path's chunks, in order).
-        let mut s = Scheduler::new(2, 100 * COST, 2 * COST);
-        s.path_up(0, t);
-        s.path_up(1, t);
-        for i in 0..6 {
-            s.push(chunk(0, i));
-        }
-        let sent: Vec<u64> = [0, 1, 0, 1]
-            .iter()
-            .map(|p| s.next_for(*p).unwrap().0)
-            .collect();
-        assert_eq!(sent, vec![1, 2, 3, 4]);
-        assert!(s.next_for(1).is_none(), "the survivor's window is full");
-        assert_eq!(s.path_down(0), 2);
-        let resent: Vec<u64> = std::iter::from_fn(|| s.next_for(1).map(|x| x.0)).collect();
-        assert_eq!(resent, vec![1, 3], "resends go, fresh chunk 5 still waits");
-        assert!(s.next_for(1).is_none());
-        s.on_ack(2, t);
-        s.on_ack(4, t);
-        s.on_ack(1, t);
-        s.on_ack(3, t);
-        assert_eq!(s.next_for(1).map(|x| x.0), Some(5));
-    }
-
-    #[test]
-    fn late_ack_for_a_requeued_chunk_removes_it_from_the_queue() {
-        let t = Instant::now();
-        let mut s = Scheduler::new(2, 100 * COST, usize::MAX);
-        s.path_up(0, t);
-        s.push(chunk(0, 0));
-        s.next_for(0).unwrap();
-        s.path_down(0);
-        assert!(s.on_ack(1, t));
-        s.path_up(1, t);
-        assert!(s.next_for(1).is_none());
-        assert_eq!(s.path(0).unwrap().acked_chunks, 1);
-    }
-
-    #[test]
-    fn barrier_tracks_rounds() {
-        let t = Instant::now();
-        let mut s = Scheduler::new(1, 100 * COST, usize::MAX);
-        s.path_up(0, t);
-        s.push(chunk(0, 0));
-        s.push(chunk(1, 0));
-        assert!(s.unacked_through(0));
-        s.on_ack(1, t);
-        assert!(!s.unacked_through(0));
-        assert!(s.unacked_through(1));
-        s.on_ack(2, t);
-        assert!(!s.unacked_through(u32::MAX));
-    }
-
-    #[test]
-    fn shares_follow_delivery_rate() {
-        // Path 0 gets one ack per tick, path 1 gets one ack every fourth tick. With
-        // equal windows, path 0 should carry about four times as much.
-        let t = Instant::now();
-        let mut s = Scheduler::new(2, 8 * COST, usize::MAX);
-        s.path_up(0, t);
-        s.path_up(1, t);
-        let mut inflight: [std::collections::VecDeque<u64>; 2] = Default::default();
-        let mut pushed = 0u64;
-        for tick in 0..4000u64 {
-            while pushed < 10_000 && s.has_room(COST) {
-                s.push(chunk(0, pushed));
-                pushed += 1;
-            }
-            for (p, queue) in inflight.iter_mut().enumerate() {
-                while let Some((seq, _)) = s.next_for(p) {
-                    queue.push_back(seq);
-                }
-            }
-            if let Some(seq) = inflight[0].pop_front() {
-                s.on_ack(seq, t);
-            }
-            if tick % 4 == 0 {
-                if let Some(seq) = inflight[1].pop_front() {
-                    s.on_ack(seq, t);
-                }
-            }
-        }
-        let a = s.path(0).unwrap().acked_chunks as f64;
-        let b = s.path(1).unwrap().acked_chunks as f64;
-        assert!((a / b - 4.0).abs() < 0.2, "ratio {}", a / b);
-    }
-
-    #[test]
-    fn adaptive_windows_follow_each_paths_delivery_rate() {
-        // 1 MiB chunks; path 0 delivers 100 MiB/s, path 1 10 MiB/s (one ack per 10 ms
-        // and per 100 ms). Windows: 100 ms of delivery plus a 2 MiB floor.
-        let mib = 1 << 20;
-        let big = |first| Chunk {
-            round: 0,
-            first,
-            count: 256,
-            offsets: None,
-            data: Some(Bytes::from(vec![0u8; mib])),
-        };
-        let t0 = Instant::now();
-        let mut s = Scheduler::new(2, 64 * mib, 32 * mib)
-            .with_adaptive_windows(2 * mib, Duration::from_millis(100));
-        s.path_up(0, t0);
-        s.path_up(1, t0);
-        let mut inflight: [std::collections::VecDeque<u64>; 2] = Default::default();
-        for ms in 0..3000u64 {
-            let now = t0 + Duration::from_millis(ms);
-            while s.has_room(mib) {
-                s.push(big(ms));
-            }
-            for (p, queue) in inflight.iter_mut().enumerate() {
-                while let Some((seq, _)) = s.next_for(p) {
-                    queue.push_back(seq);
-                }
-            }
-            if ms % 10 == 0 {
-                if let Some(seq) = inflight[0].pop_front() {
-                    s.on_ack(seq, now);
-                }
-            }
-            if ms % 100 == 0 {
-                if let Some(seq) = inflight[1].pop_front() {
-                    s.on_ack(seq, now);
-                }
-            }
-        }
-        let w0 = s.window(0) as f64 / mib as f64;
-        let w1 = s.window(1) as f64 / mib as f64;
-        assert!((10.0..=13.5).contains(&w0), "fast path window {w0} MiB");
-        assert!((2.5..=3.5).contains(&w1), "slow path window {w1} MiB");
-        let r0 = s.path(0).unwrap().rate_bytes_per_sec / mib as f64;
-        assert!((90.0..=110.0).contains(&r0), "rate {r0}");
-    }
-
-    #[test]
-    fn silence_is_detected_from_passed_in_time() {
-        let t = Instant::now();
-        let mut s = Scheduler::new(2, COST, usize::MAX);
-        s.path_up(0, t);
-        s.path_up(1, t);
-        s.heard(1, t + Duration::from_millis(250));
-        let now = t + Duration::from_millis(400);
-        assert_eq!(s.silent_paths(now, Duration::from_millis(300)), vec![0]);
-    }
-}
+mod tests;
