@@ -47,7 +47,7 @@ const BLACKOUT_SLACK: Duration = Duration::from_secs(1);
 const COMMIT_RESERVE: Duration = Duration::from_millis(300);
 /// While the guest is paused a call waits this long on one path before the
 /// same request also goes out on the next.
-const BLACKOUT_HEDGE: Duration = Duration::from_millis(120);
+const BLACKOUT_HEDGE: Duration = Duration::from_millis(30);
 /// How long a migration network of the target may take to answer a probe
 /// before the next allowed network takes its place.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -1166,6 +1166,10 @@ impl Job {
                 ),
             }
         }
+        // The guest is paused: the last pages go on every path, so a network
+        // that died silently costs the blackout nothing instead of its
+        // dead-path deadline.
+        sender.hedge(true);
         let (final_sent, _, final_bytes) = self.send_round(sender, base.round, pages, base).await?;
         let mut state = self
             .guest

@@ -130,6 +130,7 @@ impl Job {
             .await
             .map_err(|_| fail("the guest did not connect to the migration socket".into()))?
             .map_err(|e| fail(format!("accepting the guest's stream: {e}")))?;
+        let hedge = sender.canceller();
         let mut pump: JoinHandle<Result<ByteSenderStats, ByteStreamError>> =
             tokio::spawn(async move {
                 let mut connection = connection;
@@ -178,8 +179,11 @@ impl Job {
             .map_err(fail)?;
         }
 
-        // Blackout: the guest is paused at its switchover point.
+        // Blackout: the guest is paused at its switchover point. What is left
+        // of its stream goes on every path, so a network that died silently
+        // costs the blackout nothing instead of its dead-path deadline.
         let blackout = Instant::now();
+        hedge.hedge(true);
         let round = round_of(&last);
         self.node.record(|| HistoryEvent::SourcePaused {
             migration: self.migration,
