@@ -10,6 +10,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../tests/support/process.rs"]
+mod process;
 
 use common::*;
 use ferry_actors::migration::protocol::{self, GuestSpec, Reply, Request};
@@ -17,6 +19,7 @@ use ferry_actors::migration::source::MoveRequest;
 use ferry_actors::node::spec_of;
 use ferry_cluster::model::MigrationTrigger;
 use ferry_cluster::{Command, Response};
+use process::{alive_tasks, rss_bytes};
 use std::time::Duration;
 
 /// The tests of this binary run one at a time: one reads the process's
@@ -25,6 +28,41 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Begins a migration of `vm` from node 1 to node 2 in the store and waits
+/// until node 2's replica has it (it may trail the commit by a heartbeat), so
+/// a Prepare naming it is judged by its spec, not refused as unknown.
+async fn begin_seen_by_target(cluster: &TestCluster, vm: &str) -> (u64, u64) {
+    let Response::MigrationBegun { id, epoch } = cluster
+        .write(Command::BeginMigration {
+            vm: vm.into(),
+            source: 1,
+            target: 2,
+            trigger: MigrationTrigger::User,
+            at_ms: 1,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("the store did not begin the migration");
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cluster
+        .node(2)
+        .shared
+        .cluster
+        .read()
+        .migrations
+        .contains_key(&id)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 2 never saw migration {id}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (id, epoch)
 }
 
 #[test]
@@ -40,35 +78,7 @@ fn a_prepare_whose_spec_is_not_the_stores_is_refused_by_name() {
             .start_vm("vm-2", 1, 32 * MIB, workload(0), 2)
             .await
             .unwrap();
-        let Response::MigrationBegun { id, epoch } = cluster
-            .write(Command::BeginMigration {
-                vm: "vm-1".into(),
-                source: 1,
-                target: 2,
-                trigger: MigrationTrigger::User,
-                at_ms: 1,
-            })
-            .await
-            .unwrap()
-        else {
-            panic!("the store did not begin the migration");
-        };
-        // The target's replica may trail the commit by a heartbeat.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !cluster
-            .node(2)
-            .shared
-            .cluster
-            .read()
-            .migrations
-            .contains_key(&id)
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "node 2 never saw migration {id}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let (id, epoch) = begin_seen_by_target(&cluster, "vm-1").await;
         let honest = spec_of(&cluster.node(1).shared.cluster.read().vms["vm-1"].config).unwrap();
         let target = cluster.node(2);
         let addrs = target.rpc.local_addrs();
@@ -170,28 +180,6 @@ const RSS_GROWTH_BOUND_LIES_ALONE: u64 = 32 * MIB;
 /// handlers) and the lie in flight.
 const TASK_GROWTH_BOUND: usize = 100;
 
-/// The process's resident memory, from `/proc/self/status` (Ferry runs on
-/// Linux only).
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("a VmRSS line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmRSS in kB");
-    kib << 10
-}
-
-fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
-}
-
 #[test]
 fn an_honest_move_completes_while_a_source_keeps_lying_in_prepare() {
     let _serial = serial();
@@ -208,28 +196,8 @@ fn an_honest_move_completes_while_a_source_keeps_lying_in_prepare() {
         // The lies name a migration the store knows: the lied-about VM's,
         // from node 1 to node 2, so each is refused for its spec, not for
         // an unknown migration.
-        let Response::MigrationBegun { id, epoch } = cluster
-            .write(Command::BeginMigration {
-                vm: "lied".into(),
-                source: 1,
-                target: 2,
-                trigger: MigrationTrigger::User,
-                at_ms: 1,
-            })
-            .await
-            .unwrap()
-        else {
-            panic!("the store did not begin the migration");
-        };
+        let (id, epoch) = begin_seen_by_target(&cluster, "lied").await;
         let target = cluster.node(2).shared.clone();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !target.cluster.read().migrations.contains_key(&id) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "node 2 never saw {id}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         let state = cluster.node(1).shared.cluster.read();
         let lied = spec_of(&state.vms["lied"].config).unwrap();
         let honest = spec_of(&state.vms["honest"].config).unwrap();

@@ -12,6 +12,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../tests/support/process.rs"]
+mod process;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +29,7 @@ use ferry_cluster::{ClusterNode, ClusterNodeConfig, NodeId};
 use ferry_transport::{NetworkConfig, RpcNode};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, LogId, Vote};
+use process::{alive_tasks, rss_bytes};
 
 /// The offset the hostile snapshot chunk claims: a terabyte.
 const LIE_OFFSET: u64 = 1 << 40;
@@ -44,28 +47,6 @@ const RSS_GROWTH_BOUND: u64 = MAX_SNAPSHOT_BYTES / 2;
 /// How many more tasks than before the attack the runtime may hold at once:
 /// the handlers of the calls in flight and openraft's own.
 const TASK_GROWTH_BOUND: usize = 100;
-
-/// The process's resident memory, from `/proc/self/status` (Ferry runs on
-/// Linux only).
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("a VmRSS line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmRSS in kB");
-    kib << 10
-}
-
-fn alive_tasks() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
-}
 
 /// Starts member `id` of `c` and returns its transport too, which the test
 /// then uses as that member would if it turned hostile.
