@@ -29,7 +29,7 @@ use ferry_cluster::{ClusterNode, ClusterNodeConfig, NodeId};
 use ferry_transport::{NetworkConfig, RpcNode};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, LogId, Vote};
-use process::{alive_tasks, rss_bytes};
+use process::{alive_tasks, assert_bounded, rss_bytes};
 
 /// The offset the hostile snapshot chunk claims: a terabyte.
 const LIE_OFFSET: u64 = 1 << 40;
@@ -319,15 +319,13 @@ async fn hostile_raft_messages_are_refused_while_honest_writes_commit() {
         .await;
     }
 
-    assert!(
-        grew < RSS_GROWTH_BOUND,
-        "resident memory grew {} MiB under the attack (bound {} MiB)",
-        grew >> 20,
-        RSS_GROWTH_BOUND >> 20
-    );
-    assert!(
-        tasks_peak < tasks_before + TASK_GROWTH_BOUND,
-        "tasks grew from {tasks_before} to {tasks_peak} over {lies_sent} lies"
+    assert_bounded(
+        grew,
+        RSS_GROWTH_BOUND,
+        tasks_before,
+        tasks_peak,
+        TASK_GROWTH_BOUND,
+        &format!("{lies_sent} lies"),
     );
     stranger_rpc.shutdown().await;
     c.shutdown_all().await;

@@ -24,3 +24,26 @@ pub fn alive_tasks() -> usize {
         .metrics()
         .num_alive_tasks()
 }
+
+/// Asserts that resident memory grew by less than `rss_bound` bytes and the
+/// live tasks by less than `task_bound` under an attack of `attack` (its
+/// description, for the failure message).
+pub fn assert_bounded(
+    rss_grew: u64,
+    rss_bound: u64,
+    tasks_before: usize,
+    tasks_peak: usize,
+    task_bound: usize,
+    attack: &str,
+) {
+    assert!(
+        rss_grew < rss_bound,
+        "resident memory grew {} MiB under the attack (bound {} MiB)",
+        rss_grew >> 20,
+        rss_bound >> 20
+    );
+    assert!(
+        tasks_peak < tasks_before + task_bound,
+        "tasks grew from {tasks_before} to {tasks_peak} over {attack}"
+    );
+}
