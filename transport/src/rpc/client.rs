@@ -54,7 +54,11 @@ const RECENT_FAILURE: Duration = Duration::from_secs(2);
 
 /// Shortest and longest default hedge delay (see [`CallOptions::new`]).
 const MIN_HEDGE: Duration = Duration::from_millis(100);
-const MAX_HEDGE: Duration = Duration::from_millis(250);
+/// A healthy peer acknowledges within its ACK delay (25 ms) plus a LAN round trip,
+/// and pings every 40 ms: 120 ms leaves room for a busy peer, while a forwarded
+/// store write (a 2 s attempt), which the switchover waits for inside the blackout,
+/// does not wait out a quarter of a second on a dead network (250 ms before).
+const MAX_HEDGE: Duration = Duration::from_millis(120);
 
 /// The budget of one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +71,7 @@ pub struct CallOptions {
 }
 
 impl CallOptions {
-    /// `timeout` with a hedge delay of a quarter of it, within 100–250 ms: long enough
+    /// `timeout` with a hedge delay of a quarter of it, within 100–120 ms: long enough
     /// that a healthy peer's acknowledgement arrives first, short enough that a dead
     /// path costs little of the budget. A call shorter than 200 ms (Raft's heartbeat)
     /// hedges at half its budget, so it still reaches the other network in time.
