@@ -136,7 +136,7 @@ fn a_linux_vm_moves_between_daemons_survives_a_dropped_network_and_a_dead_target
     let acked_before = rig.check_acks().unwrap();
     let begun = Instant::now();
     let (code, out) = cli_move(&rig, 0, 1);
-    assert_eq!(code, 0, "{out}\n{}", rig.d.log(0));
+    assert_eq!(code, 0, "{out}\n{}", logs(&rig));
     assert!(out.contains("now runs on node 2"), "{out}");
     assert_eq!(rig.owner(), 2);
     let took = begun.elapsed();
@@ -156,11 +156,12 @@ fn a_linux_vm_moves_between_daemons_survives_a_dropped_network_and_a_dead_target
 
     // 2. Network 1 dropped at the target while QEMU copies. An idle guest's
     // copy takes well under a second, so QEMU often pauses for its last state
-    // while the dead path's chunks are still being found lost; in a debug
-    // build on a busy machine that blackout ran up to 2 s, past the default
-    // budget (limit + 1 s), and the move aborted safely. As in
-    // tests/netns_paths.rs, the limit is raised for this case, so the test
-    // shows the move completing; the blackout it cost is printed.
+    // while the dead path's chunks are still being found lost. Since the
+    // byte stream hedges from the pause (every unacknowledged chunk on every
+    // live path), 13 of 15 runs completed at the default limit (300 ms); the
+    // other two aborted safely, in a debug build on a busy 2-core machine.
+    // As in tests/netns_paths.rs, the limit is raised for this case, so the
+    // test shows the move completing; the gap it cost is printed.
     rig.set_downtime_limit(3_000).unwrap();
     // A TCG guest booting on the target takes most of a core of this 2-core
     // machine; a lease renewal late by more than the default 3 s made the
