@@ -145,6 +145,17 @@ pub struct RpcNode {
     holdings: Arc<crate::limits::Holdings>,
 }
 
+impl RpcNode {
+    /// The time a frame from a peer has to arrive once begun, with the gauges
+    /// that count the frames that missed it.
+    pub(crate) fn frame_deadline(&self) -> crate::framing::FrameDeadline {
+        crate::framing::FrameDeadline {
+            after: self.cfg.limits.frame_deadline,
+            holdings: self.holdings.clone(),
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep going.
     m.lock().unwrap_or_else(|e| e.into_inner())

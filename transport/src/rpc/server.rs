@@ -342,13 +342,7 @@ async fn read_request(
     } else {
         "message"
     };
-    let deadline = {
-        let n = node.upgrade()?;
-        FrameDeadline {
-            after: n.cfg.limits.frame_deadline,
-            holdings: n.holdings.clone(),
-        }
-    };
+    let deadline = node.upgrade()?.frame_deadline();
     // A request stream exists only to carry its frame: the deadline runs from the
     // stream's opening.
     let read = read_frame_counted(recv, max_frame, Some(&deadline.holdings.partial_frames));

@@ -18,7 +18,9 @@ use super::pacer::Pacer;
 use super::scheduler::{Chunk, PathId, Scheduler, MAX_PATHS};
 use crate::config::PageStreamConfig;
 use crate::error::{PageStreamError, RpcError};
-use crate::framing::{read_frame, write_bytes, write_chunks, FrameError};
+use crate::framing::{
+    read_frame_into_within, write_bytes, write_chunks, FrameDeadline, FrameError,
+};
 use crate::protocol::{
     check_chunk_version, decode_control, encode_chunk_header, encode_control, ChunkHeader,
     CloseCode, Control, ProtocolError, Purpose, Tag, LISTED_CHUNKS_SINCE, MAX_CHUNK_PAGES,
@@ -753,11 +755,20 @@ async fn path_task(shared: Arc<Shared>, node: Weak<RpcNode>, path: PathId, remot
                     }
                 }
             });
+        let deadline = n.frame_deadline();
         drop(n);
         match opened {
             Ok(h) => {
                 let conn = h.conn;
-                let end = run_path(&shared, path, conn.clone(), h.send, h.recv, h.version).await;
+                let end = run_path(
+                    &shared,
+                    path,
+                    conn.clone(),
+                    (h.send, h.recv),
+                    h.version,
+                    deadline,
+                )
+                .await;
                 let requeued = {
                     let mut st = lock(&shared.state);
                     let slot = &mut st.paths[path];
@@ -827,9 +838,9 @@ async fn run_path(
     shared: &Arc<Shared>,
     path: PathId,
     conn: Connection,
-    ctrl_send: SendStream,
-    ctrl_recv: RecvStream,
+    (ctrl_send, ctrl_recv): (SendStream, RecvStream),
     version: u16,
+    deadline: FrameDeadline,
 ) -> PathEnd {
     let peer = shared.peer;
     let data = match conn.open_uni().await {
@@ -876,6 +887,7 @@ async fn run_path(
         path,
         ctrl_recv,
         conn.clone(),
+        deadline,
     ));
     let end = tokio::select! {
         r = tasks.join_next() => match r {
@@ -967,22 +979,29 @@ async fn control_writer(
     }
 }
 
+/// Reads the receiver's acks. A frame begun must be whole within the node's
+/// frame deadline, as on the receiving side: a target that trickles its acks
+/// would hold this path (and the move) for as long as it liked.
 async fn control_reader(
     shared: Arc<Shared>,
     path: PathId,
     mut recv: RecvStream,
     conn: Connection,
+    deadline: FrameDeadline,
 ) -> PathEnd {
     let peer = shared.peer;
+    let mut body = Vec::new();
     loop {
-        let frame = match read_frame(&mut recv, MAX_CONTROL_FRAME).await {
-            Ok(Some(f)) => f,
+        let tag = match read_frame_into_within(&mut recv, MAX_CONTROL_FRAME, &mut body, &deadline)
+            .await
+        {
+            Ok(Some(tag)) => tag,
             Ok(None) => return PathEnd::Dead("receiver closed the control stream".into()),
             Err(e) => return frame_end(e, peer, &conn),
         };
-        let msg = match frame {
-            (Tag::Control, body) => decode_control(&body),
-            (tag, _) => Err(ProtocolError::Unexpected {
+        let msg = match tag {
+            Tag::Control => decode_control(&body),
+            tag => Err(ProtocolError::Unexpected {
                 got: tag,
                 expected: "control frame",
             }),
