@@ -1,9 +1,10 @@
 //! What a stranger or a member can make a node hold is bounded (`ferry_transport::limits`):
 //! a handshake flood, streams opened and left idle, a frame that claims 16 MiB and
-//! trickles (on a request stream or a page-stream path), handlers that never answer,
-//! and more connections than a node may hold. Each test reads the node's
-//! gauges (their peaks cover the whole attack, so no bound depends on when they are
-//! sampled) and has a well-behaved member call the node throughout.
+//! trickles (on a request stream or a page-stream path, or as a page-stream target's
+//! ack), handlers that never answer, and more connections than a node may hold. Each
+//! test reads the node's gauges (their peaks cover the whole attack, so no bound
+//! depends on when they are sampled) and most have a well-behaved member call the
+//! node throughout.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -11,16 +12,21 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{addr, pages, start_node, wait_until, CheckingSink};
 use ferry_transport::identity::{client_config, node_server_name};
 use ferry_transport::limits::FRAME_FIRST_ALLOCATION;
 use ferry_transport::protocol::{
-    encode_hello, frame_header, CloseCode, Hello, Purpose, Tag, VERSION,
+    decode_hello, encode_hello, encode_hello_ok, frame_header, parse_frame_header, CloseCode,
+    Hello, HelloOk, Purpose, Tag, ALPN, FRAME_HEADER_LEN, MAX_CONTROL_FRAME, VERSION,
 };
-use ferry_transport::{handler_fn, ClusterCa, NetworkConfig, NodeCredentials, RpcError, RpcNode};
+use ferry_transport::{
+    crypto_provider, handler_fn, ClusterCa, NetworkConfig, NodeCredentials, RpcError, RpcNode,
+};
 use quinn::ConnectionError;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -614,4 +620,145 @@ async fn a_trickled_page_stream_frame_loses_its_path_at_the_deadline() {
         stats.partial_frame_bytes.peak
     );
     member.stop().await;
+}
+
+/// A page-stream target run by hand: a raw quinn endpoint presenting `creds` (the
+/// target node's own certificate, so a real sender trusts it) on network 1, which
+/// can answer as no receiver would. It does not ask for the sender's certificate:
+/// the test judges the sender, not the target's checks.
+fn hand_made_target(creds: &NodeCredentials) -> quinn::Endpoint {
+    let cert = CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(crypto_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    quinn::Endpoint::server(server, addr(1, creds.node_id as u8)).unwrap()
+}
+
+/// Accepts one page-stream path on `target` and answers its hello as node `me`
+/// would (`rpc::server`): `HelloOk` naming the hello's highest version when it
+/// sent a range. Returns the connection and its control stream, both ways.
+async fn accept_page_path(
+    target: &quinn::Endpoint,
+    me: u64,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let incoming = tokio::time::timeout(T, target.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let conn = incoming.await.unwrap();
+    let (mut control, mut acks) = conn.accept_bi().await.unwrap();
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    acks.read_exact(&mut header).await.unwrap();
+    let (tag, len) = parse_frame_header(header, MAX_CONTROL_FRAME).unwrap();
+    assert_eq!(tag, Tag::Hello);
+    let mut body = vec![0u8; len];
+    acks.read_exact(&mut body).await.unwrap();
+    let hello = decode_hello(&body).unwrap();
+    assert!(
+        matches!(hello.purpose, Purpose::PageStream { .. }),
+        "{:?}",
+        hello.purpose
+    );
+    let ok = encode_hello_ok(&HelloOk {
+        node_id: me,
+        version: hello.min_version.map(|_| hello.version),
+    });
+    control.write_all(&ok).await.unwrap();
+    (conn, control, acks)
+}
+
+/// A page stream's target (run by hand) answers the hello, then begins an ack
+/// frame claiming 4 KiB and sends one byte of it every 50 ms. The sender drops
+/// that path at its frame deadline, naming it, not before and well before three
+/// times it, and counts the frame in its node's `frames_timed_out`. The silence
+/// watchdog is set far beyond the deadline, so only the deadline can end the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_trickling_its_acks_loses_the_path_at_the_deadline() {
+    let ca = ClusterCa::generate("limits-ack-trickle").unwrap();
+    let mut cfg = NetworkConfig::default();
+    cfg.limits.frame_deadline = Duration::from_secs(1);
+    // A trickled frame is no sign of life: without this the watchdog would drop
+    // the path at 300 ms, and the deadline would go untested.
+    cfg.page_stream.path_dead_after = Duration::from_secs(10);
+    cfg.page_stream.fail_after = Duration::from_secs(20);
+    cfg.page_stream.connections_per_network = 1;
+    let deadline = cfg.limits.frame_deadline;
+    let sender = start_node(&ca, 1, &[1], cfg).await;
+    let target = hand_made_target(&ca.issue(2).unwrap());
+    let target_addr = target.local_addr().unwrap();
+
+    let opening = {
+        let sender = sender.clone();
+        tokio::spawn(async move { sender.open_page_stream(2, &[target_addr], 7).await })
+    };
+    let (conn, mut control, mut pings) = accept_page_path(&target, 2).await;
+    let tx = tokio::time::timeout(T, opening)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(tx.stats().paths[0].times_up, 1);
+    // The sender's pings are read, so none of its writes waits on flow control.
+    let drain = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(Some(_)) = pings.read(&mut buf).await {}
+    });
+
+    control
+        .write_all(&frame_header(Tag::Control, 4096))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        let mut sent = 0usize;
+        // Until the sender closes the path (the test's deadline is the bound).
+        while control.write_all(&[0]).await.is_ok() {
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sent
+    });
+    wait_until(T, "the trickling path down", || {
+        tx.stats().paths[0].times_down >= 1
+    })
+    .await;
+    let down_after = started.elapsed();
+    // Read at once: a failed redial (the target accepts no more connections)
+    // would replace the path's last error after `connect_timeout`.
+    let path = tx.stats().paths[0].clone();
+    let stats = sender.limit_stats();
+    println!("ack trickle: path down {down_after:?} after the frame began; {path:?}; {stats:?}");
+    assert!(!path.alive, "{path:?}");
+    assert_eq!(path.times_down, 1, "{path:?}");
+    let why = path.last_error.unwrap_or_default();
+    assert!(
+        why.contains(&format!("frame not whole within {deadline:?}")),
+        "{why}"
+    );
+    assert!(down_after >= deadline, "path down after {down_after:?}");
+    assert!(down_after < 3 * deadline, "path down after {down_after:?}");
+    assert_eq!(stats.frames_timed_out, 1, "{stats:?}");
+    // The partial ack was being read into a buffer, and giving up released it.
+    assert!(stats.partial_frame_bytes.peak > 0, "{stats:?}");
+    wait_until(T, "the partial ack's buffer released", || {
+        sender.limit_stats().partial_frame_bytes.now == 0
+    })
+    .await;
+    // The sender closed the connection as a dead path, which ended the trickle.
+    closed_as_dead(&conn).await;
+    let sent = tokio::time::timeout(T, trickle).await.unwrap().unwrap();
+    assert!(
+        sent < 4096,
+        "{sent} bytes trickled: the frame was completed"
+    );
+    drain.abort();
+    drop(tx);
+    target.close(0u32.into(), b"done");
 }
