@@ -389,7 +389,9 @@ pub(crate) async fn serve_path(
     let on_violation = Arc::new(on_violation);
     let (out_tx, out_rx) = mpsc::channel(OUTBOX);
     let mut tasks = JoinSet::new();
-    tasks.spawn(control_writer(ctrl_send, out_rx));
+    // Not one of `tasks`: when the path ends it still sends what is queued
+    // (see below).
+    let mut writer = tokio::spawn(control_writer(ctrl_send, out_rx));
     tasks.spawn(control_reader(
         shared.clone(),
         ctrl_recv,
@@ -424,8 +426,25 @@ pub(crate) async fn serve_path(
     tokio::select! {
         _ = tasks.join_next() => {}
         _ = conn.closed() => {}
+        _ = &mut writer => {}
     }
     tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    // The others are gone, and with them every sender of the outbox: the
+    // writer sends what they queued and ends. Above all a `FinishAck`: when
+    // the sender finishes its data stream right after its `Finish`, the chunk
+    // reader ends this path at once, and aborting the writer too lost the
+    // acknowledgement on the one live path, so a complete stream failed at
+    // the source for want of it (seen with a network dropped). Bounded: a
+    // dead path's writes fail, or wait out the dead-path deadline.
+    if !writer.is_finished() {
+        if tokio::time::timeout(shared.cfg.path_dead_after, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    }
     // A task may end (its stream finished) just before the sender's close arrives:
     // wait briefly for the close, which says whether the stream was cancelled.
     if conn.close_reason().is_none() {
@@ -446,6 +465,7 @@ pub(crate) async fn serve_path(
 
 async fn control_writer(mut send: SendStream, mut outbox: mpsc::Receiver<Out>) {
     let _ = send.set_priority(1);
+    // Ends when every sender of the outbox is gone and all it held is written.
     let mut acks = Vec::new();
     while let Some(first) = outbox.recv().await {
         let mut next = Some(first);
