@@ -132,12 +132,7 @@ fn a_linux_vm_moves_between_daemons_survives_a_dropped_network_and_a_dead_target
     assert_eq!(rig.owner(), 1);
     assert_eq!(run_dirs(&qemu_dir.0).len(), 1, "one QEMU for the VM");
 
-    // 1. With the CLI, as a user would. The blackout's budget is the limit
-    // plus 1 s; under CI's load a TCG guest's last state (its final dirty
-    // pages, loaded by a target QEMU sharing two cores with two more QEMUs
-    // and three daemons) once took longer than 1.3 s to arrive, and the move
-    // aborted safely. The limit is 1 s here; the blackout is printed.
-    rig.set_downtime_limit(1_000).unwrap();
+    // 1. With the CLI, as a user would.
     let acked_before = rig.check_acks().unwrap();
     let begun = Instant::now();
     let (code, out) = cli_move(&rig, 0, 1);
