@@ -437,13 +437,12 @@ pub(crate) async fn serve_path(
     // acknowledgement on the one live path, so a complete stream failed at
     // the source for want of it (seen with a network dropped). Bounded: a
     // dead path's writes fail, or wait out the dead-path deadline.
-    if !writer.is_finished() {
-        if tokio::time::timeout(shared.cfg.path_dead_after, &mut writer)
+    if !writer.is_finished()
+        && tokio::time::timeout(shared.cfg.path_dead_after, &mut writer)
             .await
             .is_err()
-        {
-            writer.abort();
-        }
+    {
+        writer.abort();
     }
     // A task may end (its stream finished) just before the sender's close arrives:
     // wait briefly for the close, which says whether the stream was cancelled.
