@@ -383,15 +383,7 @@ async fn connections_beyond_the_per_node_limit_are_refused_with_a_reason() {
         let Err((_, e)) = hello(&hostile, target).await else {
             panic!("connection beyond the limit of {MAX} accepted");
         };
-        let ConnectionError::ApplicationClosed(c) = e else {
-            panic!("refused without a reason: {e}");
-        };
-        let reason = String::from_utf8_lossy(&c.reason).into_owned();
-        assert_eq!(
-            CloseCode::from_u64(c.error_code.into_inner()),
-            Some(CloseCode::TooManyConnections),
-            "{reason}"
-        );
+        let reason = closed_with(e, CloseCode::TooManyConnections);
         assert!(
             reason.contains("node 5") && reason.contains(&format!("{MAX} connections")),
             "{reason}"
@@ -507,19 +499,24 @@ async fn page_path(
     (conn, control, answers)
 }
 
-/// Waits for `conn` to be closed by the node as a dead path; returns the reason.
-async fn closed_as_dead(conn: &quinn::Connection) -> String {
-    let e = tokio::time::timeout(T, conn.closed()).await.unwrap();
+/// Asserts that the node closed a connection with `code` and a reason; returns it.
+fn closed_with(e: ConnectionError, code: CloseCode) -> String {
     let ConnectionError::ApplicationClosed(c) = e else {
-        panic!("path ended without a reason: {e}");
+        panic!("closed without a reason: {e}");
     };
     let reason = String::from_utf8_lossy(&c.reason).into_owned();
     assert_eq!(
         CloseCode::from_u64(c.error_code.into_inner()),
-        Some(CloseCode::PathDead),
+        Some(code),
         "{reason}"
     );
     reason
+}
+
+/// Waits for `conn` to be closed by the node as a dead path; returns the reason.
+async fn closed_as_dead(conn: &quinn::Connection) -> String {
+    let e = tokio::time::timeout(T, conn.closed()).await.unwrap();
+    closed_with(e, CloseCode::PathDead)
 }
 
 /// The source of a page stream (only it may open the stream's paths) claims a
